@@ -1,0 +1,32 @@
+# The two commands a user needs: `make run` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip>=24" "setuptools>=68,<82" wheel
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/stylebot run
+
+test: $(STAMP)
+	$(BIN)/ruff check bot engine storage tests bench
+	$(BIN)/mypy bot engine storage
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check bot engine storage tests bench
+	$(BIN)/mypy bot engine storage
+
+# GPU benchmarks: run on a machine with CUDA (not part of `make test`).
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

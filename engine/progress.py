@@ -1,0 +1,15 @@
+"""The one progress callback shape every long engine job uses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["ProgressFn", "no_progress"]
+
+# progress(step, total, info): step in [0, total]; info holds job-specific figures (loss, psnr...).
+ProgressFn = Callable[[int, int, dict[str, Any]], None]
+
+
+def no_progress(step: int, total: int, info: dict[str, Any]) -> None:
+    """A progress callback that ignores everything."""

@@ -1,0 +1,367 @@
+"""StyleGAN2 generator (config-f and smaller variants) in plain PyTorch.
+
+Parameter names follow NVIDIA's stylegan2-ada-pytorch ``training/networks.py`` so that an
+official ``G_ema`` state dict loads as it is; the maths is the same (modulated convolution with
+demodulation, transposed-convolution upsampling followed by the [1, 3, 3, 1] FIR filter, skip
+ToRGB outputs). No runtime-compiled CUDA ops: everything is ordinary PyTorch, on CPU or GPU.
+
+Style space ("S space") is exposed: ``G.synthesis.styles(ws)`` returns the per-layer affine
+outputs, and ``G.synthesis.from_styles(styles)`` renders from (possibly edited) styles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Generator",
+    "GeneratorConfig",
+    "NoiseMode",
+    "Styles",
+]
+
+NoiseMode = Literal["const", "random", "none"]
+# Layer name ("b4.conv1", "b8.torgb", ...) -> style vector [B, C_in].
+Styles = dict[str, torch.Tensor]
+
+_LRELU_GAIN = math.sqrt(2.0)
+_FIR = (1.0, 3.0, 3.0, 1.0)
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """The architecture, independent of where the weights came from."""
+
+    z_dim: int
+    w_dim: int
+    resolution: int
+    # Output channels of each block, by resolution (4, 8, ..., resolution).
+    channels: dict[int, int] = field(hash=False)
+    mapping_layers: int = 8
+    mapping_lr_mul: float = 0.01
+    conv_clamp: float | None = None
+    img_channels: int = 3
+
+    def __post_init__(self) -> None:
+        res = self.resolution
+        if res < 4 or res & (res - 1):
+            raise ValueError(f"resolution must be a power of two >= 4, got {res}")
+        missing = [r for r in self.block_resolutions if r not in self.channels]
+        if missing:
+            raise ValueError(f"channels missing for resolutions {missing}")
+
+    @property
+    def block_resolutions(self) -> list[int]:
+        return [2**i for i in range(2, int(math.log2(self.resolution)) + 1)]
+
+    @property
+    def num_ws(self) -> int:
+        return 2 * int(math.log2(self.resolution)) - 2
+
+    @classmethod
+    def from_channel_base(
+        cls, *, z_dim: int, w_dim: int, resolution: int, channel_base: int, channel_max: int,
+        **kwargs: Any,
+    ) -> GeneratorConfig:
+        """NVIDIA's rule: channels at resolution r = min(channel_base // r, channel_max)."""
+        res_list = [2**i for i in range(2, int(math.log2(resolution)) + 1)]
+        channels = {r: min(channel_base // r, channel_max) for r in res_list}
+        return cls(z_dim=z_dim, w_dim=w_dim, resolution=resolution, channels=channels, **kwargs)
+
+    def to_json(self) -> str:
+        data = {
+            "z_dim": self.z_dim,
+            "w_dim": self.w_dim,
+            "resolution": self.resolution,
+            "channels": {str(k): v for k, v in sorted(self.channels.items())},
+            "mapping_layers": self.mapping_layers,
+            "mapping_lr_mul": self.mapping_lr_mul,
+            "conv_clamp": self.conv_clamp,
+            "img_channels": self.img_channels,
+        }
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> GeneratorConfig:
+        data = json.loads(text)
+        data["channels"] = {int(k): int(v) for k, v in data["channels"].items()}
+        return cls(**data)
+
+
+def _fir_filter(device: torch.device | None = None) -> torch.Tensor:
+    f = torch.tensor(_FIR, device=device)
+    f = torch.outer(f, f)
+    return f / f.sum()  # [4, 4]
+
+
+def _blur(x: torch.Tensor, f: torch.Tensor, *, pad: tuple[int, int], gain: float) -> torch.Tensor:
+    """Depthwise FIR filter with padding (upfirdn2d with up=down=1). x: [B, C, H, W]."""
+    c = x.shape[1]
+    x = F.pad(x, [pad[0], pad[1], pad[0], pad[1]])
+    w = (f * gain).flip([0, 1]).to(x.dtype)[None, None].expand(c, 1, *f.shape)
+    return F.conv2d(x, w, groups=c)
+
+
+def _upsample2x(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """upfirdn2d.upsample2d: zero-insertion then the FIR filter (gain 4). [B,C,H,W] -> 2x."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h, 1, w, 1)
+    x = F.pad(x, [0, 1, 0, 0, 0, 1]).reshape(b, c, h * 2, w * 2)
+    return _blur(x, f, pad=(2, 1), gain=4.0)
+
+
+def _bias_act(
+    x: torch.Tensor, b: torch.Tensor, *, lrelu: bool, clamp: float | None
+) -> torch.Tensor:
+    x = x + b.reshape(1, -1, *([1] * (x.ndim - 2)))
+    if lrelu:
+        x = F.leaky_relu(x, 0.2) * _LRELU_GAIN
+    if clamp is not None:
+        x = x.clamp(-clamp, clamp)
+    return x
+
+
+class FullyConnectedLayer(nn.Module):
+    def __init__(
+        self, in_features: int, out_features: int, *, lrelu: bool = False,
+        lr_mul: float = 1.0, bias_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mul)
+        self.bias = nn.Parameter(torch.full([out_features], float(bias_init)))
+        self.weight_gain = lr_mul / math.sqrt(in_features)
+        self.bias_gain = lr_mul
+        self.lrelu = lrelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight * self.weight_gain
+        b = self.bias * self.bias_gain
+        if not self.lrelu:
+            return torch.addmm(b.unsqueeze(0), x, w.t())
+        return _bias_act(x.matmul(w.t()), b, lrelu=True, clamp=None)
+
+
+class MappingNetwork(nn.Module):
+    def __init__(self, cfg: GeneratorConfig) -> None:
+        super().__init__()
+        self.num_layers = cfg.mapping_layers
+        self.num_ws = cfg.num_ws
+        dims = [cfg.z_dim] + [cfg.w_dim] * cfg.mapping_layers
+        for i in range(cfg.mapping_layers):
+            layer = FullyConnectedLayer(dims[i], dims[i + 1], lrelu=True, lr_mul=cfg.mapping_lr_mul)
+            setattr(self, f"fc{i}", layer)
+        self.register_buffer("w_avg", torch.zeros(cfg.w_dim))
+
+    def forward(self, z: torch.Tensor, *, truncation_psi: float = 1.0) -> torch.Tensor:
+        # z: [B, z_dim] -> ws: [B, num_ws, w_dim]
+        x = z * (z.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
+        for i in range(self.num_layers):
+            x = getattr(self, f"fc{i}")(x)
+        x = x.unsqueeze(1).repeat(1, self.num_ws, 1)
+        if truncation_psi != 1.0:
+            x = self.w_avg.lerp(x, truncation_psi)
+        return x
+
+
+def _modulated_conv(
+    x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, *, demodulate: bool,
+    up: bool, f: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Modulated conv by scaling activations before and after a shared-weight conv.
+
+    x: [B, I, H, W]; weight: [O, I, k, k]; styles: [B, I]. Returns the conv output (before
+    demodulation is applied when ``demodulate``) and the demodulation coefficients [B, O].
+    Mathematically the same as NVIDIA's grouped ("fused") modulated conv.
+    """
+    dcoefs = None
+    if demodulate:
+        wsq = weight.square().sum(dim=[2, 3])  # [O, I]
+        dcoefs = (styles.square() @ wsq.t() + 1e-8).rsqrt()  # [B, O]
+    x = x * styles.to(x.dtype).reshape(x.shape[0], -1, 1, 1)
+    w = weight.to(x.dtype)
+    if up:
+        assert f is not None
+        # Transposed conv (stride 2), then the FIR filter, as conv2d_resample does.
+        x = F.conv_transpose2d(x, w.transpose(0, 1), stride=2)
+        x = _blur(x, f, pad=(1, 1), gain=4.0)
+    else:
+        x = F.conv2d(x, w, padding=weight.shape[-1] // 2)
+    return x, dcoefs
+
+
+class SynthesisLayer(nn.Module):
+    def __init__(
+        self, in_channels: int, out_channels: int, *, w_dim: int, resolution: int, up: bool,
+        conv_clamp: float | None,
+    ) -> None:
+        super().__init__()
+        self.up = up
+        self.resolution = resolution
+        self.conv_clamp = conv_clamp
+        self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1.0)
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.noise_strength = nn.Parameter(torch.zeros([]))
+        self.register_buffer("noise_const", torch.randn(resolution, resolution))
+        self.register_buffer("resample_filter", _fir_filter(), persistent=False)
+
+    def forward(
+        self, x: torch.Tensor, styles: torch.Tensor, *, noise_mode: NoiseMode,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x, dcoefs = _modulated_conv(
+            x, self.weight, styles, demodulate=True, up=self.up, f=self.resample_filter
+        )
+        assert dcoefs is not None
+        x = x * dcoefs.to(x.dtype).reshape(x.shape[0], -1, 1, 1)
+        if noise is None and noise_mode == "random":
+            noise = torch.randn(x.shape[0], 1, self.resolution, self.resolution, device=x.device)
+        elif noise is None and noise_mode == "const":
+            noise = self.noise_const
+        if noise is not None:
+            x = x + (noise * self.noise_strength).to(x.dtype)
+        clamp = None if self.conv_clamp is None else self.conv_clamp * _LRELU_GAIN
+        return _bias_act(x, self.bias.to(x.dtype), lrelu=True, clamp=clamp)
+
+
+class ToRGBLayer(nn.Module):
+    def __init__(
+        self, in_channels: int, out_channels: int, *, w_dim: int, conv_clamp: float | None
+    ) -> None:
+        super().__init__()
+        self.conv_clamp = conv_clamp
+        self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1.0)
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.weight_gain = 1.0 / math.sqrt(in_channels)
+
+    def forward(self, x: torch.Tensor, styles: torch.Tensor) -> torch.Tensor:
+        x, _ = _modulated_conv(
+            x, self.weight, styles * self.weight_gain, demodulate=False, up=False
+        )
+        return _bias_act(x, self.bias.to(x.dtype), lrelu=False, clamp=self.conv_clamp)
+
+
+class SynthesisBlock(nn.Module):
+    def __init__(self, cfg: GeneratorConfig, resolution: int) -> None:
+        super().__init__()
+        out_ch = cfg.channels[resolution]
+        self.resolution = resolution
+        kw = {"w_dim": cfg.w_dim, "conv_clamp": cfg.conv_clamp}
+        if resolution == 4:
+            self.const = nn.Parameter(torch.randn(out_ch, 4, 4))
+        else:
+            in_ch = cfg.channels[resolution // 2]
+            self.conv0 = SynthesisLayer(in_ch, out_ch, resolution=resolution, up=True, **kw)
+        self.conv1 = SynthesisLayer(out_ch, out_ch, resolution=resolution, up=False, **kw)
+        self.torgb = ToRGBLayer(out_ch, cfg.img_channels, **kw)
+        self.register_buffer("resample_filter", _fir_filter(), persistent=False)
+
+    @property
+    def layer_names(self) -> list[str]:
+        names = ["conv1", "torgb"] if self.resolution == 4 else ["conv0", "conv1", "torgb"]
+        return [f"b{self.resolution}.{n}" for n in names]
+
+
+class SynthesisNetwork(nn.Module):
+    def __init__(self, cfg: GeneratorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.block_resolutions = cfg.block_resolutions
+        for res in self.block_resolutions:
+            setattr(self, f"b{res}", SynthesisBlock(cfg, res))
+        # Which ws index feeds each layer (NVIDIA's w_idx bookkeeping).
+        self.layer_ws: dict[str, int] = {}
+        w_idx = 0
+        for res in self.block_resolutions:
+            block: SynthesisBlock = getattr(self, f"b{res}")
+            names = block.layer_names
+            for j, name in enumerate(names):
+                self.layer_ws[name] = w_idx + j
+            w_idx += len(names) - 1
+
+    def layer(self, name: str) -> SynthesisLayer | ToRGBLayer:
+        block, sub = name.split(".")
+        return getattr(getattr(self, block), sub)  # type: ignore[no-any-return]
+
+    def styles(self, ws: torch.Tensor) -> Styles:
+        """Style space: the affine output of every layer. ws: [B, num_ws, w_dim]."""
+        if ws.ndim != 3 or ws.shape[1] != self.cfg.num_ws or ws.shape[2] != self.cfg.w_dim:
+            raise ValueError(
+                f"ws must be [B, {self.cfg.num_ws}, {self.cfg.w_dim}], got {list(ws.shape)}"
+            )
+        return {name: self.layer(name).affine(ws[:, i]) for name, i in self.layer_ws.items()}
+
+    def noise_layers(self) -> dict[str, SynthesisLayer]:
+        return {
+            name: layer for name in self.layer_ws
+            if isinstance(layer := self.layer(name), SynthesisLayer)
+        }
+
+    def from_styles(
+        self, styles: Styles, *, noise_mode: NoiseMode = "const",
+        noise: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Render from style vectors. Returns images [B, img_channels, res, res] in ~[-1, 1]."""
+        x = img = None
+        for res in self.block_resolutions:
+            block: SynthesisBlock = getattr(self, f"b{res}")
+            for name in block.layer_names[:-1]:
+                layer = self.layer(name)
+                assert isinstance(layer, SynthesisLayer)
+                if x is None:
+                    x = block.const.unsqueeze(0).repeat(styles[name].shape[0], 1, 1, 1)
+                n = None if noise is None else noise.get(name)
+                x = layer(x, styles[name], noise_mode=noise_mode, noise=n)
+            if img is not None:
+                img = _upsample2x(img, block.resample_filter)
+            assert x is not None
+            y = block.torgb(x, styles[block.layer_names[-1]])
+            img = y if img is None else img + y
+        assert img is not None
+        return img
+
+    def forward(
+        self, ws: torch.Tensor, *, noise_mode: NoiseMode = "const",
+        noise: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        # ws: [B, num_ws, w_dim] -> img: [B, 3, res, res]
+        return self.from_styles(self.styles(ws), noise_mode=noise_mode, noise=noise)
+
+
+class Generator(nn.Module):
+    """StyleGAN2 generator: ``mapping`` (z -> ws) and ``synthesis`` (ws -> image)."""
+
+    def __init__(self, cfg: GeneratorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.mapping = MappingNetwork(cfg)
+        self.synthesis = SynthesisNetwork(cfg)
+
+    @property
+    def num_ws(self) -> int:
+        return self.cfg.num_ws
+
+    @property
+    def w_dim(self) -> int:
+        return self.cfg.w_dim
+
+    @property
+    def resolution(self) -> int:
+        return self.cfg.resolution
+
+    @property
+    def w_avg(self) -> torch.Tensor:
+        return self.mapping.w_avg  # type: ignore[return-value]
+
+    def forward(
+        self, z: torch.Tensor, *, truncation_psi: float = 1.0, noise_mode: NoiseMode = "const"
+    ) -> torch.Tensor:
+        return self.synthesis(self.mapping(z, truncation_psi=truncation_psi), noise_mode=noise_mode)

@@ -1,0 +1,230 @@
+"""Our generator renders what the official implementations render, from every file format."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import sys
+import types
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from engine.checkpoints import (
+    build_generator,
+    content_hash,
+    load_checkpoint,
+    read_nvidia_pickle,
+    save_safetensors,
+)
+from engine.errors import CheckpointError
+
+TOL = 1e-4
+
+
+def _ref(fixtures_dir: Path, layout: str) -> dict[str, torch.Tensor]:
+    data = np.load(fixtures_dir / f"{layout}_g64_reference.npz")
+    return {k: torch.from_numpy(data[k]) for k in data.files}
+
+
+def _render_diff(G: torch.nn.Module, ref: dict[str, torch.Tensor], mode: str) -> float:
+    with torch.no_grad():
+        img = G.synthesis(ref["wplus"], noise_mode=mode)
+    return float((img - ref[f"img_{mode}"]).abs().max())
+
+
+def test_nvidia_layout_matches_official_render(fixtures_dir: Path) -> None:
+    G = build_generator(load_checkpoint(fixtures_dir / "nvidia_g64_state.safetensors"))
+    ref = _ref(fixtures_dir, "nvidia")
+    assert G.num_ws == 10
+    with torch.no_grad():
+        assert float((G.mapping(ref["z"]) - ref["ws"]).abs().max()) <= TOL
+        ws07 = G.mapping(ref["z"], truncation_psi=0.7)
+        assert float((ws07 - ref["ws_trunc07"]).abs().max()) <= TOL
+    assert _render_diff(G, ref, "const") <= TOL
+    assert _render_diff(G, ref, "none") <= TOL
+    # The two noise modes really differ, so the const comparison is not vacuous.
+    assert float((ref["img_const"] - ref["img_none"]).abs().max()) > 1e-2
+
+
+def test_rosinality_layout_matches_official_render(fixtures_dir: Path) -> None:
+    G = build_generator(load_checkpoint(fixtures_dir / "rosinality_g64_state.safetensors"))
+    ref = _ref(fixtures_dir, "rosinality")
+    with torch.no_grad():
+        assert float((G.mapping(ref["z"])[:, 0] - ref["w"]).abs().max()) <= TOL
+    assert _render_diff(G, ref, "const") <= TOL
+
+
+def test_rosinality_pt_file_loads_the_same(fixtures_dir: Path, tmp_path: Path) -> None:
+    state = load_file(fixtures_dir / "rosinality_g64_state.safetensors")
+    path = tmp_path / "stylegan2-test.pt"
+    torch.save({"g_ema": state, "latent_avg": torch.zeros(64)}, path)
+    G = build_generator(load_checkpoint(path))
+    assert _render_diff(G, _ref(fixtures_dir, "rosinality"), "const") <= TOL
+    assert torch.equal(G.w_avg, torch.zeros(64))
+
+
+# --- An official-shape .pkl, built here the way torch_utils.persistence pickles networks. ---
+
+
+def _install_fake_official_modules(monkeypatch: pytest.MonkeyPatch) -> Any:
+    persistence = types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta: dict) -> Any:  # never called in these tests
+        raise AssertionError("the loader must not call the pickle's reconstruct function")
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj  # type: ignore[attr-defined]
+    dnnlib_util = types.ModuleType("dnnlib.util")
+
+    class EasyDict(dict):  # the official dnnlib.EasyDict is a dict subclass
+        pass
+
+    EasyDict.__module__ = "dnnlib.util"
+    EasyDict.__qualname__ = "EasyDict"
+    dnnlib_util.EasyDict = EasyDict  # type: ignore[attr-defined]
+    for name, mod in [("torch_utils", types.ModuleType("torch_utils")),
+                      ("torch_utils.persistence", persistence),
+                      ("dnnlib", types.ModuleType("dnnlib")), ("dnnlib.util", dnnlib_util)]:
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    class Persistent:
+        def __init__(self, class_name: str, state: dict) -> None:
+            self.class_name, self.state = class_name, state
+
+        def __reduce__(self) -> tuple:
+            meta = {"type": "class", "version": 4, "class_name": self.class_name,
+                    "module_src": "import os\nos.system('echo pwned')\n", "state": self.state}
+            return (_reconstruct_persistent_obj, (meta,), None)
+
+    return Persistent, EasyDict
+
+
+def _official_pkl(state: dict[str, torch.Tensor], init_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> bytes:
+    Persistent, EasyDict = _install_fake_official_modules(monkeypatch)
+    buffers = ("w_avg", "noise_const", "resample_filter")
+
+    def module(prefix: str, class_name: str) -> Any:
+        params: OrderedDict = OrderedDict()
+        bufs: OrderedDict = OrderedDict()
+        children: dict[str, list[str]] = {}
+        for key, value in state.items():
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):].split(".")
+            if len(rest) == 1:
+                target = bufs if rest[0] in buffers else params
+                target[rest[0]] = value if rest[0] in buffers else torch.nn.Parameter(value)
+            else:
+                children.setdefault(rest[0], [])
+        mods = OrderedDict((c, module(f"{prefix}{c}.", "Layer")) for c in children)
+        st = {"training": False, "_parameters": params, "_buffers": bufs,
+              "_non_persistent_buffers_set": set(), "_forward_hooks": OrderedDict(),
+              "_modules": mods}
+        return Persistent(class_name, st)
+
+    G = module("", "Generator")
+    G.state["_init_kwargs"] = EasyDict(init_kwargs)
+    return pickle.dumps({"G": G, "D": module("mapping.", "Discriminator"), "G_ema": G,
+                         "augment_pipe": None, "training_set_kwargs": None}, protocol=4)
+
+
+def test_official_pickle_loads_through_restricted_unpickler(
+    fixtures_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    src = fixtures_dir / "nvidia_g64_state.safetensors"
+    with safe_open(str(src), framework="pt") as f:
+        kwargs = json.loads(f.metadata()["init_kwargs"])
+    pkl = tmp_path / "network-snapshot.pkl"
+    pkl.write_bytes(_official_pkl(load_file(src), kwargs, monkeypatch))
+    # The loader works without the official modules importable.
+    for name in ("torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util"):
+        monkeypatch.delitem(sys.modules, name)
+    ckpt = load_checkpoint(pkl)
+    assert ckpt.source_format == "nvidia-pkl"
+    G = build_generator(ckpt)
+    assert _render_diff(G, _ref(fixtures_dir, "nvidia"), "const") <= TOL
+    assert "pwned" not in capfd.readouterr().out
+
+
+class _RunsCode:
+    def __reduce__(self) -> tuple:
+        return (print, ("code from the pickle ran",))
+
+
+@pytest.mark.parametrize("payload", [
+    {"G_ema": _RunsCode()},
+    {"G_ema": None, "x": _RunsCode()},
+])
+def test_code_executing_pickle_is_refused(
+    payload: dict, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(CheckpointError, match="builtins.print"):
+        load_checkpoint(path)
+    assert "code from the pickle ran" not in capfd.readouterr().out
+
+
+def test_os_system_pickle_is_refused_without_running(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self) -> tuple:
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    with pytest.raises(CheckpointError, match="refusing"):
+        read_nvidia_pickle(pickle.dumps({"G_ema": Evil()}))
+    assert not marker.exists()
+
+
+def test_garbage_files_give_clear_errors(tmp_path: Path) -> None:
+    for name, data in [("a.pkl", b"not a pickle"), ("b.pt", b"\x00" * 10),
+                       ("c.safetensors", b"junk"), ("d.bin", b"")]:
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError):
+            load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no such"):
+        load_checkpoint(tmp_path / "missing.pkl")
+
+
+def test_our_safetensors_round_trip_and_content_hash(fixtures_dir: Path, tmp_path: Path) -> None:
+    G = build_generator(load_checkpoint(fixtures_dir / "rosinality_g64_state.safetensors"))
+    out = tmp_path / "model.safetensors"
+    save_safetensors(G, out, name="test")
+    G2 = build_generator(load_checkpoint(out))
+    assert content_hash(G2) == content_hash(G)
+    assert _render_diff(G2, _ref(fixtures_dir, "rosinality"), "const") <= TOL
+    nv = build_generator(load_checkpoint(fixtures_dir / "nvidia_g64_state.safetensors"))
+    assert content_hash(nv) != content_hash(G)
+
+
+def test_style_space_edit_changes_only_through_styles(fixtures_dir: Path) -> None:
+    G = build_generator(load_checkpoint(fixtures_dir / "nvidia_g64_state.safetensors"))
+    ws = _ref(fixtures_dir, "nvidia")["wplus"]
+    with torch.no_grad():
+        styles = G.synthesis.styles(ws)
+        assert list(styles)[:3] == ["b4.conv1", "b4.torgb", "b8.conv0"]
+        base = G.synthesis.from_styles(styles)
+        assert torch.allclose(base, G.synthesis(ws))
+        styles["b8.conv1"] = styles["b8.conv1"] + 5.0
+        assert float((G.synthesis.from_styles(styles) - base).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="ws must be"):
+        G.synthesis.styles(ws[:, :5])
+
+
+def test_io_stream_is_accepted(fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = fixtures_dir / "nvidia_g64_state.safetensors"
+    data = _official_pkl(load_file(src), {}, monkeypatch)
+    state, kwargs = read_nvidia_pickle(io.BytesIO(data))
+    assert "mapping.w_avg" in state and kwargs == {}

@@ -1,2 +1,93 @@
-def main() -> None:
-    raise SystemExit(0)
+"""The ``stylebot`` command line. Parsing only: engine work is imported lazily per command,
+so ``stylebot --help`` and the bot process never import torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main", "run"]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="auto",
+                   help="demo | auto (real FFHQ weights when downloaded, else demo) | a name "
+                        "from `stylebot weights list` | a checkpoint file (.pkl/.pt/.safetensors)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stylebot", description="Face editing with StyleGAN2: align, invert, render, morph.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("align", help="detect the face in a photo and crop it FFHQ-style")
+    p.add_argument("photo")
+    p.add_argument("-o", "--output", required=True, help="aligned image (.png)")
+    p.add_argument("--size", type=int, default=1024, help="output side in pixels (default 1024)")
+
+    p = sub.add_parser("invert", help="align a photo and find its W+ latent")
+    p.add_argument("photo")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="writes latent.npy, latent.json, aligned.png, reconstruction.png, "
+                        "alignment.json, report.json")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default 300)")
+    p.add_argument("--optimize-noise", action="store_true", help="also fit per-layer noise")
+    _common(p)
+
+    p = sub.add_parser("render", help="render a latent to an image")
+    p.add_argument("latent")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--noise", choices=["const", "random", "none"], default="const")
+    _common(p)
+
+    p = sub.add_parser("morph", help="animate from one latent to another")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("-o", "--output", required=True, help="out.mp4 or out.gif")
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--fps", type=float, default=24.0)
+    p.add_argument("--layers", choices=["all", "coarse", "middle", "fine"], default="all")
+    p.add_argument("--easing", choices=["smooth", "linear", "cosine"], default="smooth")
+    p.add_argument("--pingpong", action="store_true", help="go back to the start (loops)")
+    _common(p)
+
+    p = sub.add_parser("weights", help="list, fetch, verify or convert model weights")
+    wsub = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    wsub.add_parser("list", help="what the cache holds and what can be fetched")
+    q = wsub.add_parser("fetch", help="download weights (resumable, hash-checked)")
+    q.add_argument("names", nargs="+")
+    q.add_argument("--force", action="store_true")
+    q = wsub.add_parser("verify", help="check the hashes of cached weights")
+    q.add_argument("names", nargs="*")
+    q = wsub.add_parser("convert", help="convert a .pkl/.pt generator to our .safetensors")
+    q.add_argument("source")
+    q.add_argument("-o", "--output", required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from bot import cli_engine  # imports torch: only now that a command needs it
+
+        return cli_engine.dispatch(args)
+    except KeyboardInterrupt:
+        print("stylebot: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # engine errors are user mistakes: one line, no traceback
+        from engine.errors import EngineError
+
+        if isinstance(exc, EngineError):
+            print(f"stylebot: error: {exc.message}", file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError) and exc.filename is not None:
+            print(f"stylebot: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+            return 2
+        raise
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

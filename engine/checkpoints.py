@@ -74,7 +74,7 @@ class _PersistentObject:
         # meta["module_src"] is the class's source code. It is deliberately ignored.
 
 
-class _EasyDict(dict):  # type: ignore[type-arg]
+class _EasyDict(dict[str, Any]):
     """Stand-in for dnnlib.EasyDict (a dict with attribute access): data only."""
 
 
@@ -133,7 +133,7 @@ def _collect_state(obj: _PersistentObject, prefix: str, out: dict[str, torch.Ten
         _collect_state(child, f"{prefix}{key}.", out)
 
 
-def read_nvidia_pickle(data: bytes | io.BufferedIOBase) -> tuple[dict[str, torch.Tensor], dict]:
+def read_nvidia_pickle(data: bytes | io.BytesIO) -> tuple[dict[str, torch.Tensor], dict]:
     """Return (G_ema state dict, G_ema init kwargs) from an official NVIDIA .pkl, safely."""
     stream = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
@@ -155,7 +155,9 @@ def read_nvidia_pickle(data: bytes | io.BufferedIOBase) -> tuple[dict[str, torch
 # Layout conversions.
 
 
-def _nvidia_config(state: Mapping[str, torch.Tensor], init_kwargs: Mapping[str, Any]) -> GeneratorConfig:
+def _nvidia_config(
+    state: Mapping[str, torch.Tensor], init_kwargs: Mapping[str, Any]
+) -> GeneratorConfig:
     if "mapping.embed.weight" in state or int(init_kwargs.get("c_dim", 0) or 0) > 0:
         raise CheckpointError("class-conditional generators are not supported")
     if any(k.startswith("synthesis.input.") for k in state):
@@ -167,9 +169,10 @@ def _nvidia_config(state: Mapping[str, torch.Tensor], init_kwargs: Mapping[str, 
     if syn.get("architecture", "skip") != "skip":
         raise CheckpointError(f"synthesis architecture {syn['architecture']!r} is not supported")
     fc = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"mapping\.fc(\d+)\.weight", k)))
-    blocks = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"synthesis\.b(\d+)\.conv1\.weight", k)))
+    block_re = r"synthesis\.b(\d+)\.conv1\.weight"
+    blocks = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(block_re, k)))
     if not fc or not blocks:
-        raise CheckpointError("this file does not hold a StyleGAN2 generator (no mapping/synthesis)")
+        raise CheckpointError("this file holds no StyleGAN2 generator (no mapping/synthesis)")
     channels = {r: int(state[f"synthesis.b{r}.conv1.weight"].shape[0]) for r in blocks}
     clamp = syn.get("conv_clamp")
     return GeneratorConfig(
@@ -249,7 +252,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     suffix = path.suffix.lower()
     if suffix == ".pkl":
         with path.open("rb") as f:
-            state, kwargs = read_nvidia_pickle(f)  # type: ignore[arg-type]
+            state, kwargs = read_nvidia_pickle(f.read())
         return Checkpoint(_nvidia_config(state, kwargs), state, "nvidia-pkl")
     if suffix in (".pt", ".pth"):
         try:

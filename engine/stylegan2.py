@@ -149,6 +149,8 @@ class FullyConnectedLayer(nn.Module):
 
 
 class MappingNetwork(nn.Module):
+    w_avg: torch.Tensor
+
     def __init__(self, cfg: GeneratorConfig) -> None:
         super().__init__()
         self.num_layers = cfg.mapping_layers
@@ -197,6 +199,9 @@ def _modulated_conv(
 
 
 class SynthesisLayer(nn.Module):
+    noise_const: torch.Tensor
+    resample_filter: torch.Tensor
+
     def __init__(
         self, in_channels: int, out_channels: int, *, w_dim: int, resolution: int, up: bool,
         conv_clamp: float | None,
@@ -250,18 +255,24 @@ class ToRGBLayer(nn.Module):
 
 
 class SynthesisBlock(nn.Module):
+    resample_filter: torch.Tensor
+
     def __init__(self, cfg: GeneratorConfig, resolution: int) -> None:
         super().__init__()
         out_ch = cfg.channels[resolution]
         self.resolution = resolution
-        kw = {"w_dim": cfg.w_dim, "conv_clamp": cfg.conv_clamp}
+        w_dim, clamp = cfg.w_dim, cfg.conv_clamp
         if resolution == 4:
             self.const = nn.Parameter(torch.randn(out_ch, 4, 4))
         else:
             in_ch = cfg.channels[resolution // 2]
-            self.conv0 = SynthesisLayer(in_ch, out_ch, resolution=resolution, up=True, **kw)
-        self.conv1 = SynthesisLayer(out_ch, out_ch, resolution=resolution, up=False, **kw)
-        self.torgb = ToRGBLayer(out_ch, cfg.img_channels, **kw)
+            self.conv0 = SynthesisLayer(
+                in_ch, out_ch, w_dim=w_dim, resolution=resolution, up=True, conv_clamp=clamp
+            )
+        self.conv1 = SynthesisLayer(
+            out_ch, out_ch, w_dim=w_dim, resolution=resolution, up=False, conv_clamp=clamp
+        )
+        self.torgb = ToRGBLayer(out_ch, cfg.img_channels, w_dim=w_dim, conv_clamp=clamp)
         self.register_buffer("resample_filter", _fir_filter(), persistent=False)
 
     @property
@@ -289,7 +300,9 @@ class SynthesisNetwork(nn.Module):
 
     def layer(self, name: str) -> SynthesisLayer | ToRGBLayer:
         block, sub = name.split(".")
-        return getattr(getattr(self, block), sub)  # type: ignore[no-any-return]
+        layer = getattr(getattr(self, block), sub)
+        assert isinstance(layer, SynthesisLayer | ToRGBLayer)
+        return layer
 
     def styles(self, ws: torch.Tensor) -> Styles:
         """Style space: the affine output of every layer. ws: [B, num_ws, w_dim]."""
@@ -359,7 +372,7 @@ class Generator(nn.Module):
 
     @property
     def w_avg(self) -> torch.Tensor:
-        return self.mapping.w_avg  # type: ignore[return-value]
+        return self.mapping.w_avg
 
     def forward(
         self, z: torch.Tensor, *, truncation_psi: float = 1.0, noise_mode: NoiseMode = "const"

@@ -108,7 +108,9 @@ def _install_fake_official_modules(monkeypatch: pytest.MonkeyPatch) -> Any:
     return Persistent, EasyDict
 
 
-def _official_pkl(state: dict[str, torch.Tensor], init_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> bytes:
+def _official_pkl(
+    state: dict[str, torch.Tensor], init_kwargs: dict, monkeypatch: pytest.MonkeyPatch
+) -> bytes:
     Persistent, EasyDict = _install_fake_official_modules(monkeypatch)
     buffers = ("w_avg", "noise_const", "resample_filter")
 
@@ -138,7 +140,10 @@ def _official_pkl(state: dict[str, torch.Tensor], init_kwargs: dict, monkeypatch
 
 
 def test_official_pickle_loads_through_restricted_unpickler(
-    fixtures_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+    fixtures_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     src = fixtures_dir / "nvidia_g64_state.safetensors"
     with safe_open(str(src), framework="pt") as f:

@@ -1,0 +1,70 @@
+"""W+ inversion on the demo model: in-range targets are recovered, batching keeps photos apart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.invert import invert, lr_at, psnr
+from engine.models import build_demo_generator
+from engine.perceptual import demo_lpips
+from engine.stylegan2 import Generator
+
+
+@pytest.fixture(scope="module")
+def G() -> Generator:
+    return build_demo_generator()
+
+
+def _targets(G: Generator, n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = G.mapping(torch.randn(n, G.cfg.z_dim, generator=gen))
+        w = w + 0.2 * torch.randn(w.shape, generator=gen)  # a genuine W+ latent
+        return G.synthesis(w).clamp(-1, 1)
+
+
+def test_in_range_inversion_recovers_the_target(G: Generator) -> None:
+    targets = _targets(G, 2, seed=1)
+    seen: list[tuple[int, int, float]] = []
+    result = invert(G, targets, perceptual=demo_lpips(), steps=60,
+                    progress=lambda s, t, i: seen.append((s, t, i["psnr"])))
+    assert [s for s, _, _ in seen] == list(range(1, 61)) and seen[-1][1] == 60
+    first = seen[0][2]
+    assert result.latents.shape == (2, G.num_ws, G.w_dim)
+    assert result.images.shape == targets.shape
+    # From w_avg (~11 dB here) to a close match: the reference table for this setting with the
+    # official code reaches ~22 dB at 50-100 steps; we ask for at least 20 dB on every target.
+    assert min(result.psnr) >= 20.0, result.psnr
+    assert min(result.psnr) > first + 6.0
+    with torch.no_grad():
+        again = G.synthesis(result.latents)
+    assert torch.allclose(psnr(again, targets), torch.tensor(result.psnr), atol=0.05)
+    assert all(0 <= d < 1 for d in result.lpips)
+
+
+def test_batched_photos_are_optimised_independently(G: Generator) -> None:
+    targets = _targets(G, 2, seed=2)
+    together = invert(G, targets, perceptual=demo_lpips(), steps=8)
+    alone = invert(G, targets[1:], perceptual=demo_lpips(), steps=8)
+    assert torch.allclose(together.latents[1], alone.latents[0], atol=1e-3)
+    assert not torch.allclose(together.latents[0], together.latents[1], atol=1e-2)
+
+
+def test_noise_optimisation_keeps_noise_normalised(G: Generator) -> None:
+    result = invert(G, _targets(G, 1, seed=3), perceptual=demo_lpips(), steps=5,
+                    optimize_noise=True)
+    assert set(result.noise) == set(G.synthesis.noise_layers())
+    for n in result.noise.values():
+        assert abs(float(n.mean())) < 1e-3 and abs(float(n.std()) - 1) < 0.05
+
+
+def test_bad_target_shape_is_refused(G: Generator) -> None:
+    with pytest.raises(ValueError, match="targets must be"):
+        invert(G, torch.zeros(1, 3, 32, 32), perceptual=demo_lpips(), steps=1)
+
+
+def test_learning_rate_warms_up_and_decays() -> None:
+    lrs = [lr_at(s, 100, lr=0.1) for s in range(100)]
+    assert lrs[0] == 0.0 and max(lrs) == pytest.approx(0.1)
+    assert lrs[10] > lrs[1] and lrs[99] < 0.01

@@ -25,11 +25,14 @@ __all__ = [
     "GeneratorConfig",
     "NoiseMode",
     "Styles",
+    "SynthesisState",
 ]
 
 NoiseMode = Literal["const", "random", "none"]
 # Layer name ("b4.conv1", "b8.torgb", ...) -> style vector [B, C_in].
 Styles = dict[str, torch.Tensor]
+# Features x [B, C, r, r] and the skip image [B, 3, r, r] between layers (None before the first).
+SynthesisState = tuple[torch.Tensor | None, torch.Tensor | None]
 
 _LRELU_GAIN = math.sqrt(2.0)
 _FIR = (1.0, 3.0, 3.0, 1.0)
@@ -318,26 +321,46 @@ class SynthesisNetwork(nn.Module):
             if isinstance(layer := self.layer(name), SynthesisLayer)
         }
 
+    @property
+    def layer_names(self) -> list[str]:
+        """Every styled layer in execution order: b4.conv1, b4.torgb, b8.conv0, ..."""
+        return list(self.layer_ws)
+
+    def run(
+        self, styles: Styles, *, begin: int = 0, state: SynthesisState | None = None,
+        end: int | None = None, noise_mode: NoiseMode = "const",
+        noise: dict[str, torch.Tensor] | None = None,
+    ) -> SynthesisState:
+        """Run layers ``layer_names[begin:end]`` from ``state`` (features x, skip image img).
+
+        Lets callers cache the computation before a layer and re-run only the rest, e.g. when
+        perturbing one layer's styles many times. ``state`` is None when ``begin`` is 0.
+        """
+        x, img = state if state is not None else (None, None)
+        for name in self.layer_names[begin:end]:
+            block_name, kind = name.split(".")
+            block: SynthesisBlock = getattr(self, block_name)
+            if kind == "torgb":
+                if img is not None:
+                    img = _upsample2x(img, block.resample_filter)
+                assert x is not None
+                y = block.torgb(x, styles[name])
+                img = y if img is None else img + y
+                continue
+            layer = self.layer(name)
+            assert isinstance(layer, SynthesisLayer)
+            if x is None:
+                x = block.const.unsqueeze(0).repeat(styles[name].shape[0], 1, 1, 1)
+            n = None if noise is None else noise.get(name)
+            x = layer(x, styles[name], noise_mode=noise_mode, noise=n)
+        return x, img
+
     def from_styles(
         self, styles: Styles, *, noise_mode: NoiseMode = "const",
         noise: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Render from style vectors. Returns images [B, img_channels, res, res] in ~[-1, 1]."""
-        x = img = None
-        for res in self.block_resolutions:
-            block: SynthesisBlock = getattr(self, f"b{res}")
-            for name in block.layer_names[:-1]:
-                layer = self.layer(name)
-                assert isinstance(layer, SynthesisLayer)
-                if x is None:
-                    x = block.const.unsqueeze(0).repeat(styles[name].shape[0], 1, 1, 1)
-                n = None if noise is None else noise.get(name)
-                x = layer(x, styles[name], noise_mode=noise_mode, noise=n)
-            if img is not None:
-                img = _upsample2x(img, block.resample_filter)
-            assert x is not None
-            y = block.torgb(x, styles[block.layer_names[-1]])
-            img = y if img is None else img + y
+        _, img = self.run(styles, noise_mode=noise_mode, noise=noise)
         assert img is not None
         return img
 

@@ -19,7 +19,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="stylebot", description="Face editing with StyleGAN2: align, invert, render, morph.")
+        prog="stylebot", description="Face editing with StyleGAN2: align, invert, render, morph, edit.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("align", help="detect the face in a photo and crop it FFHQ-style")
@@ -52,6 +52,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--easing", choices=["smooth", "linear", "cosine"], default="smooth")
     p.add_argument("--pingpong", action="store_true", help="go back to the start (loops)")
     _common(p)
+
+    p = sub.add_parser("edit", help="edit a face latent with a text prompt (StyleCLIP)")
+    p.add_argument("latent")
+    p.add_argument("text", help='what the face should become, e.g. "smiling face"')
+    p.add_argument("-o", "--output", required=True, help="edited image (.png)")
+    p.add_argument("--method", choices=["global", "optimize"], default="global",
+                   help="global: StyleCLIP global directions (fast, default); "
+                        "optimize: latent optimisation (slower, stronger)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="global: alpha (default 4; negative reverses the edit); "
+                        "optimize: scales the edit by dividing the L2 weight (default 1)")
+    p.add_argument("--beta", type=float, default=0.1,
+                   help="global: channels less relevant than beta are left alone (default 0.1)")
+    p.add_argument("--steps", type=int, default=None, help="optimize: steps (default 100)")
+    p.add_argument("--neutral", default=None, help='the neutral prompt (default: "face")')
+    p.add_argument("--paste-into", metavar="PHOTO", default=None,
+                   help="paste the edit back into the original photo (needs the alignment.json "
+                        "that `invert` wrote beside the latent); the face alone goes to "
+                        "OUTPUT-face.png")
+    p.add_argument("--clip", default="auto", help="auto | demo | clip-vit-b32 | a CLIP file")
+    p.add_argument("--samples", type=int, default=32,
+                   help="global: samples per channel if the direction table must be built")
+    _common(p)
+
+    p = sub.add_parser("directions", help="build or list StyleCLIP channel-relevance tables")
+    dsub = p.add_subparsers(dest="directions_command", required=True, metavar="ACTION")
+    q = dsub.add_parser("build", help="build the table for a generator and CLIP model")
+    q.add_argument("--samples", type=int, default=32, help="sample images per channel")
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--rebuild", action="store_true", help="discard a cached table")
+    q.add_argument("--clip", default="auto")
+    _common(q)
+    dsub.add_parser("list", help="cached tables")
 
     p = sub.add_parser("weights", help="list, fetch, verify or convert model weights")
     wsub = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")

@@ -26,12 +26,12 @@ from engine.perceptual import load_perceptual
 from engine.progress import ProgressFn
 from engine.video import write_animation
 
-__all__ = ["dispatch"]
+__all__ = ["Bar", "dispatch", "load_model", "output_path", "say"]
 
 DEFAULT_STEPS = 300
 
 
-class _Bar:
+class Bar:
     """A tqdm progress bar behind the engine's progress(step, total, info) callback."""
 
     def __init__(self, desc: str, *, unit: str = "step") -> None:
@@ -53,29 +53,31 @@ class _Bar:
             self.bar.close()
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-def _model(args: argparse.Namespace) -> LoadedGenerator:
+def load_model(args: argparse.Namespace) -> LoadedGenerator:
     loaded = load_generator(args.model, device=resolve_device(args.device))
-    _say(f"model: {loaded.label} [{loaded.model_id}]")
+    say(f"model: {loaded.label} [{loaded.model_id}]")
     return loaded
 
 
-def _out_dir_ok(path: Path) -> None:
+def output_path(name: str) -> Path:
+    """An output file path whose folder exists (else a clear error)."""
+    path = Path(name)
     if not path.parent.exists():
         raise EngineError(f"output folder does not exist: {path.parent}")
+    return path
 
 
 def _align(args: argparse.Namespace) -> int:
-    out = Path(args.output)
-    _out_dir_ok(out)
+    out = output_path(args.output)
     face = align_face(load_photo(args.photo), size=args.size, detector=FaceDetector())
     face.image.save(out)
     if face.note:
-        _say(face.note)
-    _say(f"aligned face written to {out}")
+        say(face.note)
+    say(f"aligned face written to {out}")
     return 0
 
 
@@ -85,14 +87,14 @@ def _invert(args: argparse.Namespace) -> int:
     if steps < 1:
         raise EngineError("--steps must be at least 1")
     photo = load_photo(args.photo)
-    loaded = _model(args)
+    loaded = load_model(args)
     device = loaded.G.w_avg.device
     face = align_face(photo, size=loaded.G.resolution, detector=FaceDetector(device=str(device)))
     if face.note:
-        _say(face.note)
+        say(face.note)
     perceptual = load_perceptual(device=device)
     out.mkdir(parents=True, exist_ok=True)
-    bar = _Bar("inverting")
+    bar = Bar("inverting")
     try:
         result = invert(loaded.G, pil_to_tensor(face.image), perceptual=perceptual, steps=steps,
                         optimize_noise=args.optimize_noise, progress=bar)
@@ -114,40 +116,38 @@ def _invert(args: argparse.Namespace) -> int:
         "note": face.note,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    _say(f"PSNR {report['psnr']:.2f} dB, {report['seconds']:.1f} s; files in {out}")
+    say(f"PSNR {report['psnr']:.2f} dB, {report['seconds']:.1f} s; files in {out}")
     return 0
 
 
 def _render(args: argparse.Namespace) -> int:
-    out = Path(args.output)
-    _out_dir_ok(out)
-    loaded = _model(args)
+    out = output_path(args.output)
+    loaded = load_model(args)
     G = loaded.G
     ws = load_latent(args.latent, model_id=loaded.model_id, num_ws=G.num_ws, w_dim=G.w_dim)
     frames = render_frames(G, ws.unsqueeze(0).to(G.w_avg.device), noise_mode=args.noise)
     Image.fromarray(frames[0]).save(out)
-    _say(f"rendered {out}")
+    say(f"rendered {out}")
     return 0
 
 
 def _morph(args: argparse.Namespace) -> int:
-    out = Path(args.output)
-    _out_dir_ok(out)
+    out = output_path(args.output)
     if out.suffix.lower() not in (".mp4", ".gif"):
         raise EngineError("the output must end in .mp4 or .gif")
-    loaded = _model(args)
+    loaded = load_model(args)
     G = loaded.G
     a, b = (load_latent(p, model_id=loaded.model_id, num_ws=G.num_ws, w_dim=G.w_dim)
             for p in (args.a, args.b))
     ws = morph_latents(a, b, frames=args.frames, layers=args.layers, easing=args.easing,
                        pingpong=args.pingpong)
-    bar = _Bar("rendering", unit="frame")
+    bar = Bar("rendering", unit="frame")
     try:
         frames = render_frames(G, ws.to(G.w_avg.device), progress=bar)
     finally:
         bar.close()
     write_animation(frames, out, fps=args.fps)
-    _say(f"{len(frames)} frames written to {out}")
+    say(f"{len(frames)} frames written to {out}")
     return 0
 
 
@@ -161,13 +161,13 @@ def _weights(args: argparse.Namespace) -> int:
         return 0
     if action == "fetch":
         for name in args.names:
-            bar = _Bar(name, unit="B")
+            bar = Bar(name, unit="B")
             progress: ProgressFn = bar
             try:
                 path = weights.fetch(name, progress=progress, force=args.force)
             finally:
                 bar.close()
-            _say(f"{name}: {path}")
+            say(f"{name}: {path}")
         return 0
     if action == "verify":
         names = args.names or [r.name for r in weights.list_assets() if r.present]
@@ -178,20 +178,21 @@ def _weights(args: argparse.Namespace) -> int:
             bad += not result.ok
         return 1 if bad else 0
     if action == "convert":
-        out = Path(args.output)
-        _out_dir_ok(out)
+        out = output_path(args.output)
         if out.suffix != ".safetensors":
             raise EngineError("convert writes .safetensors: name the output *.safetensors")
         G = build_generator(load_checkpoint(args.source))
         save_safetensors(G, out, name=Path(args.source).name)
-        _say(f"converted {args.source} -> {out}")
+        say(f"converted {args.source} -> {out}")
         return 0
     raise EngineError(f"unknown weights action {action!r}")
 
 
-_COMMANDS = {"align": _align, "invert": _invert, "render": _render, "morph": _morph,
-             "weights": _weights}
-
-
 def dispatch(args: argparse.Namespace) -> int:
-    return _COMMANDS[args.command](args)
+    if args.command in ("edit", "directions"):
+        from bot import cli_edit
+
+        return cli_edit.edit(args) if args.command == "edit" else cli_edit.directions(args)
+    commands = {"align": _align, "invert": _invert, "render": _render, "morph": _morph,
+                "weights": _weights}
+    return commands[args.command](args)

@@ -16,9 +16,10 @@ from skimage import data
 STYLEBOT = Path(sys.executable).with_name("stylebot")
 
 
-def _run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([str(STYLEBOT), *args], capture_output=True, text=True, env=env,
+def _run(*args: str, ok: bool = True, env: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run([str(STYLEBOT), *args], capture_output=True, text=True, env=full_env,
                           timeout=300)
     if ok:
         assert proc.returncode == 0, proc.stderr
@@ -140,3 +141,51 @@ def test_help_does_not_import_torch() -> None:
     code = "import sys, bot.cli; bot.cli.build_parser(); print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "False"
+
+
+def test_edit_global_pasted_into_the_photo(inverted: Path, astronaut: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env_home = {"STYLEBOT_HOME": str(home)}
+    out = tmp_path / "smile.png"
+    proc = _run("edit", str(inverted / "latent.npy"), "smiling face", "-o", str(out),
+                "--model", "demo", "--clip", "demo", "--samples", "1", "--beta", "0.05",
+                "--paste-into", str(astronaut), env=env_home)
+    assert "built the channel table" in proc.stderr
+    assert _size(out) == (512, 512)  # the photo's own size
+    assert _size(tmp_path / "smile-face.png") == (64, 64)
+    photo = np.asarray(Image.open(astronaut).convert("RGB"), dtype=np.int16)
+    changed = np.abs(_pixels(out) - photo).max(axis=2) > 0
+    from engine.align import Alignment
+    from engine.pasteback import paste_mask
+
+    mask = paste_mask(Alignment.from_json(json.loads((inverted / "alignment.json").read_text())))
+    assert changed.any() and not changed[mask == 0].any()
+    assert changed[mask > 0.5].mean() > 0.5
+    # The table is cached: a second edit builds nothing.
+    proc = _run("edit", str(inverted / "latent.npy"), "smiling face", "-o", str(out),
+                "--model", "demo", "--clip", "demo", "--beta", "0.05", "--strength", "-2",
+                env=env_home)
+    assert "built" not in proc.stderr
+    listed = _run("directions", "list", env=env_home).stdout
+    assert ".safetensors" in listed
+
+
+def test_edit_optimize(inverted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "beard.png"
+    _run("edit", str(inverted / "latent.npy"), "a face with a beard", "-o", str(out),
+         "--method", "optimize", "--steps", "5", "--model", "demo", "--clip", "demo")
+    assert _size(out) == (64, 64)
+
+
+def test_edit_mistakes(inverted: Path, tmp_path: Path, astronaut: Path) -> None:
+    lat = str(inverted / "latent.npy")
+    for args, needle in [
+        (["edit", lat, "   ", "-o", str(tmp_path / "e.png")], "say what the edit"),
+        (["edit", lat, "smile", "-o", str(tmp_path / "e.png"), "--method", "optimize",
+          "--strength", "0"], "positive"),
+        (["edit", lat, "smile", "-o", str(tmp_path / "e.png"), "--paste-into",
+          str(tmp_path / "gone.jpg")], "gone.jpg"),
+    ]:
+        proc = _run(*args, "--model", "demo", "--clip", "demo", ok=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert needle in proc.stderr.strip().splitlines()[-1], proc.stderr

@@ -12,6 +12,7 @@ from engine.clip_model import ClipModel, load_clip
 from engine.directions import ChannelTable, load_or_build_table, text_to_style_delta
 from engine.edit import DEFAULT_EDIT_STEPS, edit_optimize, render_global_edit
 from engine.errors import EngineError
+from engine.identity import load_identity
 from engine.images import tensor_to_pil
 from engine.latents import load_latent
 from engine.models import LoadedGenerator
@@ -81,12 +82,13 @@ def edit(args: argparse.Namespace) -> int:
         strength = 1.0 if args.strength is None else args.strength
         if strength <= 0:
             raise EngineError("--strength must be positive for --method optimize")
+        identity = load_identity(device=G.w_avg.device)  # None unless facenet weights are cached
         bar = Bar("editing")
         try:
             result = edit_optimize(G, ws, clip_model.text_embedding(text)[None],
                                    encode=clip_model.encode_images,
                                    steps=args.steps or DEFAULT_EDIT_STEPS,
-                                   l2_weight=0.008 / strength, progress=bar)
+                                   l2_weight=0.008 / strength, identity=identity, progress=bar)
         finally:
             bar.close()
         images = result.images

@@ -1,0 +1,1 @@
+"""GPU benchmarks and device checks (run on the lent GPU; not part of `make test`)."""

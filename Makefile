@@ -26,7 +26,7 @@ lint: $(STAMP)
 
 # GPU benchmarks: run on a machine with CUDA (not part of `make test`).
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench.gpu_check ../shared/fixtures
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

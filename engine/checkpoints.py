@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, WeightsMissingError
 from engine.stylegan2 import Generator, GeneratorConfig
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "build_generator",
     "content_hash",
     "load_checkpoint",
+    "load_tensor_file",
     "read_nvidia_pickle",
     "save_safetensors",
 ]
@@ -242,6 +243,21 @@ def _from_state(state: Mapping[str, torch.Tensor], meta: Mapping[str, str], fmt:
         kwargs = json.loads(meta["init_kwargs"]) if "init_kwargs" in meta else {}
         return Checkpoint(_nvidia_config(state, kwargs), dict(state), f"{fmt}:nvidia")
     raise CheckpointError("this file does not hold a StyleGAN2 generator in a layout we know")
+
+
+def load_tensor_file(path: Path, *, what: str) -> dict[str, torch.Tensor]:
+    """A torch.save'd state dict of tensors, read weights-only (no code runs)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise WeightsMissingError(f"{what} file not found: {path}") from e
+    except Exception as e:  # unpickling errors come in many types
+        raise CheckpointError(f"cannot read {what} file {path}: {e}") from e
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(f"{what} file {path} is not a state dict of tensors")
+    return obj
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

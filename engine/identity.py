@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import weights
-from engine.errors import CheckpointError, WeightsMissingError
+from engine.checkpoints import load_tensor_file
+from engine.errors import CheckpointError
 
 __all__ = [
     "FACENET_ASSET",
@@ -136,20 +137,6 @@ def demo_identity(*, seed: int = DEMO_SEED) -> IdentityLoss:
     return IdentityLoss(net, input_size=64, name="demo-identity", is_demo=True)
 
 
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise WeightsMissingError(f"FaceNet weights file not found: {path}") from e
-    except Exception as e:  # unpickling errors come in many types
-        raise CheckpointError(f"cannot read FaceNet weights file {path}: {e}") from e
-    if not isinstance(obj, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
-        raise CheckpointError(f"FaceNet weights file {path} is not a state dict of tensors")
-    return obj
-
-
 def identity_from_file(path: Path) -> IdentityLoss:
     """FaceNet (InceptionResnetV1, VGGFace2) identity loss from a facenet-pytorch state dict.
 
@@ -157,7 +144,8 @@ def identity_from_file(path: Path) -> IdentityLoss:
     """
     from facenet_pytorch import InceptionResnetV1
 
-    state = {k: v for k, v in _load_state(path).items() if not k.startswith("logits.")}
+    loaded = load_tensor_file(path, what="FaceNet weights")
+    state = {k: v for k, v in loaded.items() if not k.startswith("logits.")}
     with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the global RNG
         net = InceptionResnetV1(pretrained=None, classify=False)  # never downloads
     try:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import weights
+from engine.checkpoints import load_tensor_file
 from engine.errors import CheckpointError, WeightsMissingError
 
 __all__ = [
@@ -232,23 +233,9 @@ def demo_lpips(*, seed: int = DEMO_SEED, resize_to: int | None = _DEMO_RESIZE) -
     return model
 
 
-def _load_tensor_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise WeightsMissingError(f"{what} file not found: {path}") from e
-    except Exception as e:  # unpickling errors come in many types
-        raise CheckpointError(f"cannot read {what} file {path}: {e}") from e
-    if not isinstance(obj, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
-        raise CheckpointError(f"{what} file {path} is not a state dict of tensors")
-    return obj
-
-
 def load_vgg_state(path: Path) -> dict[str, torch.Tensor]:
     """Read a torchvision vgg16 state dict (``weights_only``; tensors on CPU)."""
-    return _load_tensor_dict(path, "VGG16")
+    return load_tensor_file(path, what="VGG16")
 
 
 def _lpips_lin_path() -> Path | None:
@@ -271,7 +258,7 @@ def load_lin_state(path: Path | None = None) -> dict[str, torch.Tensor]:
                 "LPIPS linear weights not found: install lpips==0.1.4 "
                 "(it ships lpips/weights/v0.1/vgg.pth)"
             )
-    return _load_tensor_dict(path, "LPIPS linear weights")
+    return load_tensor_file(path, what="LPIPS linear weights")
 
 
 def lpips_from_files(

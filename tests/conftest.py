@@ -6,6 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+import skimage.data
+from PIL import Image
+
+from engine.align import FaceDetector
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("STYLEBOT_FIXTURES", REPO.parent / "shared" / "fixtures"))
@@ -17,6 +21,18 @@ def fixtures_dir() -> Path:
     if not (FIXTURES / "README.md").exists():
         pytest.skip(f"parity fixtures not found at {FIXTURES} (set STYLEBOT_FIXTURES)")
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def detector() -> FaceDetector:
+    """One MTCNN detector for the whole run (its weights ship in facenet-pytorch)."""
+    return FaceDetector()
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> Image.Image:
+    """A real face photo that ships with scikit-image."""
+    return Image.fromarray(skimage.data.astronaut())
 
 
 @pytest.fixture(autouse=True)

@@ -37,16 +37,16 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def astronaut(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("photos") / "astronaut.jpg"
-    Image.fromarray(data.astronaut()).save(path, quality=95)
+def astronaut_jpg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("photos") / "astronaut_jpg.jpg"
+    Image.fromarray(data.astronaut_jpg()).save(path, quality=95)
     return path
 
 
 @pytest.fixture(scope="module")
-def inverted(astronaut: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("inv") / "astronaut"
-    _run("invert", str(astronaut), "-o", str(out), "--model", "demo", "--device", "cpu",
+def inverted(astronaut_jpg: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("inv") / "astronaut_jpg"
+    _run("invert", str(astronaut_jpg), "-o", str(out), "--model", "demo", "--device", "cpu",
          "--steps", "40")
     return out
 
@@ -143,17 +143,17 @@ def test_help_does_not_import_torch() -> None:
     assert proc.stdout.strip() == "False"
 
 
-def test_edit_global_pasted_into_the_photo(inverted: Path, astronaut: Path, tmp_path: Path) -> None:
+def test_edit_global_pasted_into_the_photo(inverted: Path, astronaut_jpg: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     env_home = {"STYLEBOT_HOME": str(home)}
     out = tmp_path / "smile.png"
     proc = _run("edit", str(inverted / "latent.npy"), "smiling face", "-o", str(out),
                 "--model", "demo", "--clip", "demo", "--samples", "1", "--beta", "0.05",
-                "--paste-into", str(astronaut), env=env_home)
+                "--paste-into", str(astronaut_jpg), env=env_home)
     assert "built the channel table" in proc.stderr
     assert _size(out) == (512, 512)  # the photo's own size
     assert _size(tmp_path / "smile-face.png") == (64, 64)
-    photo = np.asarray(Image.open(astronaut).convert("RGB"), dtype=np.int16)
+    photo = np.asarray(Image.open(astronaut_jpg).convert("RGB"), dtype=np.int16)
     changed = np.abs(_pixels(out) - photo).max(axis=2) > 0
     from engine.align import Alignment
     from engine.pasteback import paste_mask
@@ -177,7 +177,7 @@ def test_edit_optimize(inverted: Path, tmp_path: Path) -> None:
     assert _size(out) == (64, 64)
 
 
-def test_edit_mistakes(inverted: Path, tmp_path: Path, astronaut: Path) -> None:
+def test_edit_mistakes(inverted: Path, tmp_path: Path, astronaut_jpg: Path) -> None:
     lat = str(inverted / "latent.npy")
     for args, needle in [
         (["edit", lat, "   ", "-o", str(tmp_path / "e.png")], "say what the edit"),

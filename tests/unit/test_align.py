@@ -30,16 +30,6 @@ SIZE = 256
 
 
 @pytest.fixture(scope="module")
-def detector() -> FaceDetector:
-    return FaceDetector()
-
-
-@pytest.fixture(scope="module")
-def astronaut() -> Image.Image:
-    return Image.fromarray(skimage.data.astronaut())
-
-
-@pytest.fixture(scope="module")
 def aligned(astronaut: Image.Image, detector: FaceDetector) -> AlignedFace:
     return align_face(astronaut, size=SIZE, detector=detector)
 

@@ -7,7 +7,6 @@ import io
 import numpy as np
 import numpy.typing as npt
 import pytest
-import skimage.data
 from PIL import Image, ImageDraw
 
 from engine.align import (
@@ -25,16 +24,6 @@ SIZE = 256
 CHANGED = 40  # levels (of 255) that count as "visibly changed"
 
 Arr = npt.NDArray[np.float64]
-
-
-@pytest.fixture(scope="module")
-def detector() -> FaceDetector:
-    return FaceDetector()
-
-
-@pytest.fixture(scope="module")
-def astronaut() -> Image.Image:
-    return Image.fromarray(skimage.data.astronaut())
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stylebot", description="Face editing with StyleGAN2: align, invert, render, morph, edit.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    p = sub.add_parser("run", help="the bot: service, engine process and chat adapters")
+    p.add_argument("--config", default=None, help="config file (default: built-in defaults)")
+
+    p = sub.add_parser("engine", help="an engine worker: takes jobs from the queue")
+    p.add_argument("--config", default=None, help="config file (default: built-in defaults)")
+    p.add_argument("--worker-id", default=None, help="stable id of this worker (default host:device)")
+    p.add_argument("--device", default=None, help="override [engine] device, e.g. cuda:1")
+
     p = sub.add_parser("align", help="detect the face in a photo and crop it FFHQ-style")
     p.add_argument("photo")
     p.add_argument("-o", "--output", required=True, help="aligned image (.png)")
@@ -100,9 +108,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """`run` and `engine`: long-running processes configured by the config file."""
+    import asyncio
+    import logging
+    from pathlib import Path
+
+    from bot.config import load_config
+
+    config_path = Path(args.config) if args.config else None
+    config = load_config(config_path)
+    logging.basicConfig(level=config.bot.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "run":
+        from bot.app import run as run_bot
+
+        asyncio.run(run_bot(config, config_path=config_path))
+        return 0
+    from engine.worker import serve  # the engine process: imports torch
+
+    e = config.engine
+    asyncio.run(serve(storage_url=config.storage_url, media_dir=str(config.media_dir),
+                      model=e.model, device=args.device or e.device, batch_size=e.batch_size,
+                      batch_wait_ms=e.batch_wait_ms, invert_steps=e.invert_steps,
+                      edit_steps=e.edit_steps, clip=e.clip, worker_id=args.worker_id))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("run", "engine"):
+            return _serve(args)
         from bot import cli_engine  # imports torch: only now that a command needs it
 
         return cli_engine.dispatch(args)
@@ -110,9 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("stylebot: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # engine errors are user mistakes: one line, no traceback
+        from bot.config import ConfigError
         from engine.errors import EngineError
 
-        if isinstance(exc, EngineError):
+        if isinstance(exc, EngineError | ConfigError):
             print(f"stylebot: error: {exc.message}", file=sys.stderr)
             return 2
         if isinstance(exc, OSError) and exc.filename is not None:

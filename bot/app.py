@@ -1,0 +1,89 @@
+"""`stylebot run`: the one place that builds the long-lived objects and wires them together.
+
+Storage (migrated to head), the media store, the engine as a child process (embedded mode),
+the service and whichever chat adapters are configured. SIGINT/SIGTERM stop everything
+cleanly: the engine hands back jobs it has not finished (they stay durable in the database and
+run again on the next start), the service stops after its current reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from bot.commands import Reply
+from bot.config import Config
+from bot.service import Deliver, Service
+from storage.db import make_engine, make_sessionmaker, upgrade
+from storage.media import MediaStore
+
+__all__ = ["Adapter", "engine_command", "run"]
+
+log = logging.getLogger("stylebot")
+
+# An adapter runs until ``stop`` is set, feeding commands to ``service.handle``; it is built
+# with access to the service so it can register its ``deliver``.
+Adapter = Callable[[Service, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+def engine_command(config_path: Path | None) -> list[str]:
+    """The child process `stylebot run` starts: `stylebot engine` with the same config."""
+    cmd = [sys.executable, "-m", "bot", "engine"]
+    if config_path is not None:
+        cmd += ["--config", str(config_path)]
+    return cmd
+
+
+async def _log_only(reply: Reply) -> dict[str, str] | None:
+    log.info("reply (no adapter connected): %s", reply.text.splitlines()[0] if reply.text else "")
+    return None
+
+
+async def run(config: Config, *, config_path: Path | None = None,
+              adapters: tuple[Adapter, ...] = (), deliver: Deliver | None = None,
+              stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await upgrade(config.storage_url)
+    db = make_engine(config.storage_url)
+    child: asyncio.subprocess.Process | None = None
+    try:
+        if config.engine.embedded:
+            child = await asyncio.create_subprocess_exec(*engine_command(config_path))
+            log.info("engine process started (pid %d)", child.pid)
+        service = Service(sessions=make_sessionmaker(db), media=MediaStore(config.media_dir),
+                          config=config, deliver=deliver or _log_only)
+        if not adapters:
+            log.warning("no chat adapter is configured yet: jobs are processed, replies are logged")
+        tasks = [asyncio.create_task(service.run(stop))]
+        tasks += [asyncio.create_task(adapter(service, stop)) for adapter in adapters]
+        if child is not None:
+            tasks.append(asyncio.create_task(_watch_engine(child, stop)))
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        if child is not None and child.returncode is None:
+            child.terminate()  # the worker hands back unfinished jobs on SIGTERM
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(child.wait(), 30)
+            if child.returncode is None:
+                child.kill()
+        await db.dispose()
+        log.info("stopped")
+
+
+async def _watch_engine(child: asyncio.subprocess.Process, stop: asyncio.Event) -> None:
+    code = await child.wait()
+    if not stop.is_set():
+        log.error("the engine process exited (code %s); stopping", code)
+        stop.set()

@@ -1,0 +1,186 @@
+"""Everything the bot says, and the small checks behind the clear replies (no torch here)."""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from typing import Any
+
+from bot.commands import Media, Reply
+from storage.media import MediaStore
+from storage.models import Face, Job
+
+__all__ = [
+    "BUSY",
+    "CHAT_JOBS_OPEN",
+    "FORGET_CONFIRM",
+    "FORGOTTEN",
+    "HELP",
+    "MAX_PHOTO_BYTES",
+    "NO_OWN_FACE",
+    "RATE_LIMITED",
+    "Refusal",
+    "SAME_FACE",
+    "USER_JOBS_OPEN",
+    "check_photo",
+    "clean_label",
+    "clean_text",
+    "face_media",
+    "faces_summary",
+    "final_reply",
+    "frames_range",
+    "no_consent",
+    "no_face_for",
+    "photo_suffix",
+    "privacy_text",
+    "queued",
+    "unknown_person",
+    "working",
+]
+
+MAX_PHOTO_BYTES = 20 * 1024 * 1024
+
+HELP = """I turn selfies into StyleGAN faces you can edit and morph.
+
+Send a selfie (in groups: a photo with the caption /selfie) and I save your face.
+/edit <text> [strength] - e.g. /edit smiling face
+/edit! <text> - slower, stronger edit
+/morph @me @friend [frames] [gif|mp4] - an animation from one face to another
+/mix @a @b coarse|middle|fine - style mixing
+/me - your saved faces
+/privacy everyone|chat|nobody - who may use your face in their morphs (default: chat)
+/forget - erase everything I keep about you"""
+
+RATE_LIMITED = "You're sending commands faster than I can keep up. Please wait a minute."
+BUSY = "I'm very busy right now. Please try again in a few minutes."
+USER_JOBS_OPEN = "You already have work in progress. I'll start more once it's done."
+CHAT_JOBS_OPEN = "This chat already has several jobs running. Please wait for them to finish."
+NO_OWN_FACE = "I don't have your face yet. Send me a selfie first."
+SAME_FACE = "A morph needs two different faces."
+FORGET_CONFIRM = ("This erases your saved faces, photos, results and settings, for good. "
+                  "Send /forget yes to confirm.")
+FORGOTTEN = "Done: I have erased everything I kept about you."
+
+_IMAGE_MAGIC = {b"\xff\xd8\xff": ".jpg", b"\x89PNG\r\n\x1a\n": ".png", b"GIF87a": ".gif",
+                b"GIF89a": ".gif", b"BM": ".bmp", b"II*\x00": ".tif", b"MM\x00*": ".tif"}
+
+
+class Refusal(Exception):
+    """A polite no: the text goes back to the user, nothing is stored."""
+
+
+def photo_suffix(data: bytes) -> str:
+    for magic, suffix in _IMAGE_MAGIC.items():
+        if data.startswith(magic):
+            return suffix
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    return ""
+
+
+def check_photo(data: bytes, *, max_bytes: int = MAX_PHOTO_BYTES) -> None:
+    """A cheap sniff before anything is stored; the engine does the full decode."""
+    if not data:
+        raise Refusal("That file is empty. Please send a photo.")
+    if len(data) > max_bytes:
+        raise Refusal(f"That photo is too large (over {max_bytes // (1024 * 1024)} MB).")
+    if not photo_suffix(data):
+        raise Refusal("That doesn't look like a photo I can read. Please send a JPEG or PNG.")
+
+
+def clean_label(label: str) -> str:
+    label = (label or "default").strip().lower()
+    if len(label) > 32 or not all(c.isalnum() or c in "-_" for c in label):
+        raise Refusal("A face label is one short word (letters, digits, - or _).")
+    return label
+
+
+def clean_text(text: str, *, max_chars: int) -> str:
+    text = unicodedata.normalize("NFC", " ".join((text or "").split()))
+    text = "".join(c for c in text if unicodedata.category(c)[0] != "C")
+    if not text:
+        raise Refusal("Say what the edit should do, e.g. /edit smiling face")
+    if len(text) > max_chars:
+        raise Refusal(f"That edit text is too long; keep it under {max_chars} characters.")
+    return text
+
+
+def queued(what: str, position: int) -> str:
+    """``position``: how many queued jobs are ahead of this one."""
+    if position <= 0:
+        return f"Got it. {what[0].upper()}{what[1:]} is next in the queue."
+    return f"Got it. {what[0].upper()}{what[1:]} is number {position + 1} in the queue."
+
+
+def working(job: Job) -> str:
+    return f"Working... {int(job.progress * 100)}%"
+
+
+def frames_range(max_frames: int) -> str:
+    return f"A morph has between 2 and {max_frames} frames."
+
+
+def unknown_person(who: str, platform: str) -> str:
+    if platform == "telegram":
+        return (f"I don't know {who} yet. On Telegram I only know people who have talked to me "
+                "or in a chat I'm in; ask them to send /start or a selfie.")
+    return f"I don't know {who} yet. Ask them to send me a selfie."
+
+
+def no_face_for(who: str) -> str:
+    return NO_OWN_FACE if who == "you" else f"{who} hasn't shared a selfie with me yet."
+
+
+def no_consent(who: str) -> str:
+    return f"Sorry, {who} hasn't allowed their face to be used here."
+
+
+def privacy_text(policy: str) -> str:
+    meaning = {"everyone": "anyone may use your face in their morphs",
+               "chat": "people in chats where you shared your face may use it",
+               "nobody": "only you may use your face"}[policy]
+    return f"Privacy: {policy} ({meaning}). Change it with /privacy everyone|chat|nobody."
+
+
+def faces_summary(faces: Sequence[Face], policy: str) -> str:
+    if not faces:
+        return "You have no saved faces. Send a selfie to add one.\n" + privacy_text(policy)
+    lines = [f"- {f.label}: saved {f.created_at:%Y-%m-%d}, quality {f.quality.get('psnr', 0):.1f} dB"
+             for f in faces]
+    return "Your faces:\n" + "\n".join(lines) + "\n" + privacy_text(policy)
+
+
+def face_media(media: MediaStore, face: Face) -> Media:
+    return Media(path=media.path(face.reconstruction_key), kind="photo", caption=face.label)
+
+
+def _demo_note(result: dict[str, Any]) -> str:
+    return ("\n(Demo model: random weights, not a face model. Real faces need the FFHQ weights.)"
+            if result.get("is_demo") else "")
+
+
+def final_reply(job: Job, media: MediaStore) -> Reply:
+    """The message that ends a job: its pictures, or why it failed."""
+    edit_of = (job.reply_to or {}).get("progress_ref")
+    if job.status == "failed":
+        return Reply(reply_to=job.reply_to, text=f"Sorry: {job.error}", edit_of=edit_of)
+    r = job.result or {}
+    note = _demo_note(r)
+    items: tuple[Media, ...]
+    if job.kind == "invert":
+        caption = (f"Saved as your face. Left: aligned, right: reconstruction "
+                   f"(quality {r.get('psnr', 0):.1f} dB).{note}")
+        if r.get("note"):
+            caption += f"\n{r['note']}"
+        items = (Media(media.path(r["panel_key"]), "photo", caption),)
+    elif job.kind == "edit":
+        items = (Media(media.path(r["before_after_key"]), "photo",
+                       f"Before / after: {r.get('text', '')}{note}"),)
+        if r.get("pasted_key"):
+            items += (Media(media.path(r["pasted_key"]), "photo", "In your photo"),)
+    elif job.kind == "morph":
+        items = (Media(media.path(r["media_key"]), "video" if r.get("format") == "mp4" else "animation",
+                       f"Morph, {r.get('frames')} frames{note}"),)
+    else:
+        items = (Media(media.path(r["media_key"]), "photo", f"A | B | mix ({r.get('layers')}){note}"),)
+    return Reply(reply_to=job.reply_to, text=items[0].caption or "", media=items, edit_of=edit_of)

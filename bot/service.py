@@ -1,0 +1,275 @@
+"""The service: commands in, durable jobs out; finished jobs in, replies out.
+
+It owns policy (consent, per-user and per-chat limits, the queue cap) and never imports torch:
+the engine runs in its own process and talks to the service only through the jobs table and
+the media store. Replies go through the ``deliver`` callback an adapter provides; it returns a
+reference to the message it sent, which the service keeps on the job so that progress updates
+edit that message in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+import storage.repo as repo
+from bot import replies
+from bot.commands import (
+    Command,
+    Edit,
+    Forget,
+    Help,
+    Mix,
+    Morph,
+    Origin,
+    Reply,
+    Selfie,
+    SetPrivacy,
+    ShowFaces,
+    Target,
+)
+from bot.config import Config
+from bot.replies import Refusal
+from storage.media import MediaStore
+from storage.models import Job, User
+
+__all__ = ["Deliver", "Service"]
+
+log = logging.getLogger("stylebot.service")
+
+# Sends (or edits) a message; returns a reference the adapter can later edit, or None.
+Deliver = Callable[[Reply], Awaitable[dict[str, Any] | None]]
+
+
+class Service:
+    def __init__(
+        self, *, sessions: async_sessionmaker[AsyncSession], media: MediaStore, config: Config,
+        deliver: Deliver, clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sessions, self.media, self.config, self.deliver = sessions, media, config, deliver
+        self.clock = clock
+        self._recent: defaultdict[tuple[str, str], deque[float]] = defaultdict(deque)
+        self._shown_progress: dict[str, float] = {}
+
+    # --- commands ------------------------------------------------------------------------
+
+    async def handle(self, cmd: Command) -> None:
+        """Act on one command. User mistakes get a clear reply; nothing half-stored."""
+        try:
+            if isinstance(cmd, Help):
+                await self._say(cmd.origin, replies.HELP)
+            elif isinstance(cmd, Selfie):
+                await self._selfie(cmd)
+            elif isinstance(cmd, Morph | Mix):
+                await self._pair(cmd)
+            elif isinstance(cmd, Edit):
+                await self._edit(cmd)
+            elif isinstance(cmd, ShowFaces):
+                await self._show_faces(cmd)
+            elif isinstance(cmd, SetPrivacy):
+                await self._privacy(cmd)
+            elif isinstance(cmd, Forget):
+                await self._forget(cmd)
+        except Refusal as refusal:
+            await self._say(cmd.origin, str(refusal))
+
+    async def _say(self, origin: Origin, text: str) -> dict[str, Any] | None:
+        return await self.deliver(Reply(reply_to=origin.reply_to, text=text))
+
+    async def _user_and_chat(self, s: AsyncSession, origin: Origin) -> tuple[User, int]:
+        user = await repo.get_or_create_user(
+            s, platform=origin.platform, platform_user_id=origin.user_id,
+            username=origin.username, display_name=origin.display_name)
+        chat = await repo.get_or_create_chat(
+            s, platform=origin.platform, platform_chat_id=origin.chat_id, kind=origin.chat_kind,
+            title=origin.chat_title)
+        await repo.add_member(s, chat_id=chat.id, user_id=user.id)
+        return user, chat.id
+
+    def _rate_limit(self, origin: Origin) -> None:
+        window = self._recent[(origin.platform, origin.user_id)]
+        now = self.clock()
+        while window and now - window[0] > 60:
+            window.popleft()
+        if len(window) >= self.config.limits.per_user_per_minute:
+            raise Refusal(replies.RATE_LIMITED)
+        window.append(now)
+
+    async def _check_limits(self, s: AsyncSession, user_id: int, chat_id: int) -> None:
+        limits = self.config.limits
+        if await repo.count_open_jobs(s) >= limits.queue_cap:
+            raise Refusal(replies.BUSY)
+        if await repo.count_open_jobs(s, user_id=user_id) >= limits.per_user_open_jobs:
+            raise Refusal(replies.USER_JOBS_OPEN)
+        if await repo.count_open_jobs(s, chat_id=chat_id) >= limits.per_chat_open_jobs:
+            raise Refusal(replies.CHAT_JOBS_OPEN)
+
+    async def _submit(self, origin: Origin, kind: str, payload: dict[str, Any],
+                      user_id: int, chat_id: int, s: AsyncSession) -> Job:
+        await self._check_limits(s, user_id, chat_id)
+        return await repo.create_job(
+            s, kind=kind, model=self.config.engine.model, payload=payload, user_id=user_id,
+            chat_id=chat_id, reply_to=dict(origin.reply_to),
+            max_attempts=self.config.queue.max_attempts,
+            timeout_s=float(getattr(self.config.timeouts, kind)))
+
+    async def _queued(self, origin: Origin, job: Job, what: str) -> None:
+        """The job row is committed: tell the user, and remember the message to edit later."""
+        async with self.sessions() as s:
+            position = await repo.queue_position(s, job_id=job.id)
+        ref = await self._say(origin, replies.queued(what, position))
+        if ref is not None:
+            async with self.sessions.begin() as s:
+                await repo.set_reply_ref(s, job_id=job.id, ref=ref)
+
+    async def _selfie(self, cmd: Selfie) -> None:
+        self._rate_limit(cmd.origin)
+        replies.check_photo(cmd.photo)
+        label = replies.clean_label(cmd.label)
+        async with self.sessions.begin() as s:
+            user, chat_id = await self._user_and_chat(s, cmd.origin)
+            await self._check_limits(s, user.id, chat_id)
+            photo_key = self.media.put(cmd.photo, suffix=replies.photo_suffix(cmd.photo))
+            job = await self._submit(cmd.origin, "invert", {"photo_key": photo_key, "label": label},
+                                     user.id, chat_id, s)
+        await self._queued(cmd.origin, job, "your selfie")
+
+    async def _resolve(self, s: AsyncSession, origin: Origin, me: User, target: Target) -> User:
+        if target.me:
+            return me
+        user = None
+        if target.user_id is not None:
+            user = await repo.find_user(s, platform=origin.platform, platform_user_id=target.user_id)
+        elif target.username:
+            user = await repo.find_user_by_username(s, platform=origin.platform,
+                                                    username=target.username)
+        if user is None:
+            raise Refusal(replies.unknown_person(target.describe(), origin.platform))
+        return user
+
+    async def _consents(self, s: AsyncSession, owner: User, asker: User, chat_id: int) -> bool:
+        if owner.id == asker.id or owner.privacy == "everyone":
+            return True
+        if owner.privacy == "nobody":
+            return False
+        return await repo.shared_in_chat(s, user_id=owner.id, chat_id=chat_id)
+
+    async def _pair(self, cmd: Morph | Mix) -> None:
+        self._rate_limit(cmd.origin)
+        kind = "morph" if isinstance(cmd, Morph) else "mix"
+        if isinstance(cmd, Morph) and not 2 <= cmd.frames <= self.config.limits.morph_max_frames:
+            raise Refusal(replies.frames_range(self.config.limits.morph_max_frames))
+        async with self.sessions.begin() as s:
+            me, chat_id = await self._user_and_chat(s, cmd.origin)
+            faces = []
+            for target in (cmd.a, cmd.b):
+                person = await self._resolve(s, cmd.origin, me, target)
+                face = await repo.latest_face(s, user_id=person.id)
+                if face is None:
+                    raise Refusal(replies.no_face_for(target.describe()))
+                if not await self._consents(s, person, me, chat_id):
+                    raise Refusal(replies.no_consent(target.describe()))
+                faces.append(face)
+            if faces[0].id == faces[1].id:
+                raise Refusal(replies.SAME_FACE)
+            payload: dict[str, Any] = {"a_id": faces[0].id, "b_id": faces[1].id,
+                                       "layers": cmd.layers}
+            if isinstance(cmd, Morph):
+                payload |= {"frames": cmd.frames, "format": cmd.fmt, "pingpong": True}
+            job = await self._submit(cmd.origin, kind, payload, me.id, chat_id, s)
+        await self._queued(cmd.origin, job, "the morph" if kind == "morph" else "the mix")
+
+    async def _edit(self, cmd: Edit) -> None:
+        self._rate_limit(cmd.origin)
+        text = replies.clean_text(cmd.text, max_chars=self.config.limits.text_max_chars)
+        async with self.sessions.begin() as s:
+            me, chat_id = await self._user_and_chat(s, cmd.origin)
+            face = await repo.latest_face(s, user_id=me.id, label=cmd.label)
+            if face is None:
+                raise Refusal(replies.NO_OWN_FACE)
+            payload: dict[str, Any] = {"face_id": face.id, "text": text, "method": cmd.method}
+            if cmd.strength is not None:
+                payload["strength"] = cmd.strength
+            job = await self._submit(cmd.origin, "edit", payload, me.id, chat_id, s)
+        await self._queued(cmd.origin, job, "the edit")
+
+    async def _show_faces(self, cmd: ShowFaces) -> None:
+        async with self.sessions.begin() as s:
+            me, _ = await self._user_and_chat(s, cmd.origin)
+            faces = await repo.list_faces(s, user_id=me.id)
+            text = replies.faces_summary(faces, me.privacy)
+            media = tuple(replies.face_media(self.media, f) for f in faces[:4])
+        await self.deliver(Reply(reply_to=cmd.origin.reply_to, text=text, media=media))
+
+    async def _privacy(self, cmd: SetPrivacy) -> None:
+        async with self.sessions.begin() as s:
+            me, _ = await self._user_and_chat(s, cmd.origin)
+            if cmd.policy is not None:
+                await repo.set_privacy(s, user_id=me.id, policy=cmd.policy)
+            policy = cmd.policy or me.privacy
+        await self._say(cmd.origin, replies.privacy_text(policy))
+
+    async def _forget(self, cmd: Forget) -> None:
+        if not cmd.confirmed:
+            await self._say(cmd.origin, replies.FORGET_CONFIRM)
+            return
+        async with self.sessions.begin() as s:
+            user = await repo.find_user(s, platform=cmd.origin.platform,
+                                        platform_user_id=cmd.origin.user_id)
+            keys = await repo.forget_user(s, user_id=user.id) if user is not None else []
+        async with self.sessions() as s:
+            still_used = await repo.referenced_media_keys(s)
+        for key in set(keys) - still_used:  # the same photo may be someone else's too
+            self.media.delete(key)
+        await self._say(cmd.origin, replies.FORGOTTEN)
+
+    # --- completions -----------------------------------------------------------------------
+
+    async def pump_once(self) -> int:
+        """Send progress edits and final replies that are due. Returns replies sent."""
+        async with self.sessions() as s:
+            running = await repo.jobs_in_progress(s)
+            done = await repo.jobs_to_reply(s, limit=50)
+        for job in running:
+            await self._progress(job)
+        sent = 0
+        for job in done:
+            reply = replies.final_reply(job, self.media)
+            try:
+                await self.deliver(reply)
+            except Exception:  # the platform is down: keep the job, retry on the next pass
+                log.exception("could not deliver the reply for job %s", job.id)
+                continue
+            async with self.sessions.begin() as s:
+                await repo.mark_replied(s, job_id=job.id)
+            self._shown_progress.pop(job.id, None)
+            sent += 1
+        return sent
+
+    async def _progress(self, job: Job) -> None:
+        ref = (job.reply_to or {}).get("progress_ref")
+        shown = self._shown_progress.get(job.id, -1.0)
+        if ref is None or job.status != "running" or job.progress - shown < 0.1:
+            return
+        self._shown_progress[job.id] = job.progress
+        try:
+            await self.deliver(Reply(reply_to=job.reply_to, text=replies.working(job), edit_of=ref,
+                                     final=False))
+        except Exception:
+            log.warning("could not update the progress message of job %s", job.id)
+
+    async def run(self, stop: asyncio.Event, *, interval_s: float = 0.2) -> None:
+        while not stop.is_set():
+            try:
+                await self.pump_once()
+            except Exception:
+                log.exception("reply pump failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)

@@ -1,0 +1,303 @@
+"""The engine's job handlers: models loaded once, a batch of same-kind jobs in, outcomes out.
+
+No database here: the worker (:mod:`engine.worker`) fetches each job's inputs (photo bytes,
+latents) and stores the outcomes (files, face rows) durably before it marks a job done.
+One bad job fails alone: inputs are checked one by one before the batched GPU work, and a
+failing batch is split and retried (also on CUDA out-of-memory).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.align import Alignment, FaceDetector, align_face, load_photo
+from engine.clip_model import ClipModel, load_clip
+from engine.directions import load_or_build_table, text_to_style_delta
+from engine.edit import edit_optimize, render_global_edit
+from engine.errors import EngineError
+from engine.identity import load_identity
+from engine.images import pil_to_tensor, tensor_to_pil
+from engine.invert import invert
+from engine.models import LoadedGenerator, load_generator
+from engine.morph import mix_latents, morph_latents, render_frames
+from engine.pasteback import paste_back, side_by_side
+from engine.perceptual import load_perceptual
+from engine.progress import ProgressFn, no_progress
+from engine.video import write_animation
+
+__all__ = ["JOB_KINDS", "Engine", "FaceOut", "JobInput", "JobOutcome"]
+
+log = logging.getLogger("stylebot.engine")
+
+JOB_KINDS = ("invert", "edit", "morph", "mix")
+_PANEL_HEIGHT = 256
+
+
+@dataclass(frozen=True)
+class JobInput:
+    job_id: str
+    kind: str
+    payload: Mapping[str, Any]
+    photo: bytes | None = None  # invert: the selfie; edit: the original photo (paste-back)
+    latents: Mapping[str, np.ndarray] = field(default_factory=dict)  # "face", "a", "b"
+    alignment: Mapping[str, Any] | None = None  # edit: how the face was cut from the photo
+
+
+@dataclass(frozen=True)
+class FaceOut:
+    latent: np.ndarray  # [num_ws, w_dim] float32
+    alignment: dict[str, Any]
+    quality: dict[str, Any]
+
+
+@dataclass
+class JobOutcome:
+    job_id: str
+    result: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # result key -> (data, suffix)
+    face: FaceOut | None = None
+    error: str | None = None
+    error_code: str | None = None
+
+    @classmethod
+    def failed(cls, job_id: str, exc: EngineError) -> JobOutcome:
+        return cls(job_id, error=exc.message, error_code=exc.code)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Engine:
+    """Everything the worker needs, loaded once per process."""
+
+    def __init__(
+        self, *, model: str = "auto", device: torch.device | str = "cpu", home: Path | None = None,
+        invert_steps: int = 300, edit_steps: int = 100, clip: str = "auto", table_samples: int = 32,
+    ) -> None:
+        self.loaded: LoadedGenerator = load_generator(model, device=device, home=home)
+        self.device = self.loaded.G.w_avg.device
+        self.home = home
+        self.perceptual = load_perceptual(home=home, device=self.device)
+        self.identity = load_identity(home=home, device=self.device)
+        self.detector = FaceDetector(device=str(self.device))
+        self.invert_steps, self.edit_steps = invert_steps, edit_steps
+        self._clip_name = clip
+        self._clip: ClipModel | None = None
+        self.table_samples = table_samples
+
+    @property
+    def model_id(self) -> str:
+        return self.loaded.model_id
+
+    @property
+    def clip(self) -> ClipModel:
+        if self._clip is None:  # loaded on first edit: invert-only workers never pay for it
+            self._clip = load_clip(self._clip_name, device=self.device, home=self.home)
+        return self._clip
+
+    def _labels(self) -> dict[str, Any]:
+        return {"model_label": self.loaded.label, "is_demo": self.loaded.is_demo}
+
+    def run_batch(
+        self, kind: str, inputs: Sequence[JobInput], *, progress: ProgressFn = no_progress
+    ) -> list[JobOutcome]:
+        """Run same-kind jobs together. Never raises for one job's bad input."""
+        handler: Callable[[Sequence[JobInput], ProgressFn], list[JobOutcome]] = {
+            "invert": self._invert, "edit": self._edit, "morph": self._each(self._morph),
+            "mix": self._each(self._mix),
+        }[kind]
+        return self._split_on_failure(handler, list(inputs), progress)
+
+    def _split_on_failure(
+        self, handler: Callable[[Sequence[JobInput], ProgressFn], list[JobOutcome]],
+        inputs: list[JobInput], progress: ProgressFn,
+    ) -> list[JobOutcome]:
+        try:
+            return handler(inputs, progress)
+        except torch.cuda.OutOfMemoryError:
+            if len(inputs) == 1:
+                return [JobOutcome.failed(inputs[0].job_id, EngineError(
+                    "the GPU ran out of memory for this job; try fewer frames or later"))]
+            torch.cuda.empty_cache()
+            log.warning("out of GPU memory with a batch of %d: splitting", len(inputs))
+        except Exception:
+            if len(inputs) == 1:
+                log.exception("job %s failed", inputs[0].job_id)
+                return [JobOutcome(inputs[0].job_id, error="something went wrong on our side "
+                                   "while working on this", error_code="internal")]
+            log.exception("a batch of %d failed: retrying its jobs apart", len(inputs))
+        half = len(inputs) // 2
+        return (self._split_on_failure(handler, inputs[:half], progress)
+                + self._split_on_failure(handler, inputs[half:], progress))
+
+    @staticmethod
+    def _each(fn: Callable[[JobInput], JobOutcome]) -> Callable[[Sequence[JobInput], ProgressFn],
+                                                                list[JobOutcome]]:
+        def run(inputs: Sequence[JobInput], progress: ProgressFn) -> list[JobOutcome]:
+            out = []
+            for i, job in enumerate(inputs):
+                try:
+                    out.append(fn(job))
+                except EngineError as exc:
+                    out.append(JobOutcome.failed(job.job_id, exc))
+                progress(i + 1, len(inputs), {})
+            return out
+
+        return run
+
+    def _latent(self, job: JobInput, name: str) -> torch.Tensor:
+        arr = job.latents.get(name)
+        G = self.loaded.G
+        if arr is None or arr.shape != (G.num_ws, G.w_dim):
+            raise EngineError("this face was saved with another model; please send the selfie again")
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(self.device)
+
+    # --- invert: selfie -> latent ---------------------------------------------------------
+
+    def _invert(self, inputs: Sequence[JobInput], progress: ProgressFn) -> list[JobOutcome]:
+        G = self.loaded.G
+        outcomes: dict[str, JobOutcome] = {}
+        ready: list[tuple[JobInput, Any]] = []
+        for job in inputs:
+            try:
+                if job.photo is None:
+                    raise EngineError("the photo for this job is missing")
+                face = align_face(load_photo(job.photo), size=G.resolution, detector=self.detector)
+                ready.append((job, face))
+            except EngineError as exc:
+                outcomes[job.job_id] = JobOutcome.failed(job.job_id, exc)
+        if ready:
+            targets = torch.cat([pil_to_tensor(face.image) for _, face in ready])
+            steps = int(ready[0][0].payload.get("steps") or self.invert_steps)
+            res = invert(G, targets.to(self.device), perceptual=self.perceptual, steps=steps,
+                         identity=self.identity, progress=progress)
+            for i, (job, face) in enumerate(ready):
+                recon = tensor_to_pil(res.images[i])
+                quality = {"psnr": round(res.psnr[i], 3), "lpips": round(res.lpips[i], 5),
+                           "steps": res.steps, "seconds": round(res.seconds, 3)}
+                outcomes[job.job_id] = JobOutcome(
+                    job.job_id,
+                    result={**quality, **self._labels(), "note": face.note, "batch": len(ready)},
+                    files={"aligned_key": (_png(face.image), ".png"),
+                           "reconstruction_key": (_png(recon), ".png"),
+                           "panel_key": (_png(side_by_side([face.image, recon],
+                                                           height=_PANEL_HEIGHT)), ".png")},
+                    face=FaceOut(latent=res.latents[i].numpy(), alignment=face.alignment.to_json(),
+                                 quality=quality))
+        return [outcomes[job.job_id] for job in inputs]
+
+    # --- edit: text -> edited face, pasted back -------------------------------------------
+
+    def _edit(self, inputs: Sequence[JobInput], progress: ProgressFn) -> list[JobOutcome]:
+        outcomes: dict[str, JobOutcome] = {}
+        optimize = [j for j in inputs if j.payload.get("method") == "optimize"]
+        for job in inputs:
+            if job in optimize:
+                continue
+            try:
+                outcomes[job.job_id] = self._edit_global(job)
+            except EngineError as exc:
+                outcomes[job.job_id] = JobOutcome.failed(job.job_id, exc)
+        if optimize:
+            outcomes.update(self._edit_optimize(optimize, progress))
+        progress(1, 1, {})
+        return [outcomes[job.job_id] for job in inputs]
+
+    def _edit_global(self, job: JobInput) -> JobOutcome:
+        ws = self._latent(job, "face")[None]
+        table, _ = load_or_build_table(
+            self.loaded.G, self.clip.encode_images, model_hash=self.loaded.content_hash,
+            clip_key=self.clip.model_key, home=self._home(), samples=self.table_samples)
+        text = str(job.payload["text"])
+        direction = self.clip.text_direction(text, str(job.payload.get("neutral") or self._neutral()))
+        delta, kept = text_to_style_delta(table, direction, beta=float(job.payload.get("beta", 0.1)))
+        strength = float(job.payload.get("strength", 4.0))
+        before = render_global_edit(self.loaded.G, ws, delta, strength=0.0)
+        after = render_global_edit(self.loaded.G, ws, delta, strength=strength)
+        return self._edit_outcome(job, before[0], after[0], {"channels": kept, "strength": strength})
+
+    def _edit_optimize(self, jobs: Sequence[JobInput], progress: ProgressFn) -> dict[str, JobOutcome]:
+        good, outcomes = [], {}
+        for job in jobs:
+            try:
+                good.append((job, self._latent(job, "face")))
+            except EngineError as exc:
+                outcomes[job.job_id] = JobOutcome.failed(job.job_id, exc)
+        if not good:
+            return outcomes
+        source = torch.stack([ws for _, ws in good])
+        texts = torch.stack([self.clip.text_embedding(str(j.payload["text"])) for j, _ in good])
+        strength = max(0.1, float(good[0][0].payload.get("strength", 1.0)))
+        res = edit_optimize(self.loaded.G, source, texts, encode=self.clip.encode_images,
+                            steps=self.edit_steps, l2_weight=0.008 / strength,
+                            identity=self.identity, progress=progress)
+        with torch.no_grad():
+            before = self.loaded.G.synthesis(source).clamp(-1, 1)
+        for i, (job, _) in enumerate(good):
+            outcomes[job.job_id] = self._edit_outcome(job, before[i], res.images[i].to(self.device),
+                                                      {"steps": self.edit_steps})
+        return outcomes
+
+    def _edit_outcome(self, job: JobInput, before: torch.Tensor, after: torch.Tensor,
+                      info: dict[str, Any]) -> JobOutcome:
+        face_before, face_after = tensor_to_pil(before), tensor_to_pil(after)
+        files = {"face_key": (_png(face_after), ".png"),
+                 "before_after_key": (_png(side_by_side([face_before, face_after],
+                                                        height=_PANEL_HEIGHT)), ".png")}
+        if job.photo is not None and job.alignment is not None:
+            photo = load_photo(job.photo)
+            pasted = paste_back(photo, face_after, Alignment.from_json(job.alignment))
+            files["pasted_key"] = (_jpeg(pasted), ".jpg")
+        return JobOutcome(job.job_id, result={**info, **self._labels(),
+                                              "text": str(job.payload["text"])}, files=files)
+
+    def _neutral(self) -> str:
+        return "picture" if self.loaded.is_demo else "face"
+
+    def _home(self) -> Path:
+        from engine.weights import stylebot_home
+
+        return self.home or stylebot_home()
+
+    # --- morph and mix -------------------------------------------------------------------
+
+    def _morph(self, job: JobInput) -> JobOutcome:
+        a, b = self._latent(job, "a"), self._latent(job, "b")
+        fmt = str(job.payload.get("format", "mp4"))
+        frames = int(job.payload.get("frames", 32))
+        ws = morph_latents(a, b, frames=frames, layers=job.payload.get("layers", "all"),
+                           pingpong=bool(job.payload.get("pingpong", True)))
+        images = render_frames(self.loaded.G, ws)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"morph.{fmt}"
+            write_animation(images, path, fps=float(job.payload.get("fps", 24)))
+            data = path.read_bytes()
+        return JobOutcome(job.job_id, result={"frames": len(images), "format": fmt, **self._labels()},
+                          files={"media_key": (data, f".{fmt}")})
+
+    def _mix(self, job: JobInput) -> JobOutcome:
+        a, b = self._latent(job, "a"), self._latent(job, "b")
+        mixed = mix_latents(a, b, layers=job.payload.get("layers", "coarse"))
+        images = render_frames(self.loaded.G, torch.stack([a, b, mixed]))
+        panel = side_by_side([Image.fromarray(x) for x in images], height=_PANEL_HEIGHT)
+        return JobOutcome(job.job_id, result={"layers": job.payload.get("layers"), **self._labels()},
+                          files={"media_key": (_png(panel), ".png")})
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=92)
+    return buf.getvalue()

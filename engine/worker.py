@@ -1,0 +1,242 @@
+"""The engine worker process: claim jobs from the durable queue, run them in micro-batches,
+persist the results, then mark the jobs done.
+
+The local backend's queue is the jobs table itself. A worker claims up to ``batch_size``
+queued jobs of one kind (waiting ``batch_wait_ms`` first so that jobs arriving together run
+together), holds a lease on them that a heartbeat renews, runs the GPU work in a thread, and
+writes each job's files and rows in the same transaction that marks it done -- only while it
+still holds the lease, so a job is completed exactly once even if a worker died and the job
+was re-run. Jobs whose worker died are put back in the queue when their lease runs out
+(bounded attempts, then failed with a reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+import storage.repo as repo
+from engine.errors import EngineError
+from engine.jobs import JOB_KINDS, Engine, JobInput, JobOutcome
+from storage.media import MediaStore
+from storage.models import Job
+
+__all__ = ["Worker", "WorkerSettings", "default_worker_id"]
+
+log = logging.getLogger("stylebot.worker")
+
+
+def default_worker_id(device: str) -> str:
+    return f"{socket.gethostname()}:{device}"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    worker_id: str
+    batch_size: int = 8
+    batch_wait_ms: int = 20
+    lease_s: float = 15.0
+    poll_s: float = 0.1
+    progress_every_s: float = 0.5
+
+
+class Worker:
+    def __init__(
+        self, engine: Engine, *, sessions: async_sessionmaker[AsyncSession], media: MediaStore,
+        settings: WorkerSettings,
+    ) -> None:
+        self.engine, self.sessions, self.media, self.settings = engine, sessions, media, settings
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve jobs until ``stop`` is set; then hand back what was not started."""
+        log.info("engine worker %s ready (%s)", self.settings.worker_id, self.engine.loaded.label)
+        while not stop.is_set():
+            await self._requeue_expired()
+            jobs = await self._claim()
+            if not jobs:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.settings.poll_s)
+                continue
+            await self._run_batch(jobs)
+        async with self.sessions.begin() as s:
+            await repo.release_jobs(s, worker=self.settings.worker_id)
+
+    async def _requeue_expired(self) -> None:
+        async with self.sessions.begin() as s:
+            requeued, failed = await repo.requeue_expired(s)
+        if requeued or failed:
+            log.warning("requeued %d jobs whose worker stopped; %d failed for good", requeued, failed)
+
+    async def _claim(self) -> list[Job]:
+        async with self.sessions() as s:
+            waiting = await repo.count_queued(s)
+        if not waiting:
+            return []
+        if waiting < self.settings.batch_size and self.settings.batch_wait_ms > 0:
+            await asyncio.sleep(self.settings.batch_wait_ms / 1000)  # let a burst gather
+        async with self.sessions.begin() as s:
+            return await repo.claim_jobs(
+                s, worker=self.settings.worker_id, kinds=JOB_KINDS, limit=self.settings.batch_size,
+                lease_s=self.settings.lease_s, model=None)
+
+    async def _run_batch(self, jobs: Sequence[Job]) -> None:
+        kind = jobs[0].kind
+        log.info("batch %s: %d %s job(s)", jobs[0].batch_id, len(jobs), kind)
+        inputs, outcomes = [], []
+        for job in jobs:
+            try:
+                inputs.append(await self._inputs(job))
+            except EngineError as exc:
+                outcomes.append(JobOutcome.failed(job.id, exc))
+        heartbeat = asyncio.create_task(self._heartbeat([j.id for j in jobs]))
+        progress = _ProgressRelay(asyncio.get_running_loop(), self.settings.progress_every_s)
+        relay = asyncio.create_task(self._relay(progress, [i.job_id for i in inputs]))
+        try:
+            if inputs:
+                outcomes += await asyncio.to_thread(self.engine.run_batch, kind, inputs,
+                                                    progress=progress)
+        finally:
+            heartbeat.cancel()
+            progress.close()
+            await relay
+        for outcome in outcomes:
+            await self._persist(outcome)
+
+    async def _inputs(self, job: Job) -> JobInput:
+        p = job.payload
+        async with self.sessions() as s:
+            latents: dict[str, Any] = {}
+            photo = alignment = None
+            for name in ("face", "a", "b"):
+                face_id = p.get(f"{name}_id")
+                if face_id is None:
+                    continue
+                face = await repo.get_face(s, int(face_id))
+                if face is None:
+                    raise EngineError("that face was deleted; please send the selfie again")
+                if face.model_id != self.engine.model_id:
+                    raise EngineError("that face was saved with another model; please send the "
+                                      "selfie again")
+                latents[name] = repo.latent_of(face)
+                if name == "face":
+                    alignment, photo = face.alignment, self.media.read(face.photo_key)
+        if p.get("photo_key"):
+            photo = self.media.read(str(p["photo_key"]))
+        return JobInput(job.id, job.kind, p, photo=photo, latents=latents, alignment=alignment)
+
+    async def _persist(self, outcome: JobOutcome) -> None:
+        worker = self.settings.worker_id
+        try:
+            async with self.sessions.begin() as s:
+                job = await repo.get_job(s, outcome.job_id)
+                if job is None:  # erased meanwhile (/forget)
+                    return
+                if outcome.error is not None:
+                    await repo.fail_job(s, job_id=job.id, worker=worker, error=outcome.error,
+                                        code=outcome.error_code or "engine_error")
+                    return
+                result = dict(outcome.result)
+                for name, (data, suffix) in outcome.files.items():
+                    result[name] = self.media.put(data, suffix=suffix)  # content-addressed
+                if outcome.face is not None and job.user_id is not None:
+                    f = outcome.face
+                    photo_key = str(job.payload["photo_key"])
+                    face = await repo.save_face(
+                        s, job_id=job.id, user_id=job.user_id,
+                        label=str(job.payload.get("label") or "default"),
+                        model_id=self.engine.model_id, latent=f.latent,
+                        aligned_key=result["aligned_key"], photo_key=photo_key,
+                        reconstruction_key=result["reconstruction_key"], alignment=f.alignment,
+                        quality=f.quality)
+                    result["face_id"] = face.id
+                    if job.chat_id is not None:
+                        await repo.share_face(s, face_id=face.id, chat_id=job.chat_id)
+                if not await repo.finish_job(s, job_id=job.id, worker=worker, result=result):
+                    raise _LostLease
+        except _LostLease:
+            log.warning("job %s was taken over by another worker; result dropped", outcome.job_id)
+
+    async def _heartbeat(self, job_ids: list[str]) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            async with self.sessions.begin() as s:
+                await repo.heartbeat(s, job_ids=job_ids, worker=self.settings.worker_id,
+                                     lease_s=self.settings.lease_s)
+
+    async def _relay(self, progress: _ProgressRelay, job_ids: list[str]) -> None:
+        async for step, total, info in progress:
+            async with self.sessions.begin() as s:
+                for job_id in job_ids:
+                    await repo.set_progress(s, job_id=job_id, progress=step / max(total, 1),
+                                            info=info)
+
+
+class _LostLease(Exception):
+    pass
+
+
+class _ProgressRelay:
+    """progress(step, total, info) from the engine thread -> throttled async iterator."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, every_s: float) -> None:
+        self.loop, self.every_s = loop, every_s
+        self.queue: asyncio.Queue[tuple[int, int, dict[str, Any]] | None] = asyncio.Queue()
+        self.last = 0.0
+
+    def __call__(self, step: int, total: int, info: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every_s or step >= total:
+            self.last = now
+            clean = {k: v for k, v in info.items() if isinstance(v, int | float | str)}
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (step, total, clean))
+
+    def close(self) -> None:
+        self.queue.put_nowait(None)
+
+    def __aiter__(self) -> _ProgressRelay:
+        return self
+
+    async def __anext__(self) -> tuple[int, int, dict[str, Any]]:
+        item = await self.queue.get()
+        if item is None:
+            raise StopAsyncIteration
+        return item
+
+
+async def serve(
+    *, storage_url: str, media_dir: str, model: str, device: str, batch_size: int,
+    batch_wait_ms: int, invert_steps: int, edit_steps: int, clip: str, worker_id: str | None = None,
+    lease_s: float = 15.0, stop: asyncio.Event | None = None,
+) -> None:
+    """`stylebot engine`: load the models once, then serve jobs until stopped (SIGINT/SIGTERM)."""
+    import signal
+    from pathlib import Path
+
+    from engine.models import resolve_device
+    from storage.db import make_engine, make_sessionmaker, upgrade
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    dev = resolve_device(device)
+    await upgrade(storage_url)
+    db = make_engine(storage_url)
+    try:
+        engine = await asyncio.to_thread(Engine, model=model, device=dev, invert_steps=invert_steps,
+                                         edit_steps=edit_steps, clip=clip)
+        settings = WorkerSettings(worker_id=worker_id or default_worker_id(str(dev)),
+                                  batch_size=batch_size, batch_wait_ms=batch_wait_ms, lease_s=lease_s)
+        worker = Worker(engine, sessions=make_sessionmaker(db), media=MediaStore(Path(media_dir)),
+                        settings=settings)
+        await worker.run(stop)
+    finally:
+        await db.dispose()

@@ -1,0 +1,1 @@
+"""Alembic migrations of the stylebot database (run through storage.db.upgrade)."""

@@ -1,0 +1,86 @@
+"""Repository functions: the only code that queries the database.
+
+Every function takes an ``AsyncSession`` first and keyword-only arguments after it. The caller
+owns the transaction (``async with sessions.begin() as s: ...``): these functions flush, never
+commit, so several calls commit or roll back together.
+"""
+
+from storage.repo.faces import (
+    face_media_keys,
+    forget_user,
+    get_face,
+    latent_of,
+    latest_face,
+    list_faces,
+    orphaned_media_keys,
+    referenced_media_keys,
+    save_face,
+    share_face,
+    shared_in_chat,
+)
+from storage.repo.jobs import (
+    claim_jobs,
+    count_open_jobs,
+    count_queued,
+    create_job,
+    fail_job,
+    finish_job,
+    get_job,
+    heartbeat,
+    jobs_in_progress,
+    jobs_to_reply,
+    mark_replied,
+    queue_position,
+    release_jobs,
+    requeue_expired,
+    set_progress,
+    set_reply_ref,
+)
+from storage.repo.people import (
+    add_member,
+    find_user,
+    find_user_by_username,
+    get_or_create_chat,
+    get_or_create_user,
+    get_user,
+    is_member,
+    set_privacy,
+)
+
+__all__ = [
+    "add_member",
+    "claim_jobs",
+    "count_open_jobs",
+    "count_queued",
+    "create_job",
+    "face_media_keys",
+    "fail_job",
+    "find_user",
+    "find_user_by_username",
+    "finish_job",
+    "forget_user",
+    "get_face",
+    "get_job",
+    "get_or_create_chat",
+    "get_or_create_user",
+    "get_user",
+    "heartbeat",
+    "is_member",
+    "jobs_in_progress",
+    "jobs_to_reply",
+    "latent_of",
+    "latest_face",
+    "list_faces",
+    "mark_replied",
+    "orphaned_media_keys",
+    "queue_position",
+    "referenced_media_keys",
+    "release_jobs",
+    "requeue_expired",
+    "save_face",
+    "set_privacy",
+    "set_progress",
+    "set_reply_ref",
+    "share_face",
+    "shared_in_chat",
+]

@@ -1,0 +1,162 @@
+"""Faces (latents and their media), sharing in chats, media references and erasure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, exists, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.media import is_media_key
+from storage.models import ChatMember, Face, FaceShare, Job, User, utcnow
+from storage.repo._util import expunge_where, insert_ignore, media_keys_in, plain_json
+
+__all__ = [
+    "face_media_keys",
+    "forget_user",
+    "get_face",
+    "latent_of",
+    "latest_face",
+    "list_faces",
+    "orphaned_media_keys",
+    "referenced_media_keys",
+    "save_face",
+    "share_face",
+    "shared_in_chat",
+]
+
+_LATENT_DTYPE = np.dtype("<f4")  # stored little-endian whatever the host, C order
+
+
+def _latent_bytes(latent: np.ndarray) -> tuple[bytes, int, int]:
+    array = np.asarray(latent)
+    if array.ndim != 2 or 0 in array.shape:
+        raise ValueError(f"a latent is [num_ws, w_dim]; got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"a latent holds floats; got dtype {array.dtype}")
+    num_ws, w_dim = array.shape
+    return np.ascontiguousarray(array, dtype=_LATENT_DTYPE).tobytes(order="C"), int(num_ws), int(w_dim)
+
+
+def latent_of(face: Face) -> np.ndarray:
+    """The face's latent, [num_ws, w_dim] float32 (native order, writeable), bit-exact as saved."""
+    expected = face.num_ws * face.w_dim * _LATENT_DTYPE.itemsize
+    if len(face.latent) != expected:
+        raise ValueError(f"face {face.id}: latent has {len(face.latent)} bytes, expected {expected}")
+    flat = np.frombuffer(face.latent, dtype=_LATENT_DTYPE)
+    return flat.astype(np.float32).reshape(face.num_ws, face.w_dim)  # astype copies
+
+
+def face_media_keys(face: Face) -> set[str]:
+    """The media keys a face row references."""
+    return {face.aligned_key, face.photo_key, face.reconstruction_key}
+
+
+async def save_face(
+    s: AsyncSession, *, job_id: str | None, user_id: int, label: str, model_id: str, latent: np.ndarray,
+    aligned_key: str, photo_key: str, reconstruction_key: str, alignment: dict[str, Any],
+    quality: dict[str, Any],
+) -> Face:
+    """Store the result of an inversion as the user's face called ``label``.
+
+    Idempotent by ``job_id``: when a face from that job exists it is returned unchanged. A face
+    with the same (user, label) is replaced in place (same id, so its shares and queued jobs
+    that name it stay valid). The files the old version referenced may now be orphans: take
+    ``face_media_keys(old)`` before and ``orphaned_media_keys`` after (or let ``sweep`` do it).
+    """
+    for name, key in (("aligned_key", aligned_key), ("photo_key", photo_key),
+                      ("reconstruction_key", reconstruction_key)):
+        if not is_media_key(key):
+            raise ValueError(f"{name} is not a media key: {key!r}")
+    if job_id is not None:
+        done = await s.scalar(select(Face).where(Face.job_id == job_id))
+        if done is not None:
+            return done
+    data, num_ws, w_dim = _latent_bytes(latent)
+    fields: dict[str, Any] = {
+        "model_id": model_id, "latent": data, "num_ws": num_ws, "w_dim": w_dim,
+        "aligned_key": aligned_key, "photo_key": photo_key, "reconstruction_key": reconstruction_key,
+        "alignment": plain_json(alignment), "quality": plain_json(quality), "job_id": job_id,
+        "created_at": utcnow(),
+    }
+    face = await s.scalar(select(Face).where(Face.user_id == user_id, Face.label == label))
+    if face is None:
+        face = Face(user_id=user_id, label=label, **fields)
+        s.add(face)
+    else:
+        for name, value in fields.items():
+            setattr(face, name, value)
+    await s.flush()
+    return face
+
+
+async def get_face(s: AsyncSession, face_id: int) -> Face | None:
+    return await s.get(Face, face_id)
+
+
+async def latest_face(s: AsyncSession, *, user_id: int, label: str | None = None) -> Face | None:
+    """The user's face called ``label``; without a label, the most recently saved one."""
+    query = select(Face).where(Face.user_id == user_id)
+    if label is not None:
+        query = query.where(Face.label == label)
+    return await s.scalar(query.order_by(Face.created_at.desc(), Face.id.desc()).limit(1))
+
+
+async def list_faces(s: AsyncSession, *, user_id: int) -> list[Face]:
+    """The user's faces, most recent first."""
+    query = select(Face).where(Face.user_id == user_id).order_by(Face.created_at.desc(), Face.id.desc())
+    return list(await s.scalars(query))
+
+
+async def share_face(s: AsyncSession, *, face_id: int, chat_id: int) -> None:
+    """Make the face visible to ``/morph`` and ``/mix`` in the chat (idempotent)."""
+    await insert_ignore(s, FaceShare, {"face_id": face_id, "chat_id": chat_id, "created_at": utcnow()},
+                        ["face_id", "chat_id"])
+
+
+async def shared_in_chat(s: AsyncSession, *, user_id: int, chat_id: int) -> bool:
+    """Whether any face of the user is shared in the chat."""
+    query = (exists().where(FaceShare.face_id == Face.id, Face.user_id == user_id,
+                            FaceShare.chat_id == chat_id))
+    return bool(await s.scalar(select(query)))
+
+
+async def _face_keys(s: AsyncSession, *where: Any) -> set[str]:
+    rows = await s.execute(select(Face.aligned_key, Face.photo_key, Face.reconstruction_key).where(*where))
+    return {key for row in rows for key in row}
+
+
+async def _job_keys(s: AsyncSession, *where: Any) -> set[str]:
+    rows = await s.execute(select(Job.payload, Job.result).where(*where))
+    return {key for payload, result in rows for key in media_keys_in(payload) | media_keys_in(result)}
+
+
+async def referenced_media_keys(s: AsyncSession) -> set[str]:
+    """Every media key some row still references: faces, and jobs' payloads and results
+    (under keys ending in ``_key`` / ``_keys``). Pass it to ``MediaStore.sweep``."""
+    return await _face_keys(s) | await _job_keys(s)
+
+
+async def orphaned_media_keys(s: AsyncSession, *, keys: Iterable[str]) -> set[str]:
+    """The ``keys`` that no row references any more (content-addressed files can be shared by
+    several faces and jobs, so a file is deleted only when none of them needs it)."""
+    candidates = {key for key in keys if is_media_key(key)}
+    return candidates - await referenced_media_keys(s) if candidates else set()
+
+
+async def forget_user(s: AsyncSession, *, user_id: int) -> list[str]:
+    """Delete the user and, by cascade, their faces, shares, memberships and jobs.
+
+    Returns (sorted) every media key those rows referenced. The caller deletes the files after
+    the commit, keeping any that ``referenced_media_keys`` still lists (the same photo can be
+    someone else's too). A missing user: nothing happens, [] is returned.
+    """
+    keys = await _face_keys(s, Face.user_id == user_id) | await _job_keys(s, Job.user_id == user_id)
+    face_ids = set(await s.scalars(select(Face.id).where(Face.user_id == user_id)))
+    await s.execute(delete(User).where(User.id == user_id))  # ON DELETE CASCADE does the rest
+    expunge_where(s, (Face, Job, ChatMember), "user_id", {user_id})
+    expunge_where(s, (FaceShare,), "face_id", face_ids)
+    await s.flush()
+    return sorted(keys)

@@ -1,0 +1,116 @@
+"""Alembic migrations against real SQLite files: the schema the app runs on is the migrated one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, inspect, make_url
+
+from storage.db import alembic_config, current_revision, make_engine, sqlite_url, upgrade
+from storage.models import Base
+
+TABLES = {"users", "chats", "chat_members", "faces", "face_shares", "jobs"}
+
+
+# PostgreSQL runs too where STYLEBOT_TEST_POSTGRES_URL names a server (postgresql+asyncpg://...;
+# any database on it: each test creates and drops its own).
+POSTGRES_URL = os.environ.get("STYLEBOT_TEST_POSTGRES_URL", "")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"])
+async def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """An empty database: a SQLite path in a folder that does not exist yet, or a new PostgreSQL one."""
+    if request.param == "sqlite":
+        yield sqlite_url(tmp_path / "new" / "folder" / "stylebot.sqlite3")
+        return
+    admin_url = POSTGRES_URL
+    name = f"stylebot_test_{uuid.uuid4().hex[:12]}"
+    admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            await conn.exec_driver_sql(f"CREATE DATABASE {name}")
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        async with admin.connect() as conn:
+            await conn.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        await admin.dispose()
+
+
+def _head(url: str) -> str | None:
+    return ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+
+
+async def _tables(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+    finally:
+        await engine.dispose()
+
+
+async def test_upgrade_builds_an_empty_database_to_head_and_is_idempotent(
+    fresh_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = fresh_url
+    monkeypatch.chdir(tmp_path)  # nothing depends on the working directory
+    assert await current_revision(url) is None
+    await upgrade(url)
+    head = _head(url)
+    assert head == "0001"
+    assert await current_revision(url) == head
+    assert await _tables(url) >= TABLES
+    await upgrade(url)  # again: a no-op, not an error
+    assert await current_revision(url) == head
+
+
+async def test_bot_and_worker_upgrading_at_once_both_succeed(fresh_url: str) -> None:
+    url = fresh_url
+    await asyncio.gather(upgrade(url), upgrade(url), upgrade(url))
+    assert await current_revision(url) == _head(url)
+
+
+def _diff(connection: Connection) -> list[object]:
+    return list(compare_metadata(MigrationContext.configure(connection), Base.metadata))
+
+
+async def test_models_match_the_migrated_schema(fresh_url: str) -> None:
+    url = fresh_url
+    await upgrade(url)
+    engine = make_engine(url)
+    try:
+        async with engine.connect() as conn:
+            assert await conn.run_sync(_diff) == []
+    finally:
+        await engine.dispose()
+
+
+async def test_every_connection_has_wal_foreign_keys_and_busy_timeout(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "stylebot.sqlite3")
+    await upgrade(url)
+    engine = make_engine(url)
+    try:
+        async with engine.connect() as conn:
+            pragma = {name: (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar()
+                      for name in ("journal_mode", "foreign_keys", "busy_timeout", "synchronous")}
+    finally:
+        await engine.dispose()
+    assert pragma == {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 5000, "synchronous": 1}
+
+
+def test_storage_imports_neither_torch_nor_engine_nor_bot() -> None:
+    code = ("import sys, storage.db, storage.models, storage.repo, storage.media; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'engine', 'bot')); "
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

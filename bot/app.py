@@ -22,6 +22,7 @@ from bot.config import Config
 from bot.service import Deliver, Service
 from storage.db import make_engine, make_sessionmaker, upgrade
 from storage.media import MediaStore
+from storage.queue import LocalQueue
 
 __all__ = ["Adapter", "engine_command", "run"]
 
@@ -59,8 +60,10 @@ async def run(config: Config, *, config_path: Path | None = None,
         if config.engine.embedded:
             child = await asyncio.create_subprocess_exec(*engine_command(config_path))
             log.info("engine process started (pid %d)", child.pid)
-        service = Service(sessions=make_sessionmaker(db), media=MediaStore(config.media_dir),
-                          config=config, deliver=deliver or _log_only)
+        sessions = make_sessionmaker(db)
+        service = Service(sessions=sessions, queue=LocalQueue(sessions),
+                          media=MediaStore(config.media_dir), config=config,
+                          deliver=deliver or _log_only)
         if not adapters:
             log.warning("no chat adapter is configured yet: jobs are processed, replies are logged")
         tasks = [asyncio.create_task(service.run(stop))]

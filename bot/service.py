@@ -39,6 +39,7 @@ from bot.config import Config
 from bot.replies import Refusal
 from storage.media import MediaStore
 from storage.models import Job, User
+from storage.queue import JobQueue
 
 __all__ = ["Deliver", "Service"]
 
@@ -50,10 +51,11 @@ Deliver = Callable[[Reply], Awaitable[dict[str, Any] | None]]
 
 class Service:
     def __init__(
-        self, *, sessions: async_sessionmaker[AsyncSession], media: MediaStore, config: Config,
-        deliver: Deliver, clock: Callable[[], float] = time.monotonic,
+        self, *, sessions: async_sessionmaker[AsyncSession], queue: JobQueue, media: MediaStore,
+        config: Config, deliver: Deliver, clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.sessions, self.media, self.config, self.deliver = sessions, media, config, deliver
+        self.sessions, self.queue, self.media = sessions, queue, media
+        self.config, self.deliver = config, deliver
         self.clock = clock
         self._recent: defaultdict[tuple[str, str], deque[float]] = defaultdict(deque)
         self._shown_progress: dict[str, float] = {}
@@ -121,7 +123,8 @@ class Service:
             timeout_s=float(getattr(self.config.timeouts, kind)))
 
     async def _queued(self, origin: Origin, job: Job, what: str) -> None:
-        """The job row is committed: tell the user, and remember the message to edit later."""
+        """The job row is committed: tell the workers and the user; remember the message."""
+        await self.queue.notify(job.id)
         async with self.sessions() as s:
             position = await repo.queue_position(s, job_id=job.id)
         ref = await self._say(origin, replies.queued(what, position))

@@ -28,6 +28,7 @@ from engine.errors import EngineError
 from engine.jobs import JOB_KINDS, Engine, JobInput, JobOutcome
 from storage.media import MediaStore
 from storage.models import Job
+from storage.queue import JobQueue, LocalQueue
 
 __all__ = ["Worker", "WorkerSettings", "default_worker_id"]
 
@@ -50,10 +51,11 @@ class WorkerSettings:
 
 class Worker:
     def __init__(
-        self, engine: Engine, *, sessions: async_sessionmaker[AsyncSession], media: MediaStore,
-        settings: WorkerSettings,
+        self, engine: Engine, *, sessions: async_sessionmaker[AsyncSession], queue: JobQueue,
+        media: MediaStore, settings: WorkerSettings,
     ) -> None:
-        self.engine, self.sessions, self.media, self.settings = engine, sessions, media, settings
+        self.engine, self.sessions, self.queue = engine, sessions, queue
+        self.media, self.settings = media, settings
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve jobs until ``stop`` is set; then hand back what was not started."""
@@ -76,16 +78,13 @@ class Worker:
             log.warning("requeued %d jobs whose worker stopped; %d failed for good", requeued, failed)
 
     async def _claim(self) -> list[Job]:
-        async with self.sessions() as s:
-            waiting = await repo.count_queued(s)
+        waiting = await self.queue.pending()
         if not waiting:
             return []
         if waiting < self.settings.batch_size and self.settings.batch_wait_ms > 0:
             await asyncio.sleep(self.settings.batch_wait_ms / 1000)  # let a burst gather
-        async with self.sessions.begin() as s:
-            return await repo.claim_jobs(
-                s, worker=self.settings.worker_id, kinds=JOB_KINDS, limit=self.settings.batch_size,
-                lease_s=self.settings.lease_s, model=None)
+        return await self.queue.claim(worker=self.settings.worker_id, kinds=JOB_KINDS,
+                                      limit=self.settings.batch_size, lease_s=self.settings.lease_s)
 
     async def _run_batch(self, jobs: Sequence[Job]) -> None:
         kind = jobs[0].kind
@@ -235,8 +234,9 @@ async def serve(
                                          edit_steps=edit_steps, clip=clip)
         settings = WorkerSettings(worker_id=worker_id or default_worker_id(str(dev)),
                                   batch_size=batch_size, batch_wait_ms=batch_wait_ms, lease_s=lease_s)
-        worker = Worker(engine, sessions=make_sessionmaker(db), media=MediaStore(Path(media_dir)),
-                        settings=settings)
+        sessions = make_sessionmaker(db)
+        worker = Worker(engine, sessions=sessions, queue=LocalQueue(sessions),
+                        media=MediaStore(Path(media_dir)), settings=settings)
         await worker.run(stop)
     finally:
         await db.dispose()

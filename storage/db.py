@@ -15,6 +15,7 @@ autogenerate=True)`` against a database at head, then clean the generated file b
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ def _set_wal(cursor: Any) -> None:
         try:
             _journal_mode(cursor, "PRAGMA journal_mode=WAL")
             return
-        except Exception as exc:  # the driver's OperationalError, adapted by SQLAlchemy
+        except sqlite3.OperationalError as exc:  # aiosqlite raises sqlite3's errors
             if "locked" not in str(exc) or attempt == _WAL_TRIES - 1:
                 raise
             time.sleep(_WAL_PAUSE_S)

@@ -23,6 +23,7 @@ from storage import repo
 from storage.db import make_engine, make_sessionmaker, upgrade
 from storage.media import MediaStore
 from storage.models import Face, Job
+from storage.queue import LocalQueue
 
 CONFIG = """
 [engine]
@@ -73,7 +74,8 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[Config, Path, Service, In
     await upgrade(config.storage_url)
     db = make_engine(config.storage_url)
     inbox = Inbox()
-    service = Service(sessions=make_sessionmaker(db), media=MediaStore(config.media_dir),
+    sessions = make_sessionmaker(db)
+    service = Service(sessions=sessions, queue=LocalQueue(sessions), media=MediaStore(config.media_dir),
                       config=config, deliver=inbox.deliver)
     yield config, path, service, inbox
     await db.dispose()

@@ -35,7 +35,7 @@ from engine.perceptual import load_perceptual
 from engine.progress import ProgressFn, no_progress
 from engine.video import write_animation
 
-__all__ = ["JOB_KINDS", "Engine", "FaceOut", "JobInput", "JobOutcome"]
+__all__ = ["JOB_KINDS", "Engine", "FaceOut", "JobInput", "JobOutcome", "split_on_failure"]
 
 log = logging.getLogger("stylebot.engine")
 
@@ -72,6 +72,30 @@ class JobOutcome:
     @classmethod
     def failed(cls, job_id: str, exc: EngineError) -> JobOutcome:
         return cls(job_id, error=exc.message, error_code=exc.code)
+
+Handler = Callable[[Sequence["JobInput"], ProgressFn], list["JobOutcome"]]
+
+
+def split_on_failure(handler: Handler, inputs: list[JobInput], progress: ProgressFn) -> list[JobOutcome]:
+    """Run a batch; on CUDA out-of-memory or an unexpected error, split it in halves and retry,
+    down to single jobs, so one bad job (or too big a batch) fails alone."""
+    try:
+        return handler(inputs, progress)
+    except torch.cuda.OutOfMemoryError:
+        if len(inputs) == 1:
+            return [JobOutcome.failed(inputs[0].job_id, EngineError(
+                "the GPU ran out of memory for this job; try fewer frames or later"))]
+        torch.cuda.empty_cache()
+        log.warning("out of GPU memory with a batch of %d: splitting", len(inputs))
+    except Exception:
+        if len(inputs) == 1:
+            log.exception("job %s failed", inputs[0].job_id)
+            return [JobOutcome(inputs[0].job_id, error="something went wrong on our side "
+                               "while working on this", error_code="internal")]
+        log.exception("a batch of %d failed: retrying its jobs apart", len(inputs))
+    half = len(inputs) // 2
+    return (split_on_failure(handler, inputs[:half], progress)
+            + split_on_failure(handler, inputs[half:], progress))
 
 
 def _png(img: Image.Image) -> bytes:
@@ -119,29 +143,7 @@ class Engine:
             "invert": self._invert, "edit": self._edit, "morph": self._each(self._morph),
             "mix": self._each(self._mix),
         }[kind]
-        return self._split_on_failure(handler, list(inputs), progress)
-
-    def _split_on_failure(
-        self, handler: Callable[[Sequence[JobInput], ProgressFn], list[JobOutcome]],
-        inputs: list[JobInput], progress: ProgressFn,
-    ) -> list[JobOutcome]:
-        try:
-            return handler(inputs, progress)
-        except torch.cuda.OutOfMemoryError:
-            if len(inputs) == 1:
-                return [JobOutcome.failed(inputs[0].job_id, EngineError(
-                    "the GPU ran out of memory for this job; try fewer frames or later"))]
-            torch.cuda.empty_cache()
-            log.warning("out of GPU memory with a batch of %d: splitting", len(inputs))
-        except Exception:
-            if len(inputs) == 1:
-                log.exception("job %s failed", inputs[0].job_id)
-                return [JobOutcome(inputs[0].job_id, error="something went wrong on our side "
-                                   "while working on this", error_code="internal")]
-            log.exception("a batch of %d failed: retrying its jobs apart", len(inputs))
-        half = len(inputs) // 2
-        return (self._split_on_failure(handler, inputs[:half], progress)
-                + self._split_on_failure(handler, inputs[half:], progress))
+        return split_on_failure(handler, list(inputs), progress)
 
     @staticmethod
     def _each(fn: Callable[[JobInput], JobOutcome]) -> Callable[[Sequence[JobInput], ProgressFn],

@@ -147,9 +147,15 @@ async def test_morph_edit_and_refusals(
     await service.handle(Selfie(origin=_origin("bob"), photo=_selfie_bytes(astronaut, 5)))
     await service.handle(Selfie(origin=_origin("cyd"), photo=b"this is not a photo"))
     assert "doesn't look like a photo" in inbox.replies[-1].text
+    gradient = io.BytesIO()
+    Image.linear_gradient("L").convert("RGB").save(gradient, format="PNG")  # an image, no face
+    await service.handle(Selfie(origin=_origin("dee"), photo=gradient.getvalue()))
     engine = _engine(path, tmp_path / "home")
     try:
-        await _wait_for(service, inbox, 2, timeout=180)
+        await _wait_for(service, inbox, 3, timeout=180)
+        no_face = [r for r in inbox.finals() if r.text.startswith("Sorry")]
+        assert len(no_face) == 1 and "face" in no_face[0].text.lower()
+        assert len([r for r in inbox.finals() if r.media]) == 2  # its batch mates were fine
         async with service.sessions.begin() as s:
             bob = await repo.find_user_by_username(s, platform="test", username="bob")
             assert bob is not None
@@ -163,7 +169,7 @@ async def test_morph_edit_and_refusals(
         await service.handle(Morph(origin=_origin("ann"), a=Target(me=True),
                                    b=Target(username="bob"), frames=4))
         await service.handle(Edit(origin=_origin("bob"), text="smiling face", method="optimize"))
-        await _wait_for(service, inbox, 4, timeout=240)
+        await _wait_for(service, inbox, 5, timeout=240)
     finally:
         engine.send_signal(signal.SIGTERM)
         engine.wait(timeout=60)

@@ -1,0 +1,163 @@
+"""Service policy against a real SQLite database (no engine needed): limits, consent, erasure."""
+
+from __future__ import annotations
+
+import io
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+
+import storage.repo as repo
+from bot.commands import Forget, Help, Morph, Origin, Reply, Selfie, SetPrivacy, ShowFaces, Target
+from bot.config import load_config
+from bot.service import Service
+from storage.db import make_engine, make_sessionmaker, upgrade
+from storage.media import MediaStore
+from storage.models import Face, Job, User
+from storage.queue import LocalQueue
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.replies: list[Reply] = []
+
+    async def deliver(self, reply: Reply) -> dict[str, int]:
+        self.replies.append(reply)
+        return {"message_id": len(self.replies)}
+
+    @property
+    def last(self) -> str:
+        return self.replies[-1].text
+
+
+@pytest.fixture
+async def svc(tmp_path: Path) -> AsyncIterator[tuple[Service, Inbox]]:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("[limits]\nper_user_open_jobs = 2\nper_user_per_minute = 4\n")
+    config = load_config(cfg, env={"STYLEBOT_HOME": str(tmp_path / "home")})
+    await upgrade(config.storage_url)
+    db = make_engine(config.storage_url)
+    sessions = make_sessionmaker(db)
+    inbox = Inbox()
+    yield Service(sessions=sessions, queue=LocalQueue(sessions), media=MediaStore(config.media_dir),
+                  config=config, deliver=inbox.deliver), inbox
+    await db.dispose()
+
+
+def _photo(seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), seed, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _origin(user: str, chat: str = "g1") -> Origin:
+    return Origin(platform="test", user_id=user, chat_id=chat, chat_kind="group", username=user,
+                  reply_to={"chat": chat})
+
+
+async def _count(service: Service, model: type) -> int:
+    async with service.sessions() as s:
+        return int((await s.execute(select(func.count()).select_from(model))).scalar_one())
+
+
+async def _give_face(service: Service, user: str, chat: str = "g1") -> None:
+    """Store a finished face for a user as the engine would (share it in the chat)."""
+    async with service.sessions.begin() as s:
+        u = await repo.get_or_create_user(s, platform="test", platform_user_id=user, username=user)
+        c = await repo.get_or_create_chat(s, platform="test", platform_chat_id=chat, kind="group")
+        await repo.add_member(s, chat_id=c.id, user_id=u.id)
+        key = service.media.put(_photo(hash(user) % 200), suffix=".png")
+        face = await repo.save_face(s, job_id=f"job-{user}", user_id=u.id, label="default",
+                                    model_id="m", latent=np.zeros((4, 8), np.float32),
+                                    aligned_key=key, photo_key=key, reconstruction_key=key,
+                                    alignment={}, quality={"psnr": 20.0})
+        await repo.share_face(s, face_id=face.id, chat_id=c.id)
+
+
+async def test_open_job_and_rate_limits_refuse_without_storing(svc: tuple[Service, Inbox]) -> None:
+    service, inbox = svc
+    await service.handle(Selfie(origin=_origin("ann"), photo=_photo(1)))
+    await service.handle(Selfie(origin=_origin("ann"), photo=_photo(2)))
+    assert await _count(service, Job) == 2
+    await service.handle(Selfie(origin=_origin("ann"), photo=_photo(3)))
+    assert "already have work in progress" in inbox.last and await _count(service, Job) == 2
+    await service.handle(Selfie(origin=_origin("ann"), photo=_photo(4)))  # 4th command this minute
+    await service.handle(Selfie(origin=_origin("ann"), photo=_photo(5)))  # 5th: over the limit of 4
+    assert "faster than I can keep up" in inbox.last and await _count(service, Job) == 2
+    await service.handle(Selfie(origin=_origin("bob"), photo=_photo(5)))  # others still served
+    assert await _count(service, Job) == 3
+
+
+async def test_bad_uploads_get_clear_replies(svc: tuple[Service, Inbox]) -> None:
+    service, inbox = svc
+    for data, needle in [(b"", "empty"), (b"hello", "doesn't look"),
+                         (b"\xff\xd8\xff" + b"0" * (21 * 1024 * 1024), "too large")]:
+        await service.handle(Selfie(origin=_origin("cyd"), photo=data))
+        assert needle in inbox.last
+    assert await _count(service, Job) == 0
+
+
+async def test_consent_matrix(svc: tuple[Service, Inbox]) -> None:
+    service, inbox = svc
+    ticks = itertools.count(step=61)  # a minute passes between commands: no rate limit here
+    service.clock = lambda: float(next(ticks))
+    await _give_face(service, "ann")
+    await _give_face(service, "bob")
+    await _give_face(service, "eve", chat="other")
+    morph = Morph(origin=_origin("ann"), a=Target(me=True), b=Target(username="bob"), frames=8)
+    await service.handle(morph)  # default policy "chat": bob shared in g1
+    assert "queue" in inbox.last
+    await service.handle(Morph(origin=_origin("ann"), a=Target(me=True), b=Target(username="eve")))
+    assert "hasn't allowed" in inbox.last  # eve shared only in another chat
+    await service.handle(SetPrivacy(origin=_origin("eve", chat="other"), policy="everyone"))
+    await service.handle(Morph(origin=_origin("ann"), a=Target(me=True), b=Target(username="@EVE")))
+    assert "queue" in inbox.last
+    await service.handle(SetPrivacy(origin=_origin("bob"), policy="nobody"))
+    jobs = await _count(service, Job)
+    await service.handle(morph)
+    assert "hasn't allowed" in inbox.last and await _count(service, Job) == jobs
+    await service.handle(Morph(origin=_origin("ann"), a=Target(me=True), b=Target(username="zed")))
+    assert "don't know @zed" in inbox.last
+    await service.handle(Morph(origin=_origin("ann"), a=Target(me=True), b=Target(me=True)))
+    assert "two different faces" in inbox.last
+
+
+async def test_forget_erases_rows_and_files_but_not_shared_files(svc: tuple[Service, Inbox]) -> None:
+    service, inbox = svc
+    await _give_face(service, "ann")
+    await _give_face(service, "bob")
+    await service.handle(Selfie(origin=_origin("ann"), photo=_photo(7)))
+    same_photo = _photo(9)
+    await service.handle(Selfie(origin=_origin("ann", chat="g2"), photo=same_photo))
+    await service.handle(Selfie(origin=_origin("bob"), photo=same_photo))  # bob sent the same file
+    files_before = set(service.media.keys())
+    await service.handle(Forget(origin=_origin("ann")))
+    assert "/forget yes" in inbox.last and await _count(service, User) == 2
+    await service.handle(Forget(origin=_origin("ann"), confirmed=True))
+    assert "erased everything" in inbox.last
+    async with service.sessions() as s:
+        assert await repo.find_user(s, platform="test", platform_user_id="ann") is None
+        left = (await s.execute(select(Job))).scalars().all()
+    assert all(j.user_id is not None for j in left) and len(left) == 1  # bob's job only
+    assert await _count(service, Face) == 1
+    remaining = set(service.media.keys())
+    assert remaining < files_before
+    assert service.media.exists(left[0].payload["photo_key"])  # bob's copy of the photo stays
+
+
+async def test_me_privacy_and_help(svc: tuple[Service, Inbox]) -> None:
+    service, inbox = svc
+    await service.handle(ShowFaces(origin=_origin("ann")))
+    assert "no saved faces" in inbox.last
+    await _give_face(service, "ann")
+    await service.handle(ShowFaces(origin=_origin("ann")))
+    assert "default" in inbox.last and len(inbox.replies[-1].media) == 1
+    await service.handle(SetPrivacy(origin=_origin("ann")))
+    assert "Privacy: chat" in inbox.last
+    await service.handle(Help(origin=_origin("ann")))
+    assert "/morph" in inbox.last and "/forget" in inbox.last

@@ -66,7 +66,7 @@ class Service:
         """Act on one command. User mistakes get a clear reply; nothing half-stored."""
         try:
             if isinstance(cmd, Help):
-                await self._say(cmd.origin, replies.HELP)
+                await self.say(cmd.origin, replies.HELP)
             elif isinstance(cmd, Selfie):
                 await self._selfie(cmd)
             elif isinstance(cmd, Morph | Mix):
@@ -80,9 +80,9 @@ class Service:
             elif isinstance(cmd, Forget):
                 await self._forget(cmd)
         except Refusal as refusal:
-            await self._say(cmd.origin, str(refusal))
+            await self.say(cmd.origin, str(refusal))
 
-    async def _say(self, origin: Origin, text: str) -> dict[str, Any] | None:
+    async def say(self, origin: Origin, text: str) -> dict[str, Any] | None:
         return await self.deliver(Reply(reply_to=origin.reply_to, text=text))
 
     async def _user_and_chat(self, s: AsyncSession, origin: Origin) -> tuple[User, int]:
@@ -127,7 +127,7 @@ class Service:
         await self.queue.notify(job.id)
         async with self.sessions() as s:
             position = await repo.queue_position(s, job_id=job.id)
-        ref = await self._say(origin, replies.queued(what, position))
+        ref = await self.say(origin, replies.queued(what, position))
         if ref is not None:
             async with self.sessions.begin() as s:
                 await repo.set_reply_ref(s, job_id=job.id, ref=ref)
@@ -217,11 +217,11 @@ class Service:
             if cmd.policy is not None:
                 await repo.set_privacy(s, user_id=me.id, policy=cmd.policy)
             policy = cmd.policy or me.privacy
-        await self._say(cmd.origin, replies.privacy_text(policy))
+        await self.say(cmd.origin, replies.privacy_text(policy))
 
     async def _forget(self, cmd: Forget) -> None:
         if not cmd.confirmed:
-            await self._say(cmd.origin, replies.FORGET_CONFIRM)
+            await self.say(cmd.origin, replies.FORGET_CONFIRM)
             return
         async with self.sessions.begin() as s:
             user = await repo.find_user(s, platform=cmd.origin.platform,
@@ -231,7 +231,7 @@ class Service:
             still_used = await repo.referenced_media_keys(s)
         for key in set(keys) - still_used:  # the same photo may be someone else's too
             self.media.delete(key)
-        await self._say(cmd.origin, replies.FORGOTTEN)
+        await self.say(cmd.origin, replies.FORGOTTEN)
 
     # --- completions -----------------------------------------------------------------------
 

@@ -1,0 +1,131 @@
+"""Chat text -> command dataclasses, the same on every platform (no torch, no platform code).
+
+Adapters hand in the message text, the photo bytes when there is one, and the person a message
+replies to; they get back a :class:`~bot.commands.Command` or a :class:`~bot.replies.Refusal`
+carrying the reply text.
+"""
+
+from __future__ import annotations
+
+import re
+
+from bot.commands import (
+    Command,
+    Edit,
+    Forget,
+    Help,
+    Mix,
+    Morph,
+    Origin,
+    Selfie,
+    SetPrivacy,
+    ShowFaces,
+    Target,
+)
+from bot.replies import Refusal
+
+__all__ = ["COMMANDS", "parse"]
+
+# name -> one-line description (the platforms' command menus use this too).
+COMMANDS: dict[str, str] = {
+    "start": "What I can do",
+    "help": "What I can do",
+    "selfie": "Save your face from a photo: /selfie [label]",
+    "edit": "Edit your face with words: /edit smiling face [strength]",
+    "morph": "Animate between two faces: /morph @me @friend [frames] [gif|mp4]",
+    "mix": "Style mixing: /mix @a @b coarse|middle|fine",
+    "me": "Your saved faces",
+    "privacy": "Who may use your face: /privacy everyone|chat|nobody",
+    "forget": "Erase everything about you",
+}
+
+_COMMAND = re.compile(r"^/(?P<name>[A-Za-z_]+)(?P<bang>!?)(?:@(?P<bot>\w+))?(?:\s+(?P<rest>.*))?$",
+                      re.DOTALL)
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+
+
+def _target(word: str, me_words: frozenset[str] = frozenset({"me", "@me", "myself"})) -> Target:
+    if word.lower() in me_words:
+        return Target(me=True)
+    if word.startswith("@") and len(word) > 1:
+        return Target(username=word[1:])
+    if word.startswith("<@") and word.endswith(">"):  # a Discord mention
+        return Target(user_id=word.strip("<@!>"))
+    raise Refusal(f"I expected @someone or @me, not {word[:40]!r}.")
+
+
+def _pair(words: list[str], reply_target: Target | None) -> tuple[Target, Target, list[str]]:
+    people = [w for w in words if w.startswith(("@", "<@")) or w.lower() in ("me", "myself")]
+    rest = [w for w in words if w not in people]
+    targets = [_target(w) for w in people]
+    if len(targets) == 1 and reply_target is not None:
+        targets.append(reply_target)
+    elif not targets and reply_target is not None:
+        targets = [Target(me=True), reply_target]
+    if len(targets) != 2:
+        raise Refusal("Name two people, e.g. /morph @me @friend (or reply to your friend's message).")
+    return targets[0], targets[1], rest
+
+
+def parse(
+    text: str, *, origin: Origin, photo: bytes | None = None, reply_target: Target | None = None,
+    bot_username: str | None = None,
+) -> Command | None:
+    """The command in a message, or None when the message is not for the bot.
+
+    A photo without a command is a selfie in a private chat (in groups it needs /selfie or a
+    mention, which the adapter decides). Raises Refusal with the text to reply for mistakes.
+    """
+    text = (text or "").strip()
+    m = _COMMAND.match(text)
+    if m is None:
+        if photo is not None and origin.chat_kind == "private":
+            return Selfie(origin=origin, photo=photo)
+        return None
+    if m["bot"] and bot_username and m["bot"].lower() != bot_username.lower():
+        return None  # addressed to another bot in the group
+    name, rest = m["name"].lower(), (m["rest"] or "").strip()
+    words = rest.split()
+    if name in ("start", "help"):
+        return Help(origin=origin)
+    if name == "selfie":
+        if photo is None:
+            raise Refusal("Send /selfie as the caption of a photo, or as a reply to a photo.")
+        return Selfie(origin=origin, photo=photo, label=words[0] if words else "default")
+    if name == "edit":
+        strength = None
+        if len(words) > 1 and _NUMBER.match(words[-1]):
+            strength = float(words[-1])
+            if not -10 <= strength <= 10:
+                raise Refusal("The strength is a number between -10 and 10.")
+            words = words[:-1]
+        return Edit(origin=origin, text=" ".join(words), strength=strength,
+                    method="optimize" if m["bang"] else "global")
+    if name == "morph":
+        a, b, extra = _pair(words, reply_target)
+        frames, fmt = 32, "mp4"
+        for word in extra:
+            if word.isdigit():
+                frames = int(word)
+            elif word.lower() in ("gif", "mp4"):
+                fmt = word.lower()
+            else:
+                raise Refusal(f"I didn't understand {word[:40]!r}. Try /morph @me @friend 32 mp4")
+        return Morph(origin=origin, a=a, b=b, frames=frames, fmt=fmt)  # type: ignore[arg-type]
+    if name == "mix":
+        a, b, extra = _pair(words, reply_target)
+        layers = (extra[0].lower() if extra else "coarse")
+        if layers not in ("coarse", "middle", "fine") or len(extra) > 1:
+            raise Refusal("Say which styles to mix: /mix @a @b coarse|middle|fine")
+        return Mix(origin=origin, a=a, b=b, layers=layers)  # type: ignore[arg-type]
+    if name == "me":
+        return ShowFaces(origin=origin)
+    if name == "forget":
+        return Forget(origin=origin, confirmed=rest.lower() in ("yes", "y", "confirm"))
+    if name == "privacy":
+        if not words:
+            return SetPrivacy(origin=origin)
+        if words[0].lower() not in ("everyone", "chat", "nobody"):
+            raise Refusal("Privacy is one of: everyone, chat, nobody.")
+        return SetPrivacy(origin=origin, policy=words[0].lower())  # type: ignore[arg-type]
+    raise Refusal(f"I don't know /{name[:32]}. Send /help for what I can do.")

@@ -13,9 +13,9 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bot.commands import Reply
 from bot.config import Config
@@ -28,9 +28,31 @@ __all__ = ["Adapter", "engine_command", "run"]
 
 log = logging.getLogger("stylebot")
 
-# An adapter runs until ``stop`` is set, feeding commands to ``service.handle``; it is built
-# with access to the service so it can register its ``deliver``.
-Adapter = Callable[[Service, asyncio.Event], Coroutine[Any, Any, None]]
+class Adapter(Protocol):
+    """A chat platform: feeds commands to the service, sends the service's replies.
+
+    Every ``reply_to`` an adapter puts in an Origin carries ``"platform": adapter.platform``,
+    so replies find their way back to the adapter that took the command."""
+
+    platform: str
+
+    async def run(self, service: Service, stop: asyncio.Event) -> None:
+        """Receive updates until ``stop`` is set."""
+
+    async def deliver(self, reply: Reply) -> dict[str, Any] | None:
+        """Send (or edit, with ``reply.edit_of``) a message; return a reference to it."""
+
+
+def _router(adapters: Sequence[Adapter]) -> Deliver:
+    by_platform = {a.platform: a for a in adapters}
+
+    async def deliver(reply: Reply) -> dict[str, Any] | None:
+        adapter = by_platform.get(str(reply.reply_to.get("platform")))
+        if adapter is None:
+            return await _log_only(reply)
+        return await adapter.deliver(reply)
+
+    return deliver
 
 
 def engine_command(config_path: Path | None) -> list[str]:
@@ -47,8 +69,7 @@ async def _log_only(reply: Reply) -> dict[str, str] | None:
 
 
 async def run(config: Config, *, config_path: Path | None = None,
-              adapters: tuple[Adapter, ...] = (), deliver: Deliver | None = None,
-              stop: asyncio.Event | None = None) -> None:
+              adapters: Sequence[Adapter] = (), stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -63,11 +84,11 @@ async def run(config: Config, *, config_path: Path | None = None,
         sessions = make_sessionmaker(db)
         service = Service(sessions=sessions, queue=LocalQueue(sessions),
                           media=MediaStore(config.media_dir), config=config,
-                          deliver=deliver or _log_only)
+                          deliver=_router(adapters))
         if not adapters:
             log.warning("no chat adapter is configured yet: jobs are processed, replies are logged")
         tasks = [asyncio.create_task(service.run(stop))]
-        tasks += [asyncio.create_task(adapter(service, stop)) for adapter in adapters]
+        tasks += [asyncio.create_task(adapter.run(service, stop)) for adapter in adapters]
         if child is not None:
             tasks.append(asyncio.create_task(_watch_engine(child, stop)))
         await stop.wait()

@@ -38,8 +38,8 @@ def _pixels(path: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def astronaut_jpg(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("photos") / "astronaut_jpg.jpg"
-    Image.fromarray(data.astronaut_jpg()).save(path, quality=95)
+    path = tmp_path_factory.mktemp("photos") / "astronaut.jpg"
+    Image.fromarray(data.astronaut()).save(path, quality=95)
     return path
 
 

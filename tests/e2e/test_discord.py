@@ -1,0 +1,261 @@
+"""Discord end to end: the real discord.py client (through the adapter) against a local fake Discord,
+the real service, and a real engine process on the demo model."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+import skimage.data
+from PIL import Image
+
+from bot.commands import Media, Reply
+from bot.config import load_config
+from bot.service import Service
+from storage.db import make_engine, make_sessionmaker, upgrade
+from storage.media import MediaStore
+from storage.queue import LocalQueue
+
+from .fake_discord import APP_ID, BOT_ID, CHANNEL_ID, FakeDiscord
+
+with warnings.catch_warnings():  # discord.py imports audioop (voice), deprecated since Python 3.11
+    warnings.filterwarnings("ignore", "'audioop' is deprecated", DeprecationWarning)
+    from bot.discord_adapter import DiscordAdapter
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+TOKEN = "MTIzNDU2.fake-discord-bot-token.SECRET"
+ANN, BOB, CYD, DEE = (f"80000000000000000{i}" for i in range(1, 5))
+
+CONFIG = """
+[engine]
+model = "demo"
+device = "cpu"
+batch_size = 4
+batch_wait_ms = 200
+invert_steps = 20
+edit_steps = 5
+clip = "demo"
+
+[discord]
+api_base = "{api}"
+gateway_url = "{gateway}"
+max_upload_mb = 8
+
+[web]
+enabled = false
+"""
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@dataclass
+class World:
+    fake: FakeDiscord
+    adapter: DiscordAdapter
+    logs: _Records
+
+
+def _jpeg(shift: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).rotate(shift).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+    tmp = tmp_path_factory.mktemp("discord")
+    fake = FakeDiscord(TOKEN)
+    await fake.start()
+    for uid, name in ((ANN, "ann"), (BOB, "bob"), (CYD, "cyd")):
+        fake.add_user(uid, name)
+    path = tmp / "config.toml"
+    path.write_text(CONFIG.format(api=fake.api_base, gateway=fake.gateway_url))
+    home = tmp / "home"
+    config = load_config(path, env={"STYLEBOT_HOME": str(home), "DISCORD_BOT_TOKEN": TOKEN})
+    logs = _Records()
+    loggers = [logging.getLogger(name) for name in ("discord", "stylebot", "aiohttp")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:  # everything discord.py and the bot log, to check for the token
+        lg.addHandler(logs)
+        lg.setLevel(logging.DEBUG)
+    await upgrade(config.storage_url)
+    db = make_engine(config.storage_url)
+    sessions = make_sessionmaker(db)
+    adapter = DiscordAdapter(config)
+    service = Service(sessions=sessions, queue=LocalQueue(sessions), media=MediaStore(config.media_dir),
+                      config=config, deliver=adapter.deliver)
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "bot", "engine", "--config", str(path), "--worker-id", "discord-e2e"],
+        env={**os.environ, "STYLEBOT_HOME": str(home), "PYTHONWARNINGS": "ignore"})
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(adapter.run(service, stop)), asyncio.create_task(service.run(stop))]
+    try:
+        ready = asyncio.create_task(adapter.ready.wait())
+        await asyncio.wait({ready, tasks[0]}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if tasks[0].done():
+            tasks[0].result()  # the adapter stopped: show why
+        assert adapter.ready.is_set(), "the bot did not connect to the fake gateway"
+        yield World(fake, adapter, logs)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        engine.send_signal(signal.SIGTERM)
+        engine.wait(timeout=60)
+        await db.dispose()
+        await fake.stop()
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(logs)
+            lg.setLevel(level)
+
+
+async def test_connects_and_registers_slash_commands(world: World) -> None:
+    fake = world.fake
+    assert fake.identify is not None and fake.identify["token"] == TOKEN
+    intents = fake.identify["intents"]
+    assert intents & (1 << 15) and intents & (1 << 9) and intents & (1 << 12)  # content, guild msgs, DMs
+    assert fake.gateway_query.get("encoding") == "json"
+    names = {c["name"] for c in fake.commands}
+    assert names == {"selfie", "morph", "edit", "mix", "me", "privacy", "forget", "help"}
+    selfie = next(c for c in fake.commands if c["name"] == "selfie")
+    photo = next(o for o in selfie["options"] if o["name"] == "photo")
+    assert photo["type"] == 11 and photo["required"] is True  # an ATTACHMENT option
+    morph = next(c for c in fake.commands if c["name"] == "morph")
+    assert [o["type"] for o in morph["options"][:2]] == [6, 6]  # two USER options
+
+
+async def _slash_selfie(fake: FakeDiscord, user: str, data: bytes, name: str) -> str:
+    att = fake.add_file(name, data, "image/jpeg")
+    return await fake.slash(user, "selfie", [{"name": "photo", "type": 11, "value": att["id"]}],
+                            attachments=[att])
+
+
+def _final(fake: FakeDiscord, token: str) -> bool:
+    return any(m.filenames or m.text.startswith("Sorry") for m in fake.for_token(token))
+
+
+async def test_slash_selfies_then_morph_with_user_options(world: World) -> None:
+    fake = world.fake
+    ann = await _slash_selfie(fake, ANN, _jpeg(0), "ann.jpg")
+    bob = await _slash_selfie(fake, BOB, _jpeg(5), "bob.jpg")
+    await fake.wait_for(lambda: len(fake.callbacks) >= 2, timeout=10)
+    assert {c["type"] for c in fake.callbacks if c["token"] in (ann, bob)} == {5}  # deferred at once
+    await fake.wait_for(lambda: _final(fake, ann) and _final(fake, bob), timeout=120)
+    for token in (ann, bob):
+        [msg] = fake.for_token(token)  # the followup, edited from "queued" into the result
+        assert msg.via == "webhook" and "queue" in (msg.first or "")
+        assert "Saved as your face" in msg.text and "not a face model" in msg.text
+        assert len(msg.filenames) == 1 and msg.filenames[0].endswith(".png")
+        assert msg.files[0][1].startswith(b"\x89PNG")
+        assert msg.allowed_mentions == {"parse": []}
+
+    token = await fake.slash(ANN, "morph", [{"name": "a", "type": 6, "value": ANN},
+                                            {"name": "b", "type": 6, "value": BOB},
+                                            {"name": "frames", "type": 4, "value": 4}], users=[ANN, BOB])
+    await fake.wait_for(lambda: _final(fake, token), timeout=120)
+    [msg] = fake.for_token(token)
+    assert msg.filenames and msg.filenames[0].endswith(".mp4") and msg.text.startswith("Morph, ")
+    assert b"ftyp" in msg.files[0][1][:16]
+
+    # Bob says nobody may use his face: Ann's morph is refused politely, no video.
+    token = await fake.slash(BOB, "privacy", [{"name": "policy", "type": 3, "value": "nobody"}])
+    await fake.wait_for(lambda: any("Privacy: nobody" in m.text for m in fake.for_token(token)), timeout=10)
+    token = await fake.slash(ANN, "morph", [{"name": "a", "type": 6, "value": ANN},
+                                            {"name": "b", "type": 6, "value": BOB}], users=[ANN, BOB])
+    await fake.wait_for(lambda: bool(fake.for_token(token)), timeout=10)
+    await asyncio.sleep(0.5)
+    [msg] = fake.for_token(token)
+    assert msg.text == "Sorry, @bob hasn't allowed their face to be used here." and not msg.filenames
+
+
+async def test_dm_photo_and_a_photo_with_a_mention_are_selfies(world: World) -> None:
+    fake = world.fake
+    fake.add_user(DEE, "dee")
+    att = fake.add_file("cyd.jpg", _jpeg(10), "image/jpeg")
+    channel = await fake.message(CYD, "", dm=True, attachments=[att])
+    before = len(fake.in_channel(CHANNEL_ID))
+    att = fake.add_file("dee.jpg", _jpeg(15), "image/jpeg")
+    await fake.message(DEE, f"<@{BOT_ID}> here I am", attachments=[att], mentions=[BOT_ID])
+    await fake.wait_for(lambda: any(m.filenames for m in fake.in_channel(channel))
+                        and any(m.filenames for m in fake.in_channel(CHANNEL_ID)[before:]), timeout=120)
+    [dm] = fake.in_channel(channel)
+    [guild] = fake.in_channel(CHANNEL_ID)[before:]
+    for msg in (dm, guild):
+        assert msg.via == "channel" and "Saved as your face" in msg.text and "not a face model" in msg.text
+        assert msg.reference is not None and msg.allowed_mentions == {"parse": []}
+
+
+async def test_mention_prefix_command_in_the_guild(world: World) -> None:
+    fake = world.fake
+    before = len(fake.in_channel(CHANNEL_ID))
+    await fake.message(BOB, f"<@{BOT_ID}> /privacy nobody", mentions=[BOT_ID])
+    await fake.wait_for(lambda: len(fake.in_channel(CHANNEL_ID)) > before, timeout=10)
+    assert fake.in_channel(CHANNEL_ID)[-1].text.startswith("Privacy: nobody")
+    before += 1
+    await fake.message(CYD, f"<@{BOT_ID}> /morph @me <@{BOB}>", mentions=[BOT_ID, BOB])
+    await fake.wait_for(lambda: len(fake.in_channel(CHANNEL_ID)) > before, timeout=10)
+    msg = fake.in_channel(CHANNEL_ID)[-1]
+    assert msg.via == "channel" and msg.text == "Sorry, @bob hasn't allowed their face to be used here."
+    # Without a mention the bot stays quiet in the server.
+    await fake.message(CYD, "/help")
+    await asyncio.sleep(0.5)
+    assert len(fake.in_channel(CHANNEL_ID)) == before + 1
+
+
+async def test_not_an_image_and_too_big(world: World) -> None:
+    fake = world.fake
+    pdf = fake.add_file("cv.pdf", b"%PDF-1.4 not a photo", "application/pdf")
+    token = await fake.slash(CYD, "selfie", [{"name": "photo", "type": 11, "value": pdf["id"]}],
+                             attachments=[pdf])
+    await fake.wait_for(lambda: bool(fake.for_token(token)), timeout=10)
+    assert "doesn't look like a photo" in fake.for_token(token)[0].text
+    big = fake.add_file("huge.jpg", b"\xff\xd8\xff" + b"\0" * (9 * 1024 * 1024), "image/jpeg")
+    channel = await fake.message(CYD, "", dm=True, attachments=[big])
+    await fake.wait_for(lambda: any("too large" in m.text for m in fake.in_channel(channel)), timeout=10)
+
+
+async def test_long_job_past_the_interaction_window_posts_to_the_channel(
+    world: World, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    fake, adapter = world.fake, world.adapter
+    hook = {"application_id": APP_ID, "token": "interaction-token-late", "expires_at": time.time() + 600}
+    reply_to = {"platform": "discord", "channel_id": CHANNEL_ID, "interaction": hook}
+    ref = await adapter.deliver(Reply(reply_to=reply_to, text="Got it. The morph is next in the queue."))
+    assert ref is not None and fake.for_token("interaction-token-late")
+    picture = tmp_path_factory.mktemp("late") / "result.png"
+    Image.new("RGB", (8, 8)).save(picture)
+    expired = {**hook, "expires_at": time.time() - 1}  # 15 minutes later: the token is dead
+    before = len(fake.messages)
+    await adapter.deliver(Reply(reply_to={**reply_to, "interaction": expired}, text="Done @everyone",
+                                media=(Media(picture, "photo", "Done"),),
+                                edit_of={**ref, "interaction": expired}))
+    [late] = fake.messages[before:]
+    assert late.via == "channel" and late.channel_id == CHANNEL_ID and late.filenames == ["stylebot.png"]
+    assert late.allowed_mentions == {"parse": []}  # "@everyone" in the text pings nobody
+    assert not fake.for_token("interaction-token-late")[0].edits
+
+
+async def test_token_never_logged(world: World) -> None:
+    assert world.logs.lines, "nothing was captured"
+    assert any("discord" in line.lower() for line in world.logs.lines)
+    assert not [line for line in world.logs.lines if TOKEN in line]
+    assert not world.fake.unauthorized

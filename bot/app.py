@@ -24,7 +24,7 @@ from storage.db import make_engine, make_sessionmaker, upgrade
 from storage.media import MediaStore
 from storage.queue import LocalQueue
 
-__all__ = ["Adapter", "engine_command", "run"]
+__all__ = ["Adapter", "configured_adapters", "engine_command", "run"]
 
 log = logging.getLogger("stylebot")
 
@@ -41,6 +41,20 @@ class Adapter(Protocol):
 
     async def deliver(self, reply: Reply) -> dict[str, Any] | None:
         """Send (or edit, with ``reply.edit_of``) a message; return a reference to it."""
+
+
+def configured_adapters(config: Config) -> list[Adapter]:
+    """The chat platforms whose tokens are configured (imported only when used)."""
+    adapters: list[Adapter] = []
+    if config.telegram_enabled:
+        from bot.telegram_adapter import TelegramAdapter
+
+        adapters.append(TelegramAdapter(config))
+    if config.discord_enabled:
+        from bot.discord_adapter import DiscordAdapter
+
+        adapters.append(DiscordAdapter(config))
+    return adapters
 
 
 def _router(adapters: Sequence[Adapter]) -> Deliver:

@@ -121,9 +121,10 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.bot.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "run":
+        from bot.app import configured_adapters
         from bot.app import run as run_bot
 
-        asyncio.run(run_bot(config, config_path=config_path))
+        asyncio.run(run_bot(config, config_path=config_path, adapters=configured_adapters(config)))
         return 0
     from engine.worker import serve  # the engine process: imports torch
 

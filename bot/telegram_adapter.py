@@ -1,0 +1,303 @@
+"""Telegram: python-telegram-bot updates in, :mod:`bot.parse` commands out; replies back as messages.
+
+The adapter only translates. It long-polls ``getUpdates`` (``[telegram] base_url`` may point at a
+local Bot API server), turns each message into ``parse(...)`` (text commands, photos and image
+documents, captions, commands sent as a reply to someone's message) and hands the command to the
+service. Replies are sent as plain text (no ``parse_mode``: user text can never inject markup), as a
+reply to the user's message; a reply with ``edit_of`` edits the progress message in place.
+
+Group privacy: in groups only commands, mentions of the bot and replies to it reach the bot (Telegram
+filters the rest when privacy mode is on; the adapter applies the same rule when it is off), and a
+plain photo without ``/selfie`` is ignored.
+
+The bot token is never logged: a filter redacts it from the HTTP client's and PTB's log records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+from telegram import (
+    BotCommand,
+    InputFile,
+    InputMediaPhoto,
+    Message,
+    ReplyParameters,
+    Update,
+)
+from telegram.error import BadRequest, Forbidden, TelegramError
+from telegram.ext import AIORateLimiter, Application, ContextTypes, MessageHandler, filters
+
+from bot.commands import Media, Origin, Reply, Target
+from bot.config import Config
+from bot.parse import COMMANDS, parse
+from bot.replies import Refusal
+from bot.service import Service
+
+__all__ = ["TelegramAdapter"]
+
+log = logging.getLogger("stylebot.telegram")
+
+_MB = 1024 * 1024
+_TEXT_MAX = 4096  # Telegram's limits, in characters
+_CAPTION_MAX = 1024
+_LOGGERS = ("httpx", "httpcore", "telegram", "telegram.ext", "telegram.Bot", "telegram.ext.Updater",
+            "telegram.ext.Application", "telegram.ext.ExtBot", "telegram.request")
+
+NOT_A_PHOTO = "That file isn't a photo I can read. Please send a JPEG or PNG photo."
+
+
+class _Redact(logging.Filter):
+    """Takes the token out of log records (httpx logs request URLs, which carry it, %-quoted or not)."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        secret = token.partition(":")[2]  # "<bot id>:<secret>": the bot id alone is public
+        self.secrets = [s for s in (token, quote(token, safe=""), secret) if len(s) >= 8]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed record: leave it to the handler
+            return True
+        for secret in self.secrets:
+            text = text.replace(secret, "<token>")
+        # Freeze the text: PTB logs dicts it later fills in (file paths become URLs with the token).
+        record.msg, record.args = text, None
+        return True
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class TelegramAdapter:
+    """A Telegram bot (the :class:`bot.app.Adapter` protocol)."""
+
+    platform = "telegram"
+
+    def __init__(self, config: Config, *, poll_timeout: int = 10) -> None:
+        tg = config.telegram
+        self._max_photo = tg.max_photo_mb * _MB
+        self._max_download = tg.max_download_mb * _MB
+        self._poll_timeout = poll_timeout
+        self._redact = _Redact(config.telegram_token)
+        self.app = (
+            Application.builder()
+            .token(config.telegram_token)
+            .base_url(tg.base_url)
+            .base_file_url(tg.base_file_url)
+            .rate_limiter(AIORateLimiter())
+            .build()
+        )
+        self._service: Service | None = None
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    async def run(self, service: Service, stop: asyncio.Event) -> None:
+        """Poll for updates until ``stop`` is set, then stop polling and close the HTTP client."""
+        self._service = service
+        for name in _LOGGERS:
+            logging.getLogger(name).addFilter(self._redact)
+        self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
+        self.app.add_error_handler(self._on_error)
+        try:
+            async with self.app:  # initialize (getMe) ... shutdown
+                await self.app.bot.set_my_commands(
+                    [BotCommand(name, _clip(text, 256)) for name, text in COMMANDS.items()])
+                updater = self.app.updater
+                assert updater is not None  # the builder makes one
+                await updater.start_polling(timeout=self._poll_timeout, allowed_updates=["message"],
+                                            error_callback=self._on_poll_error)
+                await self.app.start()
+                log.info("telegram: polling as @%s", self.app.bot.username)
+                try:
+                    await stop.wait()
+                finally:
+                    if updater.running:
+                        await updater.stop()
+                    if self.app.running:
+                        await self.app.stop()
+        finally:
+            for name in _LOGGERS:
+                logging.getLogger(name).removeFilter(self._redact)
+
+    def _on_poll_error(self, exc: TelegramError) -> None:
+        log.warning("telegram: polling failed (%s); retrying", type(exc).__name__)
+
+    async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        update_id = update.update_id if isinstance(update, Update) else None
+        err = context.error
+        log.error("telegram: update %s failed: %s", update_id, type(err).__name__ if err else "error",
+                  exc_info=err)
+
+    async def _on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.message
+        if message is None or message.from_user is None or self._service is None:
+            return
+        if message.from_user.is_bot:
+            return
+        await self._handle(message, self._service)
+
+    def _origin(self, message: Message) -> Origin:
+        user, chat = message.from_user, message.chat
+        assert user is not None
+        return Origin(
+            platform=self.platform, user_id=str(user.id), chat_id=str(chat.id),
+            chat_kind="private" if chat.type == "private" else "group",
+            username=user.username, display_name=user.full_name or None, chat_title=chat.title,
+            reply_to={"platform": self.platform, "chat_id": chat.id, "message_id": message.message_id},
+        )
+
+    def _command_text(self, message: Message, private: bool) -> str | None:
+        """The text to parse, with a leading mention of the bot taken off; None: not for the bot."""
+        text = (message.text or message.caption or "").strip()
+        username = self.app.bot.username
+        mention = f"@{username}".lower() if username else None
+        mentioned = False
+        if mention and text.lower().startswith(mention):
+            text, mentioned = text[len(mention):].strip(), True
+        if private or text.startswith("/"):
+            return text
+        replied = message.reply_to_message
+        to_bot = (replied is not None and replied.from_user is not None
+                  and replied.from_user.id == self.app.bot.id)
+        if mentioned or to_bot:
+            # A photo that mentions the bot in a group is a selfie, as /selfie would be.
+            return "/selfie" if (message.photo or message.document) and not text else text
+        return None
+
+    async def _handle(self, message: Message, service: Service) -> None:
+        origin = self._origin(message)
+        private = origin.chat_kind == "private"
+        text = self._command_text(message, private)
+        if text is None:
+            return  # group chatter that isn't for the bot
+        try:
+            word = text.split(maxsplit=1)[0].split("@")[0].lower() if text.startswith("/") else ""
+            replied = message.reply_to_message
+            source: Message | None = None
+            if word == "/selfie":
+                source = message if (message.photo or message.document) else replied
+            elif not word and private:
+                source = message
+            photo = await self._photo(source) if source is not None else None
+            if not word and private and photo is None and source is not None and source.document:
+                raise Refusal(NOT_A_PHOTO)
+            reply_target = None
+            if replied is not None and replied.from_user is not None \
+                    and replied.from_user.id != self.app.bot.id and word != "/selfie":
+                reply_target = Target(user_id=str(replied.from_user.id))
+            cmd = parse(text, origin=origin, photo=photo, reply_target=reply_target,
+                        bot_username=self.app.bot.username)
+        except Refusal as refusal:
+            await service.say(origin, str(refusal))
+            return
+        if cmd is not None:
+            await service.handle(cmd)
+
+    async def _photo(self, message: Message) -> bytes | None:
+        """The bytes of a message's photo (largest size) or image document; None when it has none.
+
+        Raises Refusal for files too large to take or documents that aren't images."""
+        if message.photo:
+            best = max(message.photo, key=lambda p: (p.width * p.height, p.file_size or 0))
+            file_id, size = best.file_id, best.file_size
+        elif message.document is not None:
+            doc = message.document
+            if not (doc.mime_type or "").lower().startswith("image/"):
+                raise Refusal(NOT_A_PHOTO)
+            file_id, size = doc.file_id, doc.file_size
+        else:
+            return None
+        self._check_size(size)
+        tg_file = await self.app.bot.get_file(file_id)
+        self._check_size(tg_file.file_size)
+        data = bytes(await tg_file.download_as_bytearray())
+        self._check_size(len(data))
+        return data
+
+    def _check_size(self, size: int | None) -> None:
+        if size is None:
+            return
+        if size > self._max_download:
+            raise Refusal(f"That file is too large for me to download (over {self._max_download // _MB} MB).")
+        if size > self._max_photo:
+            raise Refusal(f"That photo is too large (over {self._max_photo // _MB} MB). "
+                          "Please send a smaller one.")
+
+    # --- sending -----------------------------------------------------------------------------
+
+    async def deliver(self, reply: Reply) -> dict[str, Any] | None:
+        """Send (or edit) one reply. Network errors propagate: the service retries later."""
+        chat_id = reply.reply_to["chat_id"]
+        # When the progress message is gone, the text goes out as a new message.
+        if (reply.edit_of is not None and not reply.media
+                and await self._edit(reply.edit_of, chat_id, reply.text)):
+            return dict(reply.edit_of)
+        params = self._reply_params(reply)
+        if reply.media:
+            sent = await self._send_media(chat_id, reply.media, reply.text, params)
+            if reply.edit_of is not None:
+                await self._edit(reply.edit_of, chat_id, "Done.")
+            return {"chat_id": chat_id, "message_id": sent[0].message_id}
+        message = await self.app.bot.send_message(chat_id, _clip(reply.text or "…", _TEXT_MAX),
+                                                  reply_parameters=params)
+        return {"chat_id": chat_id, "message_id": message.message_id}
+
+    @staticmethod
+    def _reply_params(reply: Reply) -> ReplyParameters | None:
+        message_id = reply.reply_to.get("message_id")
+        if message_id is None:
+            return None
+        return ReplyParameters(message_id=int(message_id), allow_sending_without_reply=True)
+
+    async def _edit(self, ref: dict[str, Any], chat_id: int, text: str) -> bool:
+        """Edit a text message; False when it cannot be edited any more (deleted, too old)."""
+        try:
+            await self.app.bot.edit_message_text(_clip(text or "…", _TEXT_MAX),
+                                                 chat_id=ref.get("chat_id", chat_id),
+                                                 message_id=int(ref["message_id"]))
+        except BadRequest as exc:
+            if "not modified" in str(exc).lower():
+                return True
+            log.info("telegram: could not edit message %s: %s", ref.get("message_id"), exc)
+            return False
+        except Forbidden:
+            return False
+        return True
+
+    async def _send_media(self, chat_id: int, media: Sequence[Media], text: str,
+                          params: ReplyParameters | None) -> list[Message]:
+        bot = self.app.bot
+        if len(media) > 1 and all(m.kind == "photo" for m in media):
+            group = [InputMediaPhoto(_file(m, attach=True),
+                                     caption=_clip(m.caption or "", _CAPTION_MAX) or None)
+                     for m in media[:10]]
+            return list(await bot.send_media_group(chat_id, group, reply_parameters=params))
+        sent = []
+        for i, m in enumerate(media):
+            caption = _clip(m.caption or (text if i == 0 else ""), _CAPTION_MAX) or None
+            p = params if i == 0 else None
+            if m.kind == "photo":
+                sent.append(await bot.send_photo(chat_id, _file(m), caption=caption, reply_parameters=p))
+            elif m.kind == "video":
+                sent.append(await bot.send_video(chat_id, _file(m), caption=caption, reply_parameters=p,
+                                                 supports_streaming=True))
+            elif m.kind == "animation":
+                sent.append(await bot.send_animation(chat_id, _file(m), caption=caption,
+                                                     reply_parameters=p))
+            else:
+                sent.append(await bot.send_document(chat_id, _file(m), caption=caption,
+                                                    reply_parameters=p))
+        return sent
+
+
+def _file(media: Media, *, attach: bool = False) -> InputFile:
+    """The upload; ``attach``: a part of its own, named in an album's JSON (``attach://...``)."""
+    return InputFile(media.path.read_bytes(), filename=media.path.name, attach=attach)
+

@@ -1,0 +1,336 @@
+"""A local fake of the Telegram Bot API, enough for python-telegram-bot's real client.
+
+An aiohttp server on 127.0.0.1 (a free port): ``POST /bot<token>/<method>`` for the methods the bot
+uses, ``GET /file/bot<token>/<path>`` for downloads. Tests inject updates (users sending texts,
+photos, documents) and assert on the recorded calls (method, parameters, uploaded files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+__all__ = ["BOT", "Call", "FakeChat", "FakeTelegram", "FakeUser"]
+
+
+@dataclass(frozen=True)
+class FakeUser:
+    id: int
+    first_name: str
+    username: str | None = None
+    is_bot: bool = False
+
+    def json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "is_bot": self.is_bot, "first_name": self.first_name}
+        if self.username:
+            out["username"] = self.username
+        return out
+
+
+@dataclass(frozen=True)
+class FakeChat:
+    id: int
+    type: str = "private"  # private | group | supergroup
+    title: str | None = None
+
+    def json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "type": self.type}
+        if self.title:
+            out["title"] = self.title
+        return out
+
+
+BOT = FakeUser(id=7000001, first_name="StyleBot", username="stylebot_test_bot", is_bot=True)
+
+
+@dataclass
+class Call:
+    method: str
+    params: dict[str, Any]
+    files: dict[str, bytes] = field(default_factory=dict)
+    result: Any = None
+
+
+def _decode(value: str) -> Any:
+    if value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+class FakeTelegram:
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.calls: list[Call] = []
+        self.files: dict[str, bytes] = {}  # file_id -> bytes (what getFile / download serve)
+        self.messages: dict[tuple[int, int], dict[str, Any]] = {}  # (chat, id) -> message JSON
+        self._updates: list[dict[str, Any]] = []
+        self._new = asyncio.Condition()
+        self._ids = itertools.count(1)
+        self._update_ids = itertools.count(100)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/bot{token}/{method}", self._api)
+        app.router.add_get("/file/bot{token}/{path:.+}", self._download)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        async with self._new:
+            self._new.notify_all()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/bot"
+
+    @property
+    def base_file_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/file/bot"
+
+    # --- what users do -------------------------------------------------------------------------
+
+    def _message(self, user: FakeUser, chat: FakeChat, **fields: Any) -> dict[str, Any]:
+        msg = {"message_id": next(self._ids), "date": int(time.time()), "chat": chat.json(),
+               "from": user.json(), **fields}
+        self.messages[(chat.id, msg["message_id"])] = msg
+        return msg
+
+    async def _push(self, message: dict[str, Any]) -> dict[str, Any]:
+        async with self._new:
+            self._updates.append({"update_id": next(self._update_ids), "message": message})
+            self._new.notify_all()
+        return message
+
+    def _reply(self, chat: FakeChat, reply_to: int | None) -> dict[str, Any]:
+        if reply_to is None:
+            return {}
+        return {"reply_to_message": self.messages[(chat.id, reply_to)]}
+
+    async def send_text(self, user: FakeUser, chat: FakeChat, text: str,
+                        reply_to: int | None = None) -> dict[str, Any]:
+        fields: dict[str, Any] = {"text": text, **self._reply(chat, reply_to)}
+        if text.startswith("/"):
+            length = len(text.split()[0])
+            fields["entities"] = [{"type": "bot_command", "offset": 0, "length": length}]
+        return await self._push(self._message(user, chat, **fields))
+
+    def add_file(self, data: bytes) -> str:
+        file_id = f"file-{next(self._ids)}"
+        self.files[file_id] = data
+        return file_id
+
+    async def send_photo(self, user: FakeUser, chat: FakeChat, jpeg: bytes, caption: str | None = None,
+                         reply_to: int | None = None) -> dict[str, Any]:
+        thumb = self.add_file(b"not the big one")  # the small size Telegram always adds
+        big = self.add_file(jpeg)
+        sizes = [{"file_id": thumb, "file_unique_id": thumb + "u", "width": 90, "height": 90,
+                  "file_size": 15},
+                 {"file_id": big, "file_unique_id": big + "u", "width": 512, "height": 512,
+                  "file_size": len(jpeg)}]
+        fields: dict[str, Any] = {"photo": sizes, **self._reply(chat, reply_to)}
+        if caption:
+            fields["caption"] = caption
+        return await self._push(self._message(user, chat, **fields))
+
+    async def send_document(self, user: FakeUser, chat: FakeChat, data: bytes, *, file_name: str,
+                            mime_type: str, caption: str | None = None,
+                            file_size: int | None = None) -> dict[str, Any]:
+        file_id = self.add_file(data)
+        doc = {"file_id": file_id, "file_unique_id": file_id + "u", "file_name": file_name,
+               "mime_type": mime_type, "file_size": len(data) if file_size is None else file_size}
+        fields: dict[str, Any] = {"document": doc}
+        if caption:
+            fields["caption"] = caption
+        return await self._push(self._message(user, chat, **fields))
+
+    # --- what tests check ------------------------------------------------------------------------
+
+    def called(self, method: str) -> list[Call]:
+        return [c for c in self.calls if c.method == method]
+
+    async def wait_for(self, method: str, predicate: Callable[[Call], bool] = lambda c: True,
+                       timeout: float = 30.0, *, after: int = 0) -> Call:
+        """The first call of ``method`` (from index ``after`` on) that satisfies ``predicate``."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            for call in self.calls[after:]:
+                if call.method == method and predicate(call):
+                    return call
+            if asyncio.get_running_loop().time() > deadline:
+                seen = [(c.method, c.params.get("text") or c.params.get("caption")) for c in self.calls]
+                raise AssertionError(f"no matching {method} within {timeout}s; calls: {seen[-15:]}")
+            await asyncio.sleep(0.05)
+
+    # --- the API -----------------------------------------------------------------------------------
+
+    async def _api(self, request: web.Request) -> web.Response:
+        if request.match_info["token"] != self.token:
+            return web.json_response({"ok": False, "error_code": 401, "description": "Unauthorized"},
+                                     status=401)
+        method = request.match_info["method"]
+        params: dict[str, Any] = {}
+        files: dict[str, bytes] = {}
+        if request.content_type == "application/json":
+            params = await request.json()
+        else:
+            form = await request.post()
+            for key, value in form.items():
+                if isinstance(value, web.FileField):
+                    if key in files:  # Telegram could not tell two uploads of one name apart
+                        return web.json_response({"ok": False, "error_code": 400,
+                                                  "description": f"Bad Request: two files named {key}"},
+                                                 status=400)
+                    files[key] = value.file.read()
+                else:
+                    params[key] = _decode(str(value))
+        for key in ("chat_id", "message_id"):
+            if isinstance(params.get(key), str) and params[key].lstrip("-").isdigit():
+                params[key] = int(params[key])
+        call = Call(method=method, params=params, files=files)
+        if method != "getUpdates":
+            self.calls.append(call)
+        handler = getattr(self, "_m_" + method, None)
+        if handler is None:
+            return web.json_response({"ok": False, "error_code": 404, "description": "Not Found"},
+                                     status=404)
+        try:
+            result = await handler(params, files)
+        except _ApiError as err:
+            return web.json_response({"ok": False, "error_code": 400, "description": err.description},
+                                     status=400)
+        call.result = result
+        return web.json_response({"ok": True, "result": result})
+
+    async def _download(self, request: web.Request) -> web.Response:
+        if request.match_info["token"] != self.token:
+            return web.Response(status=401)
+        data = self.files.get(request.match_info["path"].removeprefix("photos/"))
+        if data is None:
+            return web.Response(status=404)
+        return web.Response(body=data, content_type="application/octet-stream")
+
+    async def _m_getMe(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
+        return {**BOT.json(), "can_join_groups": True, "can_read_all_group_messages": False,
+                "supports_inline_queries": False}
+
+    async def _m_deleteWebhook(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
+        return True
+
+    async def _m_setMyCommands(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
+        return True
+
+    async def _m_getUpdates(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
+        offset = int(params.get("offset", 0) or 0)
+        timeout = min(float(params.get("timeout", 0) or 0), 1.0)  # short: tests stay snappy
+
+        def ready() -> list[dict[str, Any]]:
+            return [u for u in self._updates if u["update_id"] >= offset]
+
+        async with self._new:
+            if not ready() and timeout > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._new.wait_for(lambda: bool(ready())), timeout)
+            return ready()
+
+    def _bot_message(self, params: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        chat_id = int(params["chat_id"])
+        chat = {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"}
+        msg: dict[str, Any] = {"message_id": next(self._ids), "date": int(time.time()), "chat": chat,
+                               "from": BOT.json(), **fields}
+        reply = params.get("reply_parameters")
+        if isinstance(reply, dict) and (chat_id, reply.get("message_id")) in self.messages:
+            msg["reply_to_message"] = self.messages[(chat_id, reply["message_id"])]
+        self.messages[(chat_id, msg["message_id"])] = msg
+        return msg
+
+    async def _m_sendMessage(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
+        return self._bot_message(params, text=params["text"])
+
+    async def _m_editMessageText(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
+        key = (int(params["chat_id"]), int(params["message_id"]))
+        msg = self.messages.get(key)
+        if msg is None:
+            raise _ApiError("Bad Request: message to edit not found")
+        if msg.get("text") == params["text"]:
+            raise _ApiError("Bad Request: message is not modified: specified new message content "
+                            "and reply markup are exactly the same")
+        msg["text"] = params["text"]
+        msg["edit_date"] = int(time.time())
+        return msg
+
+    def _upload(self, params: dict[str, Any], files: dict[str, bytes], field_name: str) -> str:
+        value = params.get(field_name, "")
+        name = value.removeprefix("attach://") if isinstance(value, str) else ""
+        data = files.get(name) or files.get(field_name)
+        if data is None:
+            raise _ApiError(f"Bad Request: there is no {field_name} in the request")
+        return self.add_file(data)
+
+    def _media_fields(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"caption": params["caption"]} if params.get("caption") else {}
+
+    async def _m_sendPhoto(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
+        fid = self._upload(params, files, "photo")
+        size = {"file_id": fid, "file_unique_id": fid + "u", "width": 128, "height": 64}
+        return self._bot_message(params, photo=[size], **self._media_fields(params))
+
+    async def _m_sendVideo(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
+        fid = self._upload(params, files, "video")
+        video = {"file_id": fid, "file_unique_id": fid + "u", "width": 64, "height": 64, "duration": 1}
+        return self._bot_message(params, video=video, **self._media_fields(params))
+
+    async def _m_sendAnimation(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
+        fid = self._upload(params, files, "animation")
+        anim = {"file_id": fid, "file_unique_id": fid + "u", "width": 64, "height": 64, "duration": 1}
+        return self._bot_message(params, animation=anim, **self._media_fields(params))
+
+    async def _m_sendDocument(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
+        fid = self._upload(params, files, "document")
+        return self._bot_message(params, document={"file_id": fid, "file_unique_id": fid + "u"},
+                                 **self._media_fields(params))
+
+    async def _m_sendMediaGroup(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
+        out = []
+        for item in params["media"]:
+            fid = self._upload(item, files, "media")
+            size = {"file_id": fid, "file_unique_id": fid + "u", "width": 128, "height": 64}
+            fields: dict[str, Any] = {"photo": [size], "media_group_id": "g1"}
+            if item.get("caption"):
+                fields["caption"] = item["caption"]
+            out.append(self._bot_message(params, **fields))
+        return out
+
+    async def _m_getFile(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
+        file_id = str(params["file_id"])
+        if file_id not in self.files:
+            raise _ApiError("Bad Request: invalid file_id")
+        return {"file_id": file_id, "file_unique_id": file_id + "u",
+                "file_size": len(self.files[file_id]), "file_path": f"photos/{file_id}"}
+
+
+class _ApiError(Exception):
+    def __init__(self, description: str) -> None:
+        super().__init__(description)
+        self.description = description

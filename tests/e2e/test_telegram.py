@@ -1,0 +1,264 @@
+"""Telegram end to end: the real python-telegram-bot client against a local fake Bot API server, the
+real service and a real engine process on the demo model.
+
+One world for the whole module (one engine process); the tests run in order and build on each other:
+alice saves a selfie in private, alice and bob save theirs in a group, morph, privacy, edit, forget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import skimage.data
+from PIL import Image
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.config import Config, load_config
+from bot.parse import COMMANDS
+from bot.service import Service
+from bot.telegram_adapter import TelegramAdapter
+from storage.db import make_engine, make_sessionmaker, upgrade
+from storage.media import MediaStore
+from storage.models import Face, Job, User
+from storage.queue import LocalQueue
+
+from .fake_telegram import Call, FakeChat, FakeTelegram, FakeUser
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+TOKEN = "123456789:AAE-fake_SECRET_token-for-tests"
+
+CONFIG = """
+[telegram]
+base_url = "{base_url}"
+base_file_url = "{base_file_url}"
+max_photo_mb = 1
+
+[engine]
+model = "demo"
+device = "cpu"
+batch_size = 4
+batch_wait_ms = 50
+invert_steps = 20
+edit_steps = 5
+clip = "demo"
+
+[limits]
+per_user_per_minute = 30
+per_user_open_jobs = 3
+"""
+
+ALICE = FakeUser(id=1001, first_name="Alice", username="alice")
+BOB = FakeUser(id=1002, first_name="Bob", username="bob")
+CAROL = FakeUser(id=1003, first_name="Carol", username="carol")
+GROUP = FakeChat(id=-100500, type="supergroup", title="Face Club")
+
+
+def dm(user: FakeUser) -> FakeChat:
+    return FakeChat(id=user.id, type="private")
+
+
+@dataclass
+class World:
+    tg: FakeTelegram
+    config: Config
+    service: Service
+    db: AsyncEngine
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _astronaut(rotate: int = 0) -> bytes:
+    return _jpeg(Image.fromarray(skimage.data.astronaut()).rotate(rotate))
+
+
+def replying_to(message: dict[str, Any]) -> Callable[[Call], bool]:
+    def check(call: Call) -> bool:
+        ref = call.params.get("reply_parameters")
+        return isinstance(ref, dict) and ref.get("message_id") == message["message_id"]
+    return check
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+    tmp = tmp_path_factory.mktemp("telegram")
+    tg = FakeTelegram(TOKEN)
+    await tg.start()
+    path = tmp / "config.toml"
+    path.write_text(CONFIG.format(base_url=tg.base_url, base_file_url=tg.base_file_url))
+    home = tmp / "home"
+    config = load_config(path, env={"STYLEBOT_HOME": str(home), "TELEGRAM_BOT_TOKEN": TOKEN})
+    await upgrade(config.storage_url)
+    db = make_engine(config.storage_url)
+    sessions = make_sessionmaker(db)
+    adapter = TelegramAdapter(config, poll_timeout=1)
+    service = Service(sessions=sessions, queue=LocalQueue(sessions), media=MediaStore(config.media_dir),
+                      config=config, deliver=adapter.deliver)
+    env = {**os.environ, "STYLEBOT_HOME": str(home), "PYTHONWARNINGS": "ignore"}
+    engine = subprocess.Popen([sys.executable, "-m", "bot", "engine", "--config", str(path),
+                               "--worker-id", "tg-e2e"], env=env)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(service.run(stop, interval_s=0.1)),
+             asyncio.create_task(adapter.run(service, stop))]
+    try:
+        await tg.wait_for("setMyCommands", timeout=20)
+        yield World(tg=tg, config=config, service=service, db=db)
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        engine.send_signal(signal.SIGTERM)
+        try:
+            engine.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            engine.kill()
+        await db.dispose()
+        await tg.stop()
+    for task in tasks:
+        assert task.exception() is None
+
+
+@pytest.fixture(autouse=True)
+def _no_token_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Every test: the HTTP client, PTB and the bot log at DEBUG, and the token is never in it."""
+    for name in ("httpx", "httpcore", "telegram", "stylebot"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    yield
+    records = caplog.get_records("setup") + caplog.get_records("call")
+    text = "\n".join(r.getMessage() + (r.exc_text or "") for r in records)
+    assert "/bot<token>/getUpdates" in text  # PTB's HTTP client did log its request URLs
+    leaks = [(r.name, r.getMessage()[:120]) for r in records if TOKEN.split(":")[1] in r.getMessage()]
+    assert not leaks
+
+
+async def test_private_selfie_saves_the_face_and_shows_the_panel(world: World) -> None:
+    tg = world.tg
+    commands = tg.called("setMyCommands")[0].params["commands"]
+    assert {c["command"] for c in commands} == set(COMMANDS)
+    msg = await tg.send_photo(ALICE, dm(ALICE), _astronaut())
+    progress = await tg.wait_for("sendMessage", replying_to(msg), timeout=20)
+    assert "queue" in progress.params["text"]
+    photo = await tg.wait_for("sendPhoto", replying_to(msg), timeout=120)
+    caption = photo.params["caption"]
+    assert "Saved as your face" in caption and "not a face model" in caption
+    assert "parse_mode" not in photo.params
+    panel = Image.open(io.BytesIO(photo.files["photo"]))
+    assert panel.width >= 2 * panel.height  # aligned | reconstruction, side by side
+    mid = progress.result["message_id"]
+    await tg.wait_for("editMessageText", lambda c: c.params["message_id"] == mid, timeout=10)
+    # The bot downloaded the large photo, not the thumbnail.
+    assert tg.called("getFile")[-1].params["file_id"] == msg["photo"][-1]["file_id"]
+
+
+async def test_group_selfies_then_morph_sends_an_mp4(world: World) -> None:
+    tg = world.tg
+    ignored = await tg.send_photo(CAROL, GROUP, _astronaut(3))  # a plain photo in a group: not for us
+    a = await tg.send_photo(ALICE, GROUP, _astronaut(2), caption="/selfie")
+    b = await tg.send_photo(BOB, GROUP, _astronaut(6), caption="/selfie@stylebot_test_bot")
+    for msg in (a, b):
+        done = await tg.wait_for("sendPhoto", replying_to(msg), timeout=120)
+        assert "Saved as your face" in done.params["caption"]
+    assert not [c for c in tg.calls if replying_to(ignored)(c)]
+    n = len(tg.calls)
+    morph = await tg.send_text(ALICE, GROUP, "/morph @alice @bob 8")
+    video = await tg.wait_for("sendVideo", replying_to(morph), timeout=120, after=n)
+    data = video.files["video"]
+    assert data[4:8] == b"ftyp" and len(data) > 1000
+    assert video.params["caption"].startswith("Morph, ")  # 8 frames there and back
+    assert str(video.params.get("supports_streaming")).lower() == "true"
+    # Carol answers her own plain photo with /selfie: now it counts, and the photo replied to is used.
+    reply = await tg.send_text(CAROL, GROUP, "/selfie", reply_to=ignored["message_id"])
+    queued = await tg.wait_for("sendMessage", replying_to(reply), timeout=10)
+    assert "queue" in queued.params["text"]
+    assert tg.called("getFile")[-1].params["file_id"] == ignored["photo"][-1]["file_id"]
+    await tg.wait_for("sendPhoto", replying_to(reply), timeout=120)
+
+
+async def test_privacy_nobody_refuses_the_morph_politely(world: World) -> None:
+    tg = world.tg
+    bobs = await tg.send_text(BOB, GROUP, "/privacy nobody")
+    said = await tg.wait_for("sendMessage", replying_to(bobs), timeout=10)
+    assert "Privacy: nobody" in said.params["text"]
+    videos = len(tg.called("sendVideo"))
+    # Alice replies to Bob's message with /morph: the reply names Bob.
+    morph = await tg.send_text(ALICE, GROUP, "/morph", reply_to=bobs["message_id"])
+    refusal = await tg.wait_for("sendMessage", replying_to(morph), timeout=10)
+    assert "hasn't allowed" in refusal.params["text"]
+    by_name = await tg.send_text(ALICE, GROUP, "/morph @me @bob")
+    refusal = await tg.wait_for("sendMessage", replying_to(by_name), timeout=10)
+    assert refusal.params["text"] == "Sorry, @bob hasn't allowed their face to be used here."
+    await asyncio.sleep(1.0)
+    assert len(tg.called("sendVideo")) == videos
+    async with world.service.sessions() as s:
+        morphs = (await s.execute(select(func.count()).select_from(Job).where(Job.kind == "morph")))
+        assert morphs.scalar_one() == 1  # only the first, allowed, morph
+
+
+async def test_edit_sends_the_edited_face(world: World) -> None:
+    tg = world.tg
+    n = len(tg.calls)
+    # /edit! (latent optimisation, 5 steps here): a plain /edit on a fresh demo model first builds
+    # the global-direction table, minutes on a small CPU.
+    msg = await tg.send_text(ALICE, dm(ALICE), "/edit! smiling face")
+    sent = await tg.wait_for("sendMediaGroup", replying_to(msg), timeout=90, after=n)
+    media = sent.params["media"]
+    assert media[0]["caption"].startswith("Before / after: smiling face")
+    assert len(sent.files) == len(media) == 2
+    for data in sent.files.values():
+        Image.open(io.BytesIO(data)).verify()
+
+
+async def test_files_that_are_not_photos_get_a_clear_reply(world: World) -> None:
+    tg = world.tg
+    text_file = await tg.send_document(CAROL, dm(CAROL), b"hello, not a face\n", file_name="notes.txt",
+                                       mime_type="text/plain")
+    said = await tg.wait_for("sendMessage", replying_to(text_file), timeout=10)
+    assert "isn't a photo" in said.params["text"]
+    big = await tg.send_document(CAROL, dm(CAROL), _astronaut(), file_name="big.jpg",
+                                 mime_type="image/jpeg", file_size=5 * 1024 * 1024)
+    said = await tg.wait_for("sendMessage", replying_to(big), timeout=10)
+    assert "too large" in said.params["text"]
+    selfie_alone = await tg.send_text(CAROL, dm(CAROL), "/selfie")
+    said = await tg.wait_for("sendMessage", replying_to(selfie_alone), timeout=10)
+    assert "caption of a photo" in said.params["text"]
+
+
+async def test_a_photo_without_a_face_says_so(world: World) -> None:
+    tg = world.tg
+    gradient = _jpeg(Image.linear_gradient("L").convert("RGB"))
+    msg = await tg.send_photo(CAROL, dm(CAROL), gradient)
+    progress = await tg.wait_for("sendMessage", replying_to(msg), timeout=10)
+    mid = progress.result["message_id"]
+    failed = await tg.wait_for("editMessageText", lambda c: c.params["message_id"] == mid
+                               and c.params["text"].startswith("Sorry"), timeout=120)
+    assert "No face" in failed.params["text"]
+
+
+async def test_forget_yes_erases_the_user(world: World) -> None:
+    tg = world.tg
+    ask = await tg.send_text(ALICE, dm(ALICE), "/forget")
+    said = await tg.wait_for("sendMessage", replying_to(ask), timeout=10)
+    assert "/forget yes" in said.params["text"]
+    yes = await tg.send_text(ALICE, dm(ALICE), "/forget yes")
+    said = await tg.wait_for("sendMessage", replying_to(yes), timeout=10)
+    assert "erased everything" in said.params["text"]
+    async with world.service.sessions() as s:
+        users = (await s.execute(select(User).where(User.platform == "telegram"))).scalars().all()
+        assert {u.platform_user_id for u in users} == {str(BOB.id), str(CAROL.id)}
+        faces = (await s.execute(select(Face))).scalars().all()
+        assert sorted(f.user_id for f in faces) == sorted(u.id for u in users)  # bob's and carol's

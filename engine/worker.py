@@ -60,8 +60,11 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve jobs until ``stop`` is set; then hand back what was not started."""
         log.info("engine worker %s ready (%s)", self.settings.worker_id, self.engine.loaded.label)
+        next_sweep = 0.0
         while not stop.is_set():
-            await self._requeue_expired()
+            if time.monotonic() >= next_sweep:  # leases expire on the lease_s scale, not per poll
+                await self._requeue_expired()
+                next_sweep = time.monotonic() + self.settings.lease_s / 3
             jobs = await self._claim()
             if not jobs:
                 with contextlib.suppress(TimeoutError):

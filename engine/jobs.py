@@ -34,6 +34,7 @@ from engine.pasteback import paste_back, side_by_side
 from engine.perceptual import load_perceptual
 from engine.progress import ProgressFn, no_progress
 from engine.video import write_animation
+from engine.weights import stylebot_home
 
 __all__ = ["JOB_KINDS", "Engine", "FaceOut", "JobInput", "JobOutcome", "split_on_failure"]
 
@@ -270,8 +271,6 @@ class Engine:
         return "picture" if self.loaded.is_demo else "face"
 
     def _home(self) -> Path:
-        from engine.weights import stylebot_home
-
         return self.home or stylebot_home()
 
     # --- morph and mix -------------------------------------------------------------------

@@ -124,15 +124,15 @@ def _serve(args: argparse.Namespace) -> int:
         from bot.app import configured_adapters
         from bot.app import run as run_bot
 
-        asyncio.run(run_bot(config, config_path=config_path, adapters=configured_adapters(config)))
-        return 0
+        return asyncio.run(run_bot(config, config_path=config_path, adapters=configured_adapters(config)))
     from engine.worker import serve  # the engine process: imports torch
 
     e = config.engine
     asyncio.run(serve(storage_url=config.storage_url, media_dir=str(config.media_dir),
                       model=e.model, device=args.device or e.device, batch_size=e.batch_size,
                       batch_wait_ms=e.batch_wait_ms, invert_steps=e.invert_steps,
-                      edit_steps=e.edit_steps, clip=e.clip, worker_id=args.worker_id))
+                      edit_steps=e.edit_steps, clip=e.clip,
+                      direction_samples=e.direction_samples, worker_id=args.worker_id))
     return 0
 
 

@@ -44,7 +44,7 @@ from bot.commands import (
 )
 from bot.config import Config, DiscordConfig
 from bot.parse import COMMANDS, parse
-from bot.replies import MAX_PHOTO_BYTES, Refusal
+from bot.replies import MAX_PHOTO_BYTES, OOPS, Refusal
 from bot.service import Service
 
 __all__ = ["DiscordAdapter", "INTERACTION_WINDOW_S"]
@@ -56,7 +56,6 @@ INTERACTION_WINDOW_S = 15 * 60  # an interaction token accepts followups for 15 
 _WINDOW_MARGIN_S = 60  # stop using the token a minute early; the channel is always there
 _MAX_CONTENT = 2000
 NOT_AN_IMAGE = "That doesn't look like a photo I can read. Please send a JPEG or PNG."
-OOPS = "Sorry, something went wrong on my side. Please try again in a moment."
 
 
 def _too_big(limit: int) -> str:
@@ -336,10 +335,13 @@ def _add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter, 
                                                b=_target(b, interaction.user), frames=frames, fmt=format))
 
     @tree.command(name="edit", description=desc("edit"))
-    @app_commands.describe(text="What to change, e.g. smiling face", strength="-10 to 10 (default 4)")
+    @app_commands.describe(text="What to change, e.g. smiling face", strength="-10 to 10 (default 4)",
+                           method="fast (default) or thorough: slower, stronger (like /edit!)")
     async def edit(interaction: discord.Interaction, text: str,
-                   strength: app_commands.Range[float, -10, 10] | None = None) -> None:
-        await run(interaction, lambda o: Edit(origin=o, text=text, strength=strength))
+                   strength: app_commands.Range[float, -10, 10] | None = None,
+                   method: Literal["fast", "thorough"] = "fast") -> None:
+        how: Literal["global", "optimize"] = "optimize" if method == "thorough" else "global"
+        await run(interaction, lambda o: Edit(origin=o, text=text, strength=strength, method=how))
 
     @tree.command(name="mix", description=desc("mix"))
     @app_commands.describe(a="Structure from this person", b="Styles from this person",

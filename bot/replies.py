@@ -18,6 +18,7 @@ __all__ = [
     "HELP",
     "MAX_PHOTO_BYTES",
     "NO_OWN_FACE",
+    "OOPS",
     "RATE_LIMITED",
     "Refusal",
     "SAME_FACE",
@@ -53,6 +54,7 @@ Send a selfie (in groups: a photo with the caption /selfie) and I save your face
 
 RATE_LIMITED = "You're sending commands faster than I can keep up. Please wait a minute."
 BUSY = "I'm very busy right now. Please try again in a few minutes."
+OOPS = "Sorry, something went wrong on my side. Please try again in a moment."
 USER_JOBS_OPEN = "You already have work in progress. I'll start more once it's done."
 CHAT_JOBS_OPEN = "This chat already has several jobs running. Please wait for them to finish."
 NO_OWN_FACE = "I don't have your face yet. Send me a selfie first."

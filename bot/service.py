@@ -244,7 +244,12 @@ class Service:
             await self._progress(job)
         sent = 0
         for job in done:
-            reply = replies.final_reply(job, self.media)
+            try:
+                reply = replies.final_reply(job, self.media)
+            except Exception:  # a result we cannot show: say so rather than stall every reply
+                log.exception("job %s finished with a result the bot cannot show", job.id)
+                reply = Reply(reply_to=job.reply_to, text=replies.OOPS,
+                              edit_of=(job.reply_to or {}).get("progress_ref"))
             try:
                 await self.deliver(reply)
             except Exception:  # the platform is down: keep the job, retry on the next pass

@@ -215,7 +215,8 @@ class _ProgressRelay:
 
 async def serve(
     *, storage_url: str, media_dir: str, model: str, device: str, batch_size: int,
-    batch_wait_ms: int, invert_steps: int, edit_steps: int, clip: str, worker_id: str | None = None,
+    batch_wait_ms: int, invert_steps: int, edit_steps: int, clip: str,
+    direction_samples: int = 32, worker_id: str | None = None,
     lease_s: float = 15.0, stop: asyncio.Event | None = None,
 ) -> None:
     """`stylebot engine`: load the models once, then serve jobs until stopped (SIGINT/SIGTERM)."""
@@ -234,7 +235,8 @@ async def serve(
     db = make_engine(storage_url)
     try:
         engine = await asyncio.to_thread(Engine, model=model, device=dev, invert_steps=invert_steps,
-                                         edit_steps=edit_steps, clip=clip)
+                                         edit_steps=edit_steps, clip=clip,
+                                         table_samples=direction_samples)
         settings = WorkerSettings(worker_id=worker_id or default_worker_id(str(dev)),
                                   batch_size=batch_size, batch_wait_ms=batch_wait_ms, lease_s=lease_s)
         sessions = make_sessionmaker(db)

@@ -146,6 +146,29 @@ async def orphaned_media_keys(s: AsyncSession, *, keys: Iterable[str]) -> set[st
     return candidates - await referenced_media_keys(s) if candidates else set()
 
 
+_FACE_REFS = ("face_id", "a_id", "b_id")  # where job payloads name the faces they use
+
+
+async def _erase_jobs_using(s: AsyncSession, face_ids: set[int], *, user_id: int) -> set[str]:
+    """Other users' morphs and mixes made from these faces: finished ones are deleted (their
+    results show the face), unfinished ones fail with a reason (their owners get a reply).
+    Returns the media keys the deleted rows referenced."""
+    if not face_ids:
+        return set()
+    jobs = await s.scalars(select(Job).where(Job.user_id != user_id, Job.kind.in_(("morph", "mix"))))
+    using = [j for j in jobs if face_ids & {j.payload.get(ref) for ref in _FACE_REFS}]
+    keys: set[str] = set()
+    for job in using:
+        if job.status in ("queued", "running"):
+            job.status, job.error_code, job.finished_at = "failed", "erased", utcnow()
+            job.error = "one of the faces was erased at its owner's request"
+            job.lease_owner = job.lease_until = None
+        else:
+            keys |= media_keys_in(job.payload) | media_keys_in(job.result)
+            await s.delete(job)
+    return keys
+
+
 async def forget_user(s: AsyncSession, *, user_id: int) -> list[str]:
     """Delete the user and, by cascade, their faces, shares, memberships and jobs.
 
@@ -155,6 +178,7 @@ async def forget_user(s: AsyncSession, *, user_id: int) -> list[str]:
     """
     keys = await _face_keys(s, Face.user_id == user_id) | await _job_keys(s, Job.user_id == user_id)
     face_ids = set(await s.scalars(select(Face.id).where(Face.user_id == user_id)))
+    keys |= await _erase_jobs_using(s, face_ids, user_id=user_id)
     await s.execute(delete(User).where(User.id == user_id))  # ON DELETE CASCADE does the rest
     expunge_where(s, (Face, Job, ChatMember), "user_id", {user_id})
     expunge_where(s, (FaceShare,), "face_id", face_ids)

@@ -19,15 +19,19 @@ import pytest
 import pytest_asyncio
 import skimage.data
 from PIL import Image
+from sqlalchemy import select
 
+import storage.repo as repo
 from bot.commands import Media, Reply
 from bot.config import load_config
+from bot.replies import NO_OWN_FACE, RATE_LIMITED
 from bot.service import Service
 from storage.db import make_engine, make_sessionmaker, upgrade
 from storage.media import MediaStore
+from storage.models import Face, Job, User
 from storage.queue import LocalQueue
 
-from .fake_discord import APP_ID, BOT_ID, CHANNEL_ID, FakeDiscord
+from .fake_discord import APP_ID, BOT_ID, CHANNEL_ID, DM_BASE, FakeDiscord
 
 with warnings.catch_warnings():  # discord.py imports audioop (voice), deprecated since Python 3.11
     warnings.filterwarnings("ignore", "'audioop' is deprecated", DeprecationWarning)
@@ -36,7 +40,7 @@ with warnings.catch_warnings():  # discord.py imports audioop (voice), deprecate
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 TOKEN = "MTIzNDU2.fake-discord-bot-token.SECRET"
-ANN, BOB, CYD, DEE = (f"80000000000000000{i}" for i in range(1, 5))
+ANN, BOB, CYD, DEE, EVE = (f"80000000000000000{i}" for i in range(1, 6))
 
 CONFIG = """
 [engine]
@@ -47,6 +51,7 @@ batch_wait_ms = 200
 invert_steps = 20
 edit_steps = 5
 clip = "demo"
+direction_samples = 1
 
 [discord]
 api_base = "{api}"
@@ -71,6 +76,7 @@ class _Records(logging.Handler):
 class World:
     fake: FakeDiscord
     adapter: DiscordAdapter
+    service: Service
     logs: _Records
 
 
@@ -115,7 +121,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
         if tasks[0].done():
             tasks[0].result()  # the adapter stopped: show why
         assert adapter.ready.is_set(), "the bot did not connect to the fake gateway"
-        yield World(fake, adapter, logs)
+        yield World(fake, adapter, service, logs)
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -231,6 +237,81 @@ async def test_not_an_image_and_too_big(world: World) -> None:
     big = fake.add_file("huge.jpg", b"\xff\xd8\xff" + b"\0" * (9 * 1024 * 1024), "image/jpeg")
     channel = await fake.message(CYD, "", dm=True, attachments=[big])
     await fake.wait_for(lambda: any("too large" in m.text for m in fake.in_channel(channel)), timeout=10)
+
+
+async def test_a_photo_without_a_face_says_so(world: World) -> None:
+    fake = world.fake
+    buf = io.BytesIO()
+    Image.linear_gradient("L").convert("RGB").save(buf, format="JPEG")
+    att = fake.add_file("sky.jpg", buf.getvalue(), "image/jpeg")
+    channel = await fake.message(CYD, "", dm=True, attachments=[att])
+    await fake.wait_for(lambda: any(m.text.startswith("Sorry") for m in fake.in_channel(channel)),
+                        timeout=120)
+    failed = next(m for m in fake.in_channel(channel) if m.text.startswith("Sorry"))
+    assert "No face" in failed.text and not failed.filenames
+    assert "queue" in (failed.first or "")  # the progress message, edited into the answer
+
+
+async def test_edit_fast_then_thorough(world: World) -> None:
+    fake = world.fake
+    # Fast (global directions): the first one also builds the demo model's direction table.
+    token = await fake.slash(ANN, "edit", [{"name": "text", "type": 3, "value": "smiling face"}])
+    await fake.wait_for(lambda: _final(fake, token), timeout=300)
+    [msg] = fake.for_token(token)
+    assert msg.text.startswith("Before / after: smiling face") and "+ In your photo" in msg.text
+    assert len(msg.filenames) == 2
+    for _, data in msg.files:
+        Image.open(io.BytesIO(data)).verify()
+    token = await fake.slash(ANN, "edit", [{"name": "text", "type": 3, "value": "old face"},
+                                           {"name": "strength", "type": 10, "value": 6},
+                                           {"name": "method", "type": 3, "value": "thorough"}])
+    await fake.wait_for(lambda: _final(fake, token), timeout=300)
+    [msg] = fake.for_token(token)
+    assert msg.text.startswith("Before / after: old face") and len(msg.filenames) == 2
+    async with world.service.sessions() as s:
+        edits = (await s.scalars(select(Job).where(Job.kind == "edit").order_by(Job.created_at))).all()
+    assert [(j.payload["method"], j.payload.get("strength")) for j in edits] == [
+        ("global", None), ("optimize", 6)]
+
+
+async def test_too_many_commands_a_minute_get_a_clear_reply(world: World) -> None:
+    fake = world.fake
+    fake.add_user(EVE, "eve")
+    limit = world.service.config.limits.per_user_per_minute
+    channel = str(DM_BASE + int(EVE) % 1000)
+    for _ in range(limit + 1):
+        await fake.message(EVE, "/edit smiling face", dm=True)
+    await fake.wait_for(lambda: len(fake.in_channel(channel)) >= limit + 1, timeout=20)
+    await asyncio.sleep(0.5)
+    said = sorted(m.text for m in fake.in_channel(channel))  # handled concurrently: any order
+    assert said == [NO_OWN_FACE] * limit + [RATE_LIMITED]
+
+
+async def test_forget_erases_the_user_everywhere(world: World) -> None:
+    fake, service = world.fake, world.service
+    async with service.sessions() as s:
+        ann = await repo.find_user(s, platform="discord", platform_user_id=ANN)
+        assert ann is not None
+        faces = (await s.scalars(select(Face).where(Face.user_id == ann.id))).all()
+        keys = set().union(*(repo.face_media_keys(f) for f in faces))
+        jobs = (await s.scalars(select(Job).where(Job.user_id == ann.id))).all()
+        keys |= {v for j in jobs for k, v in (j.result or {}).items() if k.endswith("_key")}
+    assert faces and len(keys) >= 6 and all(service.media.path(k).exists() for k in keys)
+    token = await fake.slash(ANN, "forget")
+    await fake.wait_for(lambda: bool(fake.for_token(token)), timeout=10)
+    assert "confirm" in fake.for_token(token)[0].text
+    token = await fake.slash(ANN, "forget", [{"name": "confirm", "type": 5, "value": True}])
+    await fake.wait_for(lambda: bool(fake.for_token(token)), timeout=10)
+    assert "erased everything" in fake.for_token(token)[0].text
+    async with service.sessions() as s:
+        assert await repo.find_user(s, platform="discord", platform_user_id=ANN) is None
+        assert not (await s.scalars(select(Face).where(Face.user_id == ann.id))).all()
+        assert not (await s.scalars(select(Job).where(Job.user_id == ann.id))).all()
+        left = {u.platform_user_id for u in await s.scalars(select(User))}
+        referenced = await repo.referenced_media_keys(s)
+    assert ANN not in left and BOB in left
+    assert not [k for k in keys if service.media.path(k).exists()]
+    assert set(service.media.keys()) == referenced  # no file left that no row needs
 
 
 async def test_long_job_past_the_interaction_window_posts_to_the_channel(

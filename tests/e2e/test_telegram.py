@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.config import Config, load_config
 from bot.parse import COMMANDS
+from bot.replies import USER_JOBS_OPEN
 from bot.service import Service
 from bot.telegram_adapter import TelegramAdapter
 from storage.db import make_engine, make_sessionmaker, upgrade
@@ -262,3 +263,17 @@ async def test_forget_yes_erases_the_user(world: World) -> None:
         assert {u.platform_user_id for u in users} == {str(BOB.id), str(CAROL.id)}
         faces = (await s.execute(select(Face))).scalars().all()
         assert sorted(f.user_id for f in faces) == sorted(u.id for u in users)  # bob's and carol's
+
+
+async def test_too_many_open_jobs_get_a_clear_reply(world: World) -> None:
+    tg = world.tg
+    dave = FakeUser(id=1004, first_name="Dave", username="dave")
+    cap = world.config.limits.per_user_open_jobs
+    sent = [await tg.send_photo(dave, dm(dave), _astronaut(i)) for i in range(cap + 1)]
+    answers = [await tg.wait_for("sendMessage", replying_to(m), timeout=20) for m in sent]
+    texts = [a.params["text"] for a in answers]
+    assert sum("queue" in t for t in texts) == cap
+    assert texts.count(USER_JOBS_OPEN) == 1
+    for msg, text in zip(sent, texts, strict=True):  # the queued ones still finish
+        if text != USER_JOBS_OPEN:
+            await tg.wait_for("sendPhoto", replying_to(msg), timeout=180)

@@ -262,6 +262,26 @@ async def test_forget_user_erases_everything_of_theirs_and_returns_their_media(s
         assert repo.face_media_keys(b1) <= await repo.referenced_media_keys(s)
 
 
+async def test_forget_user_erases_other_peoples_morphs_of_their_face(sessions: Sessions) -> None:
+    async with sessions.begin() as s:
+        alice, bob = await user(s, "1"), await user(s, "2")
+        a, b = await save(s, alice, tag="a"), await save(s, bob, tag="b")
+        shown = await job(s, kind="morph", user_id=bob, payload={"a_id": b.id, "b_id": a.id})
+        (running,) = await repo.claim_jobs(s, worker="w", kinds=None, limit=1, lease_s=60)
+        await repo.finish_job(s, job_id=shown, worker="w", result={"video_key": key("v", ".mp4")})
+        waiting = await job(s, kind="mix", user_id=bob, payload={"a_id": a.id, "b_id": b.id})
+        bobs_own = await job(s, kind="morph", user_id=bob, payload={"a_id": b.id, "b_id": b.id})
+    async with sessions.begin() as s:
+        keys = await repo.forget_user(s, user_id=alice)
+    assert key("v", ".mp4") in keys  # the video showing alice's face goes with her
+    async with sessions() as s:
+        left = {j.id: j for j in await s.scalars(select(Job))}
+    assert set(left) == {waiting, bobs_own}
+    assert left[waiting].status == "failed" and "erased" in (left[waiting].error or "")
+    assert left[bobs_own].status == "queued"
+    assert running.id == shown
+
+
 # --- jobs ------------------------------------------------------------------------------------------
 
 

@@ -44,7 +44,8 @@ class Adapter(Protocol):
 
 
 def configured_adapters(config: Config) -> list[Adapter]:
-    """The chat platforms whose tokens are configured (imported only when used)."""
+    """The chat platforms whose tokens are configured, and the local web chat when it is enabled
+    (by default when no token is set); each is imported only when used."""
     adapters: list[Adapter] = []
     if config.telegram_enabled:
         from bot.telegram_adapter import TelegramAdapter
@@ -54,6 +55,10 @@ def configured_adapters(config: Config) -> list[Adapter]:
         from bot.discord_adapter import DiscordAdapter
 
         adapters.append(DiscordAdapter(config))
+    if config.web_enabled:
+        from bot.web_adapter import WebAdapter
+
+        adapters.append(WebAdapter(config))
     return adapters
 
 
@@ -83,7 +88,9 @@ async def _log_only(reply: Reply) -> dict[str, str] | None:
 
 
 async def run(config: Config, *, config_path: Path | None = None,
-              adapters: Sequence[Adapter] = (), stop: asyncio.Event | None = None) -> None:
+              adapters: Sequence[Adapter] = (), stop: asyncio.Event | None = None) -> int:
+    """Serve until SIGINT/SIGTERM or ``stop``: 0. When a part fails (an adapter cannot connect or
+    listen, the engine process dies), everything stops and it returns 1."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -101,14 +108,23 @@ async def run(config: Config, *, config_path: Path | None = None,
                           deliver=_router(adapters))
         if not adapters:
             log.warning("no chat adapter is configured yet: jobs are processed, replies are logged")
-        tasks = [asyncio.create_task(service.run(stop))]
-        tasks += [asyncio.create_task(adapter.run(service, stop)) for adapter in adapters]
+        tasks = {asyncio.create_task(service.run(stop)): "the service"}
+        tasks |= {asyncio.create_task(adapter.run(service, stop)): f"the {adapter.platform} adapter"
+                  for adapter in adapters}
         if child is not None:
-            tasks.append(asyncio.create_task(_watch_engine(child, stop)))
-        await stop.wait()
+            tasks[asyncio.create_task(_watch_engine(child))] = "the engine process"
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        # Anything that ends before a stop was asked for has failed: say why in one line, stop all.
+        failed = [] if stopping.done() else [t for t in tasks if t.done()]
+        for task in failed:
+            exc = task.exception()
+            log.error("%s stopped: %s", tasks[task], exc if exc is not None else "it returned early")
+        stop.set()
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(stopping, *tasks, return_exceptions=True)
+        return 1 if failed else 0
     finally:
         if child is not None and child.returncode is None:
             child.terminate()  # the worker hands back unfinished jobs on SIGTERM
@@ -120,8 +136,6 @@ async def run(config: Config, *, config_path: Path | None = None,
         log.info("stopped")
 
 
-async def _watch_engine(child: asyncio.subprocess.Process, stop: asyncio.Event) -> None:
+async def _watch_engine(child: asyncio.subprocess.Process) -> None:
     code = await child.wait()
-    if not stop.is_set():
-        log.error("the engine process exited (code %s); stopping", code)
-        stop.set()
+    raise RuntimeError(f"it exited with code {code}")

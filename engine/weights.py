@@ -36,13 +36,15 @@ if sys.platform != "win32":
     import fcntl
 
 __all__ = [
-    "MANIFEST", "Asset", "AssetKind", "AssetRow", "HashKind", "VerifyResult", "asset_path",
-    "fetch", "find", "list_assets", "locate", "recorded_hashes_path", "sha256_file",
+    "DEFAULT_GENERATOR", "MANIFEST", "Asset", "AssetKind", "AssetRow", "HashKind", "VerifyResult",
+    "asset_path", "fetch", "find", "list_assets", "locate", "recorded_hashes_path", "sha256_file",
     "stylebot_home", "verify", "weights_dir",
 ]
 
 AssetKind = Literal["generator", "clip", "perceptual", "identity"]
 HashKind = Literal["published sha256", "published sha256 prefix", "recorded at first download"]
+
+DEFAULT_GENERATOR = "stylegan2-ffhq-1024"  # what model "auto" loads when it is cached
 
 _CHUNK = 1 << 20
 _USER_AGENT = "stylebot/0.1 (weights downloader; Python urllib)"

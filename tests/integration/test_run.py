@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_run_starts_engine_and_shuts_down_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
     config = tmp_path / "config.toml"
-    config.write_text('[engine]\nmodel = "demo"\ndevice = "cpu"\n')
+    config.write_text('[engine]\nmodel = "demo"\ndevice = "cpu"\n[web]\nenabled = false\n')
     env = {**os.environ, "STYLEBOT_HOME": str(tmp_path / "home"), "PYTHONWARNINGS": "ignore",
            "PYTHONUNBUFFERED": "1"}
     env.pop("TELEGRAM_BOT_TOKEN", None)
@@ -58,3 +59,20 @@ def test_run_starts_engine_and_shuts_down_cleanly(tmp_path: Path, sig: signal.Si
             break
         time.sleep(0.1)
     assert not _alive(engine_pid)
+
+
+def test_a_busy_web_port_stops_run_with_one_clear_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "config.toml"
+        config.write_text(f'[engine]\nmodel = "demo"\ndevice = "cpu"\n[web]\nport = {port}\n')
+        env = {**os.environ, "STYLEBOT_HOME": str(tmp_path / "home"), "PYTHONWARNINGS": "ignore"}
+        env.pop("TELEGRAM_BOT_TOKEN", None)
+        env.pop("DISCORD_BOT_TOKEN", None)
+        done = subprocess.run([sys.executable, "-m", "bot", "run", "--config", str(config)], env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert f"web adapter stopped: [Errno 98] web chat: cannot listen on 127.0.0.1 port {port}" in done.stderr
+    assert "Traceback" not in done.stderr

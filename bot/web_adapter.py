@@ -1,0 +1,327 @@
+"""The local web chat: try the bot in a browser, no Discord or Telegram token needed.
+
+An aiohttp server on ``[web] host:port`` serves one page (``bot/web_static``: plain HTML, JS and
+CSS) showing one shared room, a group chat (``chat_id`` ``"web-room"``), so the usual consent rules
+apply: with privacy "chat", a face may be used by the people who shared a face in this room.
+Whoever types a name is that person (``user_id`` is the name in lower case): each browser tab can
+be someone else, so ``/morph @alice @bob`` can be shown on one machine.
+
+- ``POST /api/send`` (multipart: ``name``, ``text``, optional ``photo``) posts a message. A photo
+  is a selfie unless its text is another command (``/selfie label`` names the face). Text goes
+  through :func:`bot.parse.parse` and the service, exactly as on the other platforms.
+- ``GET /ws`` (WebSocket) pushes the room to every tab: ``hello`` (the last messages, the demo
+  banner), then each new ``message`` and each ``edit`` (progress turning into the result).
+- ``GET /media/{id}`` serves the files the service handed over in its replies (see
+  :class:`bot.web_http.MediaShelf`).
+
+Access rules (token, same origin, loopback host) are in :mod:`bot.web_http`. User text is only
+ever rendered with ``textContent`` by the page. Nothing about faces or the token is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import re
+import secrets
+import unicodedata
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiohttp import BodyPartReader, WSCloseCode, web
+
+from bot.commands import Origin, Reply
+from bot.config import Config, ConfigError, is_loopback
+from bot.parse import parse
+from bot.replies import OOPS, Refusal, check_photo
+from bot.service import Service
+from bot.web_http import Access, MediaShelf, page_routes, security_headers
+
+__all__ = ["HISTORY", "ROOM_ID", "WebAdapter", "demo_banner"]
+
+log = logging.getLogger("stylebot.web")
+
+ROOM_ID = "web-room"
+HISTORY = 200  # messages a newly opened tab is shown
+_MB = 1024 * 1024
+_TEXT_MAX_BYTES = 8192
+_NAME = re.compile(r"\w[\w.-]{0,31}")
+_SEND_TIMEOUT_S = 5.0
+
+BAD_NAME = "Type your name first: one word of letters, digits, _ . or - (at most 32), not \"me\"."
+NOT_A_PHOTO = "That doesn't look like a photo I can read. Please send a JPEG or PNG."
+NOT_A_COMMAND = "Send a photo of your face, or /help for what I can do."
+
+
+def demo_banner(config: Config) -> str | None:
+    """The banner text when the engine runs the demo model (``demo``, or ``auto`` without FFHQ)."""
+    from engine import weights  # stdlib only (no torch): where the weights cache is
+
+    real, model = weights.DEFAULT_GENERATOR, config.engine.model
+    if model == "auto":
+        model = real if weights.find(real) is not None else "demo"
+    if model != "demo":
+        return None
+    return ("Demo model: random weights, not a face model. For real faces run "
+            f"`stylebot weights fetch {real} vgg16-imagenet clip-vit-b32`, then restart "
+            "`make run`. Everything else (commands, queue, consent) works the same.")
+
+
+@dataclass
+class _Message:
+    """One entry of the room's timeline, as the page receives it."""
+
+    id: str
+    role: Literal["user", "bot"]
+    name: str
+    text: str
+    media: list[dict[str, Any]] = field(default_factory=list)
+    photo: str | None = None  # the file name a user attached
+    in_reply_to: str | None = None
+    reply_name: str | None = None
+    final: bool = True
+
+    def media_ids(self) -> list[str]:
+        return [str(m["id"]) for m in self.media]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "role": self.role, "name": self.name, "text": self.text,
+                "media": [{"url": f"media/{m['id']}", "kind": m["kind"], "caption": m["caption"]}
+                          for m in self.media],
+                "photo": self.photo, "in_reply_to": self.in_reply_to, "reply_name": self.reply_name,
+                "final": self.final}
+
+
+@dataclass(frozen=True)
+class _Post:
+    name: str
+    text: str
+    photo: bytes | None
+    photo_name: str | None
+    photo_type: str
+
+
+class WebAdapter:
+    """The web chat (the :class:`bot.app.Adapter` protocol)."""
+
+    platform = "web"
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.port: int | None = None  # the real port once listening ([web] port may be 0 in tests)
+        self._max_upload = config.web.max_upload_mb * _MB
+        self._boot = secrets.token_hex(4)  # message ids differ across restarts
+        self._ids = itertools.count(1)
+        self._history: deque[_Message] = deque()
+        self._by_id: dict[str, _Message] = {}
+        self._media = MediaShelf(config.media_dir)
+        self._sockets: set[web.WebSocketResponse] = set()
+        self._banner: str | None = None
+        self._service: Service | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.config.web.host
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        return f"http://{host}:{self.port}/"
+
+    # --- serving -------------------------------------------------------------------------------
+
+    def _make_app(self) -> web.Application:
+        """The aiohttp application (routes, access middleware, headers)."""
+        access = Access(token=self.config.web_token, loopback=is_loopback(self.config.web.host))
+        app = web.Application(middlewares=[access.middleware], client_max_size=self._max_upload + _MB)
+        app.add_routes([*page_routes(), web.get("/ws", self._ws), web.post("/api/send", self._send),
+                        web.get("/media/{media_id}", self._media.serve)])
+        app.on_response_prepare.append(security_headers)
+        app.on_shutdown.append(self._close_sockets)
+        return app
+
+    async def run(self, service: Service, stop: asyncio.Event) -> None:
+        """Serve the page until ``stop`` is set. A bind that fails stops the bot with one log line."""
+        web_cfg = self.config.web
+        try:
+            self.config.check_web_bind()
+        except ConfigError as exc:
+            log.error("web chat: %s", exc.message)
+            stop.set()
+            return
+        self._service = service
+        self._banner = demo_banner(self.config)
+        runner = web.AppRunner(self._make_app(), access_log=None)  # access logs would show ?token=
+        await runner.setup()
+        try:
+            try:
+                await web.TCPSite(runner, web_cfg.host, web_cfg.port).start()
+            except OSError as exc:
+                raise OSError(exc.errno, f"web chat: cannot listen on {web_cfg.host} port {web_cfg.port} "
+                              f"({exc.strerror or exc}); set [web] port to a free one") from None
+            self.port = int(runner.addresses[0][1])
+            print(f"stylebot web chat: {self.url}", flush=True)  # stdout: what `make run` users see
+            if self.config.web_token:
+                print("  (the first time, add ?token=<your STYLEBOT_WEB_TOKEN> to it)", flush=True)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    async def _close_sockets(self, app: web.Application) -> None:
+        for ws in list(self._sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"stylebot is stopping")
+
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(heartbeat=30)
+        await ws.prepare(request)
+        hello = json.dumps({"type": "hello", "banner": self._banner,
+                            "messages": [m.to_json() for m in self._history]})
+        self._sockets.add(ws)  # from here on it gets every new message and edit, after the hello
+        try:
+            await ws.send_str(hello)
+            async for _ in ws:  # the page only listens; it posts through /api/send
+                pass
+        finally:
+            self._sockets.discard(ws)
+        return ws
+
+    async def _broadcast(self, kind: str, message: _Message) -> None:
+        data = json.dumps({"type": kind, "message": message.to_json()})
+        for ws in list(self._sockets):
+            try:
+                await asyncio.wait_for(ws.send_str(data), _SEND_TIMEOUT_S)
+            except (ConnectionError, RuntimeError, TimeoutError):
+                self._sockets.discard(ws)  # a closed or stuck tab; it reloads history on reconnect
+
+    # --- receiving -----------------------------------------------------------------------------
+
+    async def _send(self, request: web.Request) -> web.Response:
+        """POST /api/send: a message from someone in the room."""
+        service = self._service
+        assert service is not None  # set before the app serves
+        post = await self._read_post(request)
+        name = unicodedata.normalize("NFC", post.name.strip())
+        if not _NAME.fullmatch(name) or name.casefold() in ("me", "myself"):
+            return web.json_response({"error": BAD_NAME}, status=400)
+        said = self._add(_Message(id=self._next_id(), role="user", name=name, text=post.text,
+                                  photo=(post.photo_name or "photo") if post.photo is not None else None))
+        await self._broadcast("message", said)
+        origin = Origin(platform=self.platform, user_id=name.casefold(), chat_id=ROOM_ID,
+                        chat_kind="group", username=name, display_name=name, chat_title="web chat",
+                        reply_to={"platform": self.platform, "message_id": said.id, "name": name})
+        await self._handle(service, origin, post)
+        return web.json_response({"ok": True, "id": said.id})
+
+    async def _handle(self, service: Service, origin: Origin, post: _Post) -> None:
+        text = post.text.strip()
+        selfie = post.photo is not None and (not text.startswith("/") or _command(text) == "/selfie")
+        if selfie and not text.startswith("/"):
+            text = "/selfie"  # in the room, a photo is a selfie unless its text is another command
+        try:
+            try:
+                photo = self._check_photo(post) if selfie else None
+                cmd = parse(text, origin=origin, photo=photo, reply_target=None, bot_username=None)
+            except Refusal as refusal:
+                await service.say(origin, str(refusal))
+                return
+            if cmd is None:
+                await service.say(origin, NOT_A_COMMAND)
+                return
+            await service.handle(cmd)
+        except Exception:  # no traceback for users: a friendly line, the details in the log
+            log.exception("web chat: could not handle a message")
+            with contextlib.suppress(Exception):
+                await service.say(origin, OOPS)
+
+    def _check_photo(self, post: _Post) -> bytes:
+        assert post.photo is not None
+        if not post.photo_type.lower().startswith("image/"):
+            raise Refusal(NOT_A_PHOTO)
+        check_photo(post.photo, max_bytes=self._max_upload)  # empty, too large, not an image
+        return post.photo
+
+    async def _read_post(self, request: web.Request) -> _Post:
+        """The form, read with caps: a photo over the limit is cut at limit + 1 byte (refused later)."""
+        if request.content_type == "application/x-www-form-urlencoded":  # text only (curl -d)
+            form = await request.post()
+            return _Post(name=str(form.get("name", "")), text=str(form.get("text", ""))[:_TEXT_MAX_BYTES],
+                         photo=None, photo_name=None, photo_type="")
+        if request.content_type != "multipart/form-data":
+            raise web.HTTPBadRequest(text="Expected a form (multipart/form-data).")
+        fields: dict[str, str] = {}
+        photo: bytes | None = None
+        photo_name, photo_type = None, ""
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            if part.name == "photo" and part.filename is not None:
+                photo = await _read_capped(part, self._max_upload + 1)
+                photo_name, photo_type = part.filename[:80], part.headers.get("Content-Type", "")
+                if len(photo) > self._max_upload:
+                    break  # don't read the rest of a huge upload
+            elif part.name in ("name", "text"):
+                raw = await _read_capped(part, _TEXT_MAX_BYTES + 1)
+                if len(raw) > _TEXT_MAX_BYTES:
+                    raise web.HTTPRequestEntityTooLarge(max_size=_TEXT_MAX_BYTES, actual_size=len(raw),
+                                                        text="That message is too long.")
+                fields[part.name] = raw.decode("utf-8", "replace")
+        return _Post(name=fields.get("name", ""), text=fields.get("text", ""), photo=photo,
+                     photo_name=photo_name, photo_type=photo_type)
+
+    # --- sending -------------------------------------------------------------------------------
+
+    async def deliver(self, reply: Reply) -> dict[str, Any] | None:
+        """Post a bot message, or update one in place (``edit_of``: a ref this method returned)."""
+        media = []
+        for item in reply.media:
+            media_id = self._media.add(item.path)
+            if media_id is None:
+                log.warning("web chat: not serving a file outside the media dir")
+                continue
+            media.append({"id": media_id, "kind": item.kind, "caption": item.caption})
+        target = self._by_id.get(str((reply.edit_of or {}).get("message_id")))
+        if target is not None and target.role == "bot":
+            target.text, target.final = reply.text, reply.final
+            if media:
+                for media_id in target.media_ids():
+                    self._media.drop(media_id)
+                target.media = media
+            await self._broadcast("edit", target)
+            return {"message_id": target.id}
+        # A new message (also when the message to edit is gone: restarted, or out of the history).
+        to = reply.reply_to
+        message = self._add(_Message(
+            id=self._next_id(), role="bot", name=self.config.bot.name, text=reply.text, media=media,
+            in_reply_to=str(to["message_id"]) if to.get("message_id") else None,
+            reply_name=str(to["name"]) if to.get("name") else None, final=reply.final))
+        await self._broadcast("message", message)
+        return {"message_id": message.id}
+
+    def _next_id(self) -> str:
+        return f"{self._boot}-{next(self._ids)}"
+
+    def _add(self, message: _Message) -> _Message:
+        self._history.append(message)
+        self._by_id[message.id] = message
+        while len(self._history) > HISTORY:
+            old = self._history.popleft()
+            del self._by_id[old.id]
+            for media_id in old.media_ids():
+                self._media.drop(media_id)
+        return message
+
+
+def _command(text: str) -> str:
+    """``"/Selfie@bot work"`` -> ``"/selfie"``."""
+    return text.split(maxsplit=1)[0].split("@")[0].lower() if text else ""
+
+
+async def _read_capped(part: BodyPartReader, limit: int) -> bytes:
+    """At most ``limit`` bytes of a part (more than ``limit - 1`` means it was too large)."""
+    chunks, size = [], 0
+    while size < limit and (chunk := await part.read_chunk(min(65536, limit - size))):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)[:limit]

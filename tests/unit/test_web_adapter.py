@@ -1,0 +1,395 @@
+"""The web chat adapter over real HTTP and WebSockets, with a stand-in service (no engine, no DB).
+
+What a person in the browser notices: who they are in the room, refusals for bad uploads, progress
+turning into the result in one message, a bounded history for new tabs, media served only when the
+bot sent them, and the access rules (token, same origin, loopback host).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from PIL import Image
+from yarl import URL
+
+from bot.commands import Command, Edit, Media, Origin, Reply, Selfie
+from bot.config import Config, EngineConfig, WebConfig
+from bot.web_adapter import HISTORY, NOT_A_COMMAND, NOT_A_PHOTO, OOPS, ROOM_ID, WebAdapter, demo_banner
+from bot.web_http import COOKIE
+
+TOKEN = "web-SECRET-token-0123456789"
+
+
+class FakeService:
+    """Records commands and answers each with one line, through the adapter (as the service does)."""
+
+    def __init__(self, adapter: WebAdapter) -> None:
+        self.adapter = adapter
+        self.commands: list[Command] = []
+        self.fail = False
+
+    async def say(self, origin: Origin, text: str) -> dict[str, Any] | None:
+        return await self.adapter.deliver(Reply(reply_to=origin.reply_to, text=text))
+
+    async def handle(self, cmd: Command) -> None:
+        if self.fail:
+            raise RuntimeError("database is on fire")
+        self.commands.append(cmd)
+        await self.say(cmd.origin, f"handled {type(cmd).__name__}")
+
+
+@dataclass
+class Chat:
+    adapter: WebAdapter
+    service: FakeService
+    http: aiohttp.ClientSession
+    base: str
+    sockets: list[aiohttp.ClientWebSocketResponse] = field(default_factory=list)
+
+    async def post(self, name: str, text: str = "", photo: tuple[bytes, str, str] | None = None,
+                   **kwargs: Any) -> aiohttp.ClientResponse:
+        form = aiohttp.FormData()
+        form.add_field("name", name)
+        form.add_field("text", text)
+        if photo is not None:
+            data, filename, content_type = photo
+            form.add_field("photo", io.BytesIO(data), filename=filename, content_type=content_type)
+        async with self.http.post(self.base + "api/send", data=form, **kwargs) as resp:
+            await resp.read()
+            return resp
+
+    async def room(self) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
+        ws = await self.http.ws_connect(self.base + "ws")
+        self.sockets.append(ws)
+        hello = await ws.receive_json(timeout=5)
+        assert hello["type"] == "hello"
+        return ws, hello
+
+
+async def _event(ws: aiohttp.ClientWebSocketResponse, check: Callable[[dict[str, Any]], bool]
+                 ) -> dict[str, Any]:
+    while True:
+        event = await ws.receive_json(timeout=5)
+        if check(event):
+            return event
+
+
+def _bot_says(event: dict[str, Any]) -> bool:
+    return event["type"] == "message" and event["message"]["role"] == "bot"
+
+
+def _jpeg(size: int = 64) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 120, 90)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@contextlib.asynccontextmanager
+async def _start(config: Config) -> AsyncIterator[Chat]:
+    adapter = WebAdapter(config)
+    service = FakeService(adapter)
+    stop = asyncio.Event()
+    task = asyncio.create_task(adapter.run(service, stop))  # type: ignore[arg-type]
+    for _ in range(200):
+        if adapter.port is not None or task.done():
+            break
+        await asyncio.sleep(0.01)
+    assert adapter.port is not None
+    jar = aiohttp.CookieJar(unsafe=True)  # keep cookies for 127.0.0.1, as a browser does
+    chat = Chat(adapter=adapter, service=service, http=aiohttp.ClientSession(cookie_jar=jar),
+                base=f"http://127.0.0.1:{adapter.port}/")
+    try:
+        yield chat
+    finally:
+        for ws in chat.sockets:
+            await ws.close()
+        await chat.http.close()
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def chat(tmp_path: Path) -> AsyncIterator[Chat]:
+    async with _start(Config(data_dir=tmp_path, web=WebConfig(port=0, max_upload_mb=1),
+                             engine=EngineConfig(model="demo"))) as c:
+        yield c
+
+
+@pytest.fixture
+async def locked(tmp_path: Path) -> AsyncIterator[Chat]:
+    async with _start(Config(data_dir=tmp_path, web=WebConfig(port=0), web_token=TOKEN)) as c:
+        yield c
+
+
+# --- who says what ------------------------------------------------------------------------------
+
+
+async def test_a_photo_alone_is_a_selfie_of_the_named_person_in_the_shared_room(chat: Chat) -> None:
+    ws, _ = await chat.room()
+    resp = await chat.post("Alice", photo=(_jpeg(), "me.jpg", "image/jpeg"))
+    assert resp.status == 200
+    said = await _event(ws, lambda e: e["type"] == "message")
+    assert said["message"] | {"id": None} == {
+        "id": None, "role": "user", "name": "Alice", "text": "", "media": [], "photo": "me.jpg",
+        "in_reply_to": None, "reply_name": None, "final": True}
+    answer = await _event(ws, _bot_says)
+    assert answer["message"]["in_reply_to"] == said["message"]["id"]
+    assert answer["message"]["reply_name"] == "Alice"
+    [cmd] = chat.service.commands
+    assert isinstance(cmd, Selfie) and cmd.label == "default" and cmd.photo == _jpeg()
+    o = cmd.origin
+    assert (o.platform, o.user_id, o.username, o.chat_id, o.chat_kind) == ("web", "alice", "Alice",
+                                                                           ROOM_ID, "group")
+    assert o.reply_to == {"platform": "web", "message_id": said["message"]["id"], "name": "Alice"}
+
+
+async def test_selfie_label_and_other_commands_with_a_photo(chat: Chat) -> None:
+    await chat.post("bob", "/selfie work", photo=(_jpeg(), "b.jpg", "image/jpeg"))
+    await chat.post("bob", "/edit smiling face 3", photo=(_jpeg(), "b.jpg", "image/jpeg"))
+    selfie, edit = chat.service.commands
+    assert isinstance(selfie, Selfie) and selfie.label == "work"
+    assert isinstance(edit, Edit) and edit.text == "smiling face" and edit.strength == 3
+
+
+@pytest.mark.parametrize("name", ["", "two words", "me", "x" * 33, "<b>"])
+async def test_a_name_is_required_and_is_one_word(chat: Chat, name: str) -> None:
+    resp = await chat.post(name, "/help")
+    assert resp.status == 400
+    assert not chat.service.commands
+
+
+async def test_chatter_gets_a_hint_and_mistakes_get_the_parsers_reply(chat: Chat) -> None:
+    ws, _ = await chat.room()
+    await chat.post("carol", "hello there")
+    assert (await _event(ws, _bot_says))["message"]["text"] == NOT_A_COMMAND
+    await chat.post("carol", "/privacy sometimes")
+    assert (await _event(ws, _bot_says))["message"]["text"] == "Privacy is one of: everyone, chat, nobody."
+    assert not chat.service.commands
+
+
+async def test_a_failure_inside_is_a_friendly_line_not_a_traceback(chat: Chat,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    ws, _ = await chat.room()
+    chat.service.fail = True
+    with caplog.at_level(logging.ERROR, logger="stylebot.web"):
+        resp = await chat.post("dave", "/help")
+    assert resp.status == 200
+    assert (await _event(ws, _bot_says))["message"]["text"] == OOPS
+    assert "database is on fire" in caplog.text  # the details are in the log
+
+
+# --- uploads ------------------------------------------------------------------------------------
+
+
+async def test_a_photo_over_the_limit_is_refused(chat: Chat) -> None:
+    ws, _ = await chat.room()
+    big = _jpeg()[:3] + b"\0" * (3 * 1024 * 1024)  # 3 MB, the limit is 1 MB
+    resp = await chat.post("erin", photo=(big, "big.jpg", "image/jpeg"))
+    assert resp.status == 200
+    answer = await _event(ws, _bot_says)
+    assert answer["message"]["text"] == "That photo is too large (over 1 MB)."
+    assert not chat.service.commands
+
+
+@pytest.mark.parametrize(("data", "content_type"), [
+    (_jpeg(), "text/plain"),  # an image the browser doesn't call one
+    (b"%PDF-1.7 not a photo", "image/jpeg"),  # "image/jpeg" that isn't one
+    (b"just text", "application/octet-stream"),
+])
+async def test_a_file_that_is_not_a_photo_is_refused(chat: Chat, data: bytes, content_type: str) -> None:
+    ws, _ = await chat.room()
+    await chat.post("erin", photo=(data, "file.bin", content_type))
+    assert (await _event(ws, _bot_says))["message"]["text"] == NOT_A_PHOTO
+    assert not chat.service.commands
+
+
+# --- replies, progress, history, media -------------------------------------------------------------
+
+
+def _media(chat: Chat, name: str, data: bytes) -> Path:
+    path = chat.adapter.config.media_dir / "ab" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+async def test_progress_is_edited_in_place_into_the_result(chat: Chat) -> None:
+    ws, _ = await chat.room()
+    to = {"platform": "web", "message_id": "u-1", "name": "alice"}
+    ref = await chat.adapter.deliver(Reply(reply_to=to, text="Got it. Your selfie is next in the queue."))
+    first = await _event(ws, _bot_says)
+    assert ref == {"message_id": first["message"]["id"]}
+    assert await chat.adapter.deliver(Reply(reply_to=to, text="Working... 40%", edit_of=ref,
+                                            final=False)) == ref
+    working = await _event(ws, lambda e: e["type"] == "edit")
+    assert working["message"]["id"] == first["message"]["id"] and not working["message"]["final"]
+    panel = _media(chat, "panel.png", _jpeg())
+    await chat.adapter.deliver(Reply(reply_to=to, text="Saved as your face.", edit_of=ref,
+                                     media=(Media(panel, "photo", "Saved as your face."),)))
+    done = await _event(ws, lambda e: e["type"] == "edit")
+    assert done["message"]["id"] == first["message"]["id"] and done["message"]["final"]
+    [item] = done["message"]["media"]
+    assert item["kind"] == "photo" and item["caption"] == "Saved as your face."
+    # A tab opened now sees one message: the result.
+    _, hello = await chat.room()
+    assert [m["text"] for m in hello["messages"]] == ["Saved as your face."]
+    assert hello["banner"].startswith("Demo model: random weights, not a face model.")
+
+
+async def test_an_edit_of_a_message_that_is_gone_is_sent_as_a_new_one(chat: Chat) -> None:
+    ws, _ = await chat.room()
+    to = {"platform": "web", "message_id": "old-1", "name": "alice"}
+    ref = await chat.adapter.deliver(Reply(reply_to=to, text="Done.", edit_of={"message_id": "gone-7"}))
+    event = await _event(ws, _bot_says)
+    assert event["message"]["text"] == "Done." and ref == {"message_id": event["message"]["id"]}
+
+
+async def test_media_is_served_with_its_type_and_only_when_the_bot_sent_it(chat: Chat,
+                                                                           tmp_path: Path) -> None:
+    ws, _ = await chat.room()
+    png, mp4 = _media(chat, "a.png", b"\x89PNG\r\n\x1a\n" + b"x" * 100), _media(chat, "m.mp4", b"v" * 5000)
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"\x89PNG\r\n\x1a\nsecret")
+    await chat.adapter.deliver(Reply(reply_to={"platform": "web"}, text="here", media=(
+        Media(png, "photo"), Media(mp4, "video"), Media(outside, "photo"))))
+    media = (await _event(ws, _bot_says))["message"]["media"]
+    assert [m["kind"] for m in media] == ["photo", "video"]  # the file outside the media dir is left out
+    async with chat.http.get(chat.base + media[0]["url"]) as resp:
+        assert resp.status == 200 and resp.content_type == "image/png"
+        assert await resp.read() == png.read_bytes()
+    async with chat.http.get(chat.base + media[1]["url"], headers={"Range": "bytes=0-99"}) as resp:
+        assert resp.status == 206 and resp.content_type == "video/mp4"  # seekable, for <video>
+        assert len(await resp.read()) == 100
+    for path in ("media/not-an-id", "media/..%2Fab%2Fa.png", "media/..%2F..%2Fsecret.png",
+                 "media/%2e%2e/ab/a.png", "media/" + str(png).replace("/", "%2F")):
+        async with chat.http.get(URL(chat.base + path, encoded=True)) as resp:
+            assert resp.status == 404, path
+            assert b"PNG" not in await resp.read()
+
+
+async def test_history_keeps_the_last_messages_and_forgets_their_media(chat: Chat) -> None:
+    png = _media(chat, "first.png", b"\x89PNG\r\n\x1a\nfirst")
+    await chat.adapter.deliver(Reply(reply_to={"platform": "web"}, text="first",
+                                     media=(Media(png, "photo"),)))
+    _, hello = await chat.room()
+    url = hello["messages"][0]["media"][0]["url"]
+    for i in range(HISTORY):
+        await chat.adapter.deliver(Reply(reply_to={"platform": "web"}, text=f"message {i}"))
+    _, hello = await chat.room()
+    texts = [m["text"] for m in hello["messages"]]
+    assert len(texts) == HISTORY and texts[0] == "message 0" and texts[-1] == f"message {HISTORY - 1}"
+    async with chat.http.get(chat.base + url) as resp:
+        assert resp.status == 404
+
+
+async def test_the_page_is_served_without_a_build_step(chat: Chat) -> None:
+    for path, content_type, marker in (("", "text/html", b'<script src="app.js">'),
+                                       ("app.js", "text/javascript", b"textContent"),
+                                       ("style.css", "text/css", b".timeline")):
+        async with chat.http.get(chat.base + path) as resp:
+            assert resp.status == 200 and resp.content_type == content_type
+            assert marker in await resp.read()
+            assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+    js = (Path(__file__).parents[2] / "bot" / "web_static" / "app.js").read_text()
+    assert "innerHTML" not in js and "insertAdjacentHTML" not in js
+
+
+# --- access ---------------------------------------------------------------------------------------
+
+
+async def test_other_sites_and_other_host_names_are_refused(chat: Chat) -> None:
+    resp = await chat.post("mallory", "/forget yes", headers={"Origin": "http://evil.example"})
+    assert resp.status == 403 and not chat.service.commands
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await chat.http.ws_connect(chat.base + "ws", origin="http://evil.example")
+    assert info.value.status == 403
+    async with chat.http.get(chat.base, headers={"Host": f"rebound.example:{chat.adapter.port}"}) as resp:
+        assert resp.status == 403  # a DNS-rebinding page can't reach the loopback chat
+    resp = await chat.post("alice", "/help", headers={"Origin": chat.base.rstrip("/")})
+    assert resp.status == 200
+
+
+async def test_with_a_token_every_request_needs_it(capsys: pytest.CaptureFixture[str],
+                                                   caplog: pytest.LogCaptureFixture, locked: Chat) -> None:
+    caplog.set_level(logging.DEBUG)
+    base = locked.base
+    for path in ("", "app.js", "media/anything", "ws"):
+        async with locked.http.get(base + path) as resp:
+            assert resp.status == 401, path
+    assert (await locked.post("alice", "/help")).status == 401
+    async with locked.http.get(base, params={"token": "wrong"}) as resp:
+        assert resp.status == 401
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    async with locked.http.get(base + "app.js", headers=bearer) as resp:
+        assert resp.status == 200
+    # The first visit with ?token= sets an HttpOnly, SameSite=Strict cookie and drops the token from the URL.
+    async with locked.http.get(base, params={"token": TOKEN}, allow_redirects=False) as resp:
+        assert resp.status == 303 and resp.headers["Location"] == "/"
+        cookie = resp.cookies[COOKIE]
+        assert cookie["httponly"] and cookie["samesite"] == "Strict" and TOKEN not in cookie.value
+    async with locked.http.get(base) as resp:  # the session now carries the cookie
+        assert resp.status == 200
+    ws, _ = await locked.room()
+    assert (await locked.post("alice", "/help")).status == 200
+    assert (await _event(ws, _bot_says))["message"]["text"] == "handled Help"
+    shown = caplog.text + capsys.readouterr().out
+    assert "web chat: http://127.0.0.1:" in shown and TOKEN not in shown
+
+
+async def test_a_public_host_without_a_token_does_not_listen(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    adapter = WebAdapter(Config(data_dir=tmp_path, web=WebConfig(host="0.0.0.0", port=0)))
+    stop = asyncio.Event()
+    with caplog.at_level(logging.ERROR, logger="stylebot.web"):
+        await asyncio.wait_for(adapter.run(FakeService(adapter), stop), 5)  # type: ignore[arg-type]
+    assert stop.is_set() and adapter.port is None
+    assert "access token is required" in caplog.text
+
+
+async def test_a_busy_port_is_one_clear_error(chat: Chat) -> None:
+    busy = Config(data_dir=chat.adapter.config.data_dir, web=WebConfig(port=chat.adapter.port or 1))
+    adapter = WebAdapter(busy)
+    with pytest.raises(OSError, match=rf"cannot listen on 127.0.0.1 port {chat.adapter.port} .*free one"):
+        await asyncio.wait_for(adapter.run(FakeService(adapter), asyncio.Event()), 5)  # type: ignore[arg-type]
+
+
+async def test_stopping_tells_open_tabs_it_is_going_away(tmp_path: Path) -> None:
+    adapter = WebAdapter(Config(data_dir=tmp_path, web=WebConfig(port=0)))
+    stop = asyncio.Event()
+    task = asyncio.create_task(adapter.run(FakeService(adapter), stop))  # type: ignore[arg-type]
+    while adapter.port is None:
+        await asyncio.sleep(0.01)
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"http://127.0.0.1:{adapter.port}/ws") as ws:
+        await ws.receive_json(timeout=5)
+        stop.set()
+        message = await ws.receive(timeout=5)
+        assert message.type == aiohttp.WSMsgType.CLOSE and message.data == aiohttp.WSCloseCode.GOING_AWAY
+        await asyncio.wait_for(task, 10)
+
+
+# --- the demo banner ------------------------------------------------------------------------------
+
+
+def test_demo_banner_when_the_demo_model_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STYLEBOT_HOME", str(tmp_path / "home"))
+
+    def banner(model: str) -> str | None:
+        return demo_banner(Config(data_dir=tmp_path, engine=EngineConfig(model=model)))
+
+    assert "`stylebot weights fetch stylegan2-ffhq-1024" in (banner("demo") or "")
+    assert banner("auto") == banner("demo")  # nothing downloaded yet
+    assert banner(str(tmp_path / "my-ffhq.pkl")) is None
+    weights = tmp_path / "home" / "weights"
+    weights.mkdir(parents=True)
+    (weights / "ffhq.pkl").write_bytes(b"stand-in")
+    assert banner("auto") is None  # the real generator is cached: auto uses it
+    assert banner("demo") is not None

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.directions import apply_style_delta
-from engine.invert import lr_at
+from engine.optim import adam_steps
 from engine.progress import ProgressFn, no_progress
 from engine.stylegan2 import Generator, NoiseMode
 
@@ -29,7 +29,7 @@ PairLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class OptimizeResult:
     latents: torch.Tensor  # [B, num_ws, w_dim], CPU
     images: torch.Tensor  # [B, 3, H, W] in [-1, 1], CPU
-    clip_loss: list[list[float]]  # per step, per edit: 1 - cos(image, text)
+    clip_loss: list[list[float]]  # per reported step (every step on CPU), per edit: 1 - cos(image, text)
     seconds: float
 
 
@@ -45,6 +45,7 @@ def edit_optimize(
     identity: PairLoss | None = None,
     identity_weight: float = 0.005,
     noise_mode: NoiseMode = "const",
+    graph: bool | None = None,
     progress: ProgressFn = no_progress,
 ) -> OptimizeResult:
     """Optimise W+ latents from ``source`` [B, num_ws, w_dim] towards texts [B, D] (unit).
@@ -62,24 +63,28 @@ def edit_optimize(
     src = source.to(device, torch.float32)
     texts = F.normalize(text_embeddings.to(device, torch.float32), dim=-1)
     ws = src.clone().requires_grad_(True)
-    opt = torch.optim.Adam([ws], lr=lr)
     with torch.no_grad():
         src_images = G.synthesis(src, noise_mode=noise_mode) if identity is not None else None
-    history: list[list[float]] = []
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr=lr)
+    last: dict[str, torch.Tensor] = {}  # the latest CLIP loss (a graph's output when replayed)
+
+    def loss_fn() -> torch.Tensor:  # [B]
         images = G.synthesis(ws, noise_mode=noise_mode)
         clip_loss = 1.0 - (encode(images) * texts).sum(-1)  # [B]
+        last["clip"] = clip_loss.detach()
         loss = clip_loss + l2_weight * (ws - src).square().sum(dim=[1, 2])
         if identity is not None:
             assert src_images is not None
             loss = loss + identity_weight * identity(images, src_images)
-        opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        opt.step()
-        history.append([float(v) for v in clip_loss.detach()])
-        progress(step + 1, steps, {"clip_loss": float(clip_loss.detach().mean())})
+        return loss
+
+    history: list[list[float]] = []
+
+    def on_step(step: int, _: torch.Tensor) -> None:
+        history.append([float(v) for v in last["clip"]])
+        progress(step, steps, {"clip_loss": sum(history[-1]) / len(history[-1])})
+
+    adam_steps([ws], loss_fn, steps=steps, lr=lr, on_step=on_step,
+               report_every=10 if device.type == "cuda" else 1, graph=graph)
     with torch.no_grad():
         final = G.synthesis(ws.detach(), noise_mode=noise_mode).clamp(-1, 1)
     return OptimizeResult(latents=ws.detach().cpu(), images=final.cpu(), clip_loss=history,

@@ -9,7 +9,6 @@ batch and Adam is element-wise, so a photo's result does not depend on its batch
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,10 +16,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from engine.optim import adam_steps
 from engine.progress import ProgressFn, no_progress
 from engine.stylegan2 import Generator, NoiseMode
 
-__all__ = ["InversionResult", "invert", "lr_at", "psnr"]
+__all__ = ["DEFAULT_STEPS", "InversionResult", "invert", "psnr"]
+
+DEFAULT_STEPS = 300  # `[engine] invert_steps` defaults to this (see BENCHMARKS.md for the choice)
 
 # A loss module maps (images, targets) [B,3,H,W] in [-1,1] to per-sample distances [B].
 PairLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -41,14 +43,6 @@ def psnr(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-sample PSNR in dB for images in [-1, 1]. [B,3,H,W] x2 -> [B]."""
     mse = (images.clamp(-1, 1) - targets).square().flatten(1).mean(1)
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
-
-
-def lr_at(step: int, steps: int, *, lr: float, rampup: float = 0.05, rampdown: float = 0.25) -> float:
-    """Linear warm-up over the first ``rampup`` fraction, cosine decay over the last ``rampdown``."""
-    t = step / max(steps, 1)
-    ramp = min(1.0, (1.0 - t) / rampdown)
-    ramp = 0.5 - 0.5 * math.cos(ramp * math.pi)
-    return lr * ramp * min(1.0, t / rampup) if rampup > 0 else lr * ramp
 
 
 def _noise_regularizer(noise: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -75,7 +69,7 @@ def invert(
     targets: torch.Tensor,
     *,
     perceptual: PairLoss,
-    steps: int = 300,
+    steps: int = DEFAULT_STEPS,
     lr: float = 0.05,
     mse_weight: float = 1.0,
     identity: PairLoss | None = None,
@@ -84,12 +78,18 @@ def invert(
     noise_reg_weight: float = 1e5,
     loss_resolution: int = 256,
     noise_mode: NoiseMode = "const",
+    graph: bool | None = None,
+    bf16: bool | None = None,
     progress: ProgressFn = no_progress,
 ) -> InversionResult:
     """Invert ``targets`` [B, 3, R, R] in [-1, 1] (R = G.resolution) into W+ latents.
 
     ``perceptual`` and ``identity`` are per-sample distance modules (see engine.perceptual and
-    engine.identity). ``progress(step, steps, {"loss": ..., "psnr": ...})`` is called every step.
+    engine.identity). ``graph``: replay the step as a CUDA graph; ``bf16``: run the networks under
+    bfloat16 autocast while optimising (the result is rendered in float32). Both default to on for
+    CUDA devices (BENCHMARKS.md has the measured gain of each).
+    ``progress(step, steps, {"loss": ..., "psnr": ...})`` is called every step on the CPU, every 10
+    on a GPU (reading the figures waits for the GPU).
     """
     res = G.resolution
     if targets.ndim != 4 or targets.shape[1] != 3 or targets.shape[2:] != (res, res):
@@ -100,7 +100,6 @@ def invert(
     device = G.w_avg.device
     targets = targets.to(device, torch.float32)
     b = targets.shape[0]
-    target_small = _loss_size(targets, loss_resolution)
 
     ws = G.w_avg.detach().reshape(1, 1, -1).repeat(b, G.num_ws, 1).clone()  # [B, num_ws, w_dim]
     ws.requires_grad_(True)
@@ -112,31 +111,31 @@ def invert(
             buf = layer.noise_const.detach().reshape(1, 1, r, r).repeat(b, 1, 1, 1)
             noise[name] = buf.clone().requires_grad_(True)
         params += list(noise.values())
-    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
-
     mode = "const" if optimize_noise else noise_mode
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr=lr)
-        images = G.synthesis(ws, noise_mode=mode, noise=noise or None)  # [B, 3, R, R]
-        small = _loss_size(images, loss_resolution)
-        loss = perceptual(small, target_small)  # [B]
-        loss = loss + mse_weight * (small - target_small).square().flatten(1).mean(1)
-        if identity is not None:
-            loss = loss + identity_weight * identity(images, targets)
+
+    target_small = _loss_size(targets, loss_resolution)
+    last: dict[str, torch.Tensor] = {}  # the latest PSNR [B] (a graph's output when replayed)
+    use_bf16 = device.type == "cuda" if bf16 is None else bf16
+
+    def loss_fn() -> torch.Tensor:  # [B]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            images = G.synthesis(ws, noise_mode=mode, noise=noise or None).float()
+            small = _loss_size(images, loss_resolution)
+            loss = perceptual(small, target_small).float()
+            loss = loss + mse_weight * (small - target_small).square().flatten(1).mean(1)
+            if identity is not None:
+                loss = loss + identity_weight * identity(images, targets).float()
         if noise:
             loss = loss + noise_reg_weight * _noise_regularizer(noise)
-        opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        opt.step()
-        if noise:
-            with torch.no_grad():
-                for n in noise.values():
-                    n -= n.mean(dim=[1, 2, 3], keepdim=True)
-                    n *= n.square().mean(dim=[1, 2, 3], keepdim=True).rsqrt()
         with torch.no_grad():
-            p = psnr(images.detach(), targets)
-        progress(step + 1, steps, {"loss": float(loss.detach().mean()), "psnr": float(p.mean())})
+            last["psnr"] = psnr(images, targets)
+        return loss
+
+    def on_step(step: int, loss: torch.Tensor) -> None:
+        progress(step, steps, {"loss": float(loss.mean()), "psnr": float(last["psnr"].mean())})
+
+    adam_steps(params, loss_fn, steps=steps, lr=lr, post_step=_normalize(noise) if noise else None,
+               on_step=on_step, report_every=10 if device.type == "cuda" else 1, graph=graph)
 
     with torch.no_grad():
         final_noise = {k: v.detach() for k, v in noise.items()}
@@ -152,3 +151,12 @@ def invert(
         seconds=time.perf_counter() - start,
         noise={k: v.cpu() for k, v in final_noise.items()},
     )
+
+
+def _normalize(noise: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """After each update: every noise map back to zero mean, unit variance (NVIDIA's projector)."""
+    def post_step() -> None:
+        for n in noise.values():
+            n -= n.mean(dim=[1, 2, 3], keepdim=True)
+            n *= n.square().mean(dim=[1, 2, 3], keepdim=True).rsqrt()
+    return post_step

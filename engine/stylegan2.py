@@ -175,30 +175,49 @@ class MappingNetwork(nn.Module):
         return x
 
 
+_FUSED_MAX_BATCH = 8  # up to here: per-sample weights in one grouped conv (no passes over activations)
+
+
 def _modulated_conv(
     x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, *, demodulate: bool,
-    up: bool, f: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Modulated conv by scaling activations before and after a shared-weight conv.
+    up: bool, f: torch.Tensor | None = None, gain: float = 1.0,
+) -> torch.Tensor:
+    """Modulated (and demodulated) convolution, output scaled by ``gain``.
 
-    x: [B, I, H, W]; weight: [O, I, k, k]; styles: [B, I]. Returns the conv output (before
-    demodulation is applied when ``demodulate``) and the demodulation coefficients [B, O].
-    Mathematically the same as NVIDIA's grouped ("fused") modulated conv.
+    x: [B, I, H, W]; weight: [O, I, k, k]; styles: [B, I] -> [B, O, H', W'] (H' = 2H with ``up``:
+    a stride-2 transposed conv, then the FIR filter, as NVIDIA's conv2d_resample does).
+    Small batches modulate the weights per sample and run one grouped conv (NVIDIA's "fused"
+    modconv): the activations are read and written once. Larger batches scale the activations
+    before and after one shared-weight conv instead (cheaper than B copies of the weights).
+    Both are the same function.
     """
-    dcoefs = None
-    if demodulate:
-        wsq = weight.square().sum(dim=[2, 3])  # [O, I]
-        dcoefs = (styles.square() @ wsq.t() + 1e-8).rsqrt()  # [B, O]
-    x = x * styles.to(x.dtype).reshape(x.shape[0], -1, 1, 1)
-    w = weight.to(x.dtype)
+    b, i, h, w = x.shape
+    o, k = weight.shape[0], weight.shape[-1]
+    styles = styles.to(torch.float32)
+    if b <= _FUSED_MAX_BATCH:
+        wt = weight[None] * styles.reshape(b, 1, i, 1, 1)  # [B, O, I, k, k]
+        if demodulate:
+            wt = wt * (wt.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt().reshape(b, o, 1, 1, 1)
+        wt = (wt * gain).to(x.dtype)
+        x = x.reshape(1, b * i, h, w)
+        if up:
+            x = F.conv_transpose2d(x, wt.transpose(1, 2).reshape(b * i, o, k, k), stride=2, groups=b)
+        else:
+            x = F.conv2d(x, wt.reshape(b * o, i, k, k), padding=k // 2, groups=b)
+        x = x.reshape(b, o, *x.shape[2:])
+    else:
+        coefs = torch.full((b, o), gain, device=x.device)
+        if demodulate:
+            wsq = weight.square().sum(dim=[2, 3])  # [O, I]
+            coefs = coefs * (styles.square() @ wsq.t() + 1e-8).rsqrt()  # [B, O]
+        x = x * styles.to(x.dtype).reshape(b, i, 1, 1)
+        wt = weight.to(x.dtype)
+        x = F.conv_transpose2d(x, wt.transpose(0, 1), stride=2) if up else F.conv2d(x, wt, padding=k // 2)
+        x = x * coefs.to(x.dtype).reshape(b, o, 1, 1)
     if up:
         assert f is not None
-        # Transposed conv (stride 2), then the FIR filter, as conv2d_resample does.
-        x = F.conv_transpose2d(x, w.transpose(0, 1), stride=2)
         x = _blur(x, f, pad=(1, 1), gain=4.0)
-    else:
-        x = F.conv2d(x, w, padding=weight.shape[-1] // 2)
-    return x, dcoefs
+    return x
 
 
 class SynthesisLayer(nn.Module):
@@ -224,19 +243,22 @@ class SynthesisLayer(nn.Module):
         self, x: torch.Tensor, styles: torch.Tensor, *, noise_mode: NoiseMode,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x, dcoefs = _modulated_conv(
-            x, self.weight, styles, demodulate=True, up=self.up, f=self.resample_filter
-        )
-        assert dcoefs is not None
-        x = x * dcoefs.to(x.dtype).reshape(x.shape[0], -1, 1, 1)
+        # lrelu(v) * g == lrelu(v * g) for g > 0: the gain rides on the conv weights, the bias
+        # and the noise, so the activation costs one add and one lrelu pass.
+        g = _LRELU_GAIN
+        x = _modulated_conv(x, self.weight, styles, demodulate=True, up=self.up, f=self.resample_filter,
+                            gain=g)
         if noise is None and noise_mode == "random":
             noise = torch.randn(x.shape[0], 1, self.resolution, self.resolution, device=x.device)
         elif noise is None and noise_mode == "const":
             noise = self.noise_const
+        shift = (self.bias * g).to(x.dtype).reshape(1, -1, 1, 1)
         if noise is not None:
-            x = x + (noise * self.noise_strength).to(x.dtype)
-        clamp = None if self.conv_clamp is None else self.conv_clamp * _LRELU_GAIN
-        return _bias_act(x, self.bias.to(x.dtype), lrelu=True, clamp=clamp)
+            shift = shift + (noise * (self.noise_strength * g)).to(x.dtype)  # [1|B, C|1, H, W]
+        x = F.leaky_relu(x + shift, 0.2)
+        if self.conv_clamp is not None:
+            x = x.clamp(-self.conv_clamp * g, self.conv_clamp * g)
+        return x
 
 
 class ToRGBLayer(nn.Module):
@@ -251,9 +273,7 @@ class ToRGBLayer(nn.Module):
         self.weight_gain = 1.0 / math.sqrt(in_channels)
 
     def forward(self, x: torch.Tensor, styles: torch.Tensor) -> torch.Tensor:
-        x, _ = _modulated_conv(
-            x, self.weight, styles * self.weight_gain, demodulate=False, up=False
-        )
+        x = _modulated_conv(x, self.weight, styles * self.weight_gain, demodulate=False, up=False)
         return _bias_act(x, self.bias.to(x.dtype), lrelu=False, clamp=self.conv_clamp)
 
 

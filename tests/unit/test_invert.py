@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.invert import invert, lr_at, psnr
+from engine.invert import invert, psnr
 from engine.models import build_demo_generator
+from engine.optim import lr_at
 from engine.perceptual import demo_lpips
 from engine.stylegan2 import Generator
 
@@ -68,3 +69,4 @@ def test_learning_rate_warms_up_and_decays() -> None:
     lrs = [lr_at(s, 100, lr=0.1) for s in range(100)]
     assert lrs[0] == 0.0 and max(lrs) == pytest.approx(0.1)
     assert lrs[10] > lrs[1] and lrs[99] < 0.01
+

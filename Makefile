@@ -28,9 +28,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check bot engine storage tests bench
 	$(BIN)/mypy bot engine storage
 
-# GPU benchmarks: run on a machine with CUDA (not part of `make test`).
+# GPU benchmarks: run on a machine with CUDA (not part of `make test`); BENCHMARKS.md has results.
 bench: $(STAMP)
 	$(BIN)/python -m bench.gpu_check ../shared/fixtures
+	$(BIN)/python -m bench.perf --out bench/results/latest
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.directions import apply_style_delta
+from engine.identity import IdentityLoss
 from engine.optim import adam_steps
 from engine.progress import ProgressFn, no_progress
 from engine.stylegan2 import Generator, NoiseMode
@@ -22,7 +23,6 @@ __all__ = ["DEFAULT_EDIT_STEPS", "OptimizeResult", "edit_optimize", "render_glob
 DEFAULT_EDIT_STEPS = 100
 
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
-PairLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -42,7 +42,7 @@ def edit_optimize(
     steps: int = DEFAULT_EDIT_STEPS,
     lr: float = 0.1,
     l2_weight: float = 0.008,
-    identity: PairLoss | None = None,
+    identity: IdentityLoss | None = None,
     identity_weight: float = 0.005,
     noise_mode: NoiseMode = "const",
     graph: bool | None = None,
@@ -63,8 +63,10 @@ def edit_optimize(
     src = source.to(device, torch.float32)
     texts = F.normalize(text_embeddings.to(device, torch.float32), dim=-1)
     ws = src.clone().requires_grad_(True)
-    with torch.no_grad():
-        src_images = G.synthesis(src, noise_mode=noise_mode) if identity is not None else None
+    identity_to = None
+    if identity is not None:
+        with torch.no_grad():
+            identity_to = identity.against(G.synthesis(src, noise_mode=noise_mode))
     last: dict[str, torch.Tensor] = {}  # the latest CLIP loss (a graph's output when replayed)
 
     def loss_fn() -> torch.Tensor:  # [B]
@@ -72,9 +74,8 @@ def edit_optimize(
         clip_loss = 1.0 - (encode(images) * texts).sum(-1)  # [B]
         last["clip"] = clip_loss.detach()
         loss = clip_loss + l2_weight * (ws - src).square().sum(dim=[1, 2])
-        if identity is not None:
-            assert src_images is not None
-            loss = loss + identity_weight * identity(images, src_images)
+        if identity_to is not None:
+            loss = loss + identity_weight * identity_to(images)
         return loss
 
     history: list[list[float]] = []

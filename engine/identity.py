@@ -12,6 +12,7 @@ StyleGAN identity losses do) and resizes it to the network's input size (160 for
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
@@ -83,6 +84,18 @@ class IdentityLoss(nn.Module):
         b = x.shape[0]
         e = self.embed(torch.cat([x, y]))  # [2B, D]
         return 1.0 - (e[:b] * e[b:]).sum(dim=1)  # [B]
+
+    def against(self, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``x -> forward(x, y)`` with ``y``'s embedding computed once (a fixed target)."""
+        with torch.no_grad():
+            ey = self.embed(y).float()  # [B, D]
+
+        def distance(x: torch.Tensor) -> torch.Tensor:
+            if x.shape != y.shape:
+                raise ValueError(f"image batches differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+            return 1.0 - (self.embed(x).float() * ey).sum(dim=1)  # [B]
+
+        return distance
 
 
 def _face_crop(x: torch.Tensor, size: int) -> torch.Tensor:

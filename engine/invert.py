@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from engine.identity import IdentityLoss
 from engine.optim import adam_steps
+from engine.perceptual import LPIPS
 from engine.progress import ProgressFn, no_progress
 from engine.stylegan2 import Generator, NoiseMode
 
@@ -24,8 +26,6 @@ __all__ = ["DEFAULT_STEPS", "InversionResult", "invert", "psnr"]
 
 DEFAULT_STEPS = 300  # `[engine] invert_steps` defaults to this (see BENCHMARKS.md for the choice)
 
-# A loss module maps (images, targets) [B,3,H,W] in [-1,1] to per-sample distances [B].
-PairLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -68,11 +68,11 @@ def invert(
     G: Generator,
     targets: torch.Tensor,
     *,
-    perceptual: PairLoss,
+    perceptual: LPIPS,
     steps: int = DEFAULT_STEPS,
     lr: float = 0.05,
     mse_weight: float = 1.0,
-    identity: PairLoss | None = None,
+    identity: IdentityLoss | None = None,
     identity_weight: float = 0.1,
     optimize_noise: bool = False,
     noise_reg_weight: float = 1e5,
@@ -84,10 +84,10 @@ def invert(
 ) -> InversionResult:
     """Invert ``targets`` [B, 3, R, R] in [-1, 1] (R = G.resolution) into W+ latents.
 
-    ``perceptual`` and ``identity`` are per-sample distance modules (see engine.perceptual and
-    engine.identity). ``graph``: replay the step as a CUDA graph; ``bf16``: run the networks under
-    bfloat16 autocast while optimising (the result is rendered in float32). Both default to on for
-    CUDA devices (BENCHMARKS.md has the measured gain of each).
+    ``perceptual`` and ``identity`` are per-sample distances (engine.perceptual, engine.identity);
+    the targets' features are computed once. ``graph``: replay the step as a CUDA graph;
+    ``bf16``: run the networks under bfloat16 autocast while optimising (the result is rendered
+    in float32). Both default to on for CUDA devices (BENCHMARKS.md has the measured gains).
     ``progress(step, steps, {"loss": ..., "psnr": ...})`` is called every step on the CPU, every 10
     on a GPU (reading the figures waits for the GPU).
     """
@@ -116,15 +116,17 @@ def invert(
     target_small = _loss_size(targets, loss_resolution)
     last: dict[str, torch.Tensor] = {}  # the latest PSNR [B] (a graph's output when replayed)
     use_bf16 = device.type == "cuda" if bf16 is None else bf16
+    perceptual_to = perceptual.against(target_small)
+    identity_to = identity.against(targets) if identity is not None else None
 
     def loss_fn() -> torch.Tensor:  # [B]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             images = G.synthesis(ws, noise_mode=mode, noise=noise or None).float()
             small = _loss_size(images, loss_resolution)
-            loss = perceptual(small, target_small).float()
+            loss = perceptual_to(small)
             loss = loss + mse_weight * (small - target_small).square().flatten(1).mean(1)
-            if identity is not None:
-                loss = loss + identity_weight * identity(images, targets).float()
+            if identity_to is not None:
+                loss = loss + identity_weight * identity_to(images)
         if noise:
             loss = loss + noise_reg_weight * _noise_regularizer(noise)
         with torch.no_grad():
@@ -141,7 +143,7 @@ def invert(
         final_noise = {k: v.detach() for k, v in noise.items()}
         images = G.synthesis(ws.detach(), noise_mode=mode, noise=final_noise or None)
         p = psnr(images, targets)
-        d = perceptual(_loss_size(images, loss_resolution), target_small)
+        d = perceptual_to(_loss_size(images, loss_resolution))
     return InversionResult(
         latents=ws.detach().float().cpu(),
         images=images.clamp(-1, 1).cpu(),

@@ -15,7 +15,7 @@ calibrated to human judgement.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
@@ -114,24 +114,40 @@ class LPIPS(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         _check_pair(x, y)
         b = x.shape[0]
-        xy = self._resize(torch.cat([x, y]))  # [2B, 3, H', W'], H', W' <= resize_to
-        h = (xy - self.shift) / self.scale
-        if h.device.type == "cpu":
-            # oneDNN convolutions and pooling are several times faster in NHWC on CPU.
-            h = h.contiguous(memory_format=torch.channels_last)
-        total = xy.new_zeros(b)  # [B]
-        k = 0
+        feats = self._features(torch.cat([x, y]))  # one pass over [2B, ...]
+        return self._distance([f[:b] for f in feats], [f[b:] for f in feats])
+
+    def against(self, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``x -> forward(x, y)`` with ``y``'s features computed once (a fixed target)."""
+        with torch.no_grad():
+            target = self._features(y)
+
+        def distance(x: torch.Tensor) -> torch.Tensor:
+            _check_pair(x, y)
+            return self._distance(self._features(x), target)
+
+        return distance
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Unit-normalised activations at each stage's last ReLU. x: [N, 3, H, W] in [-1, 1]."""
+        h = (self._resize(x) - self.shift) / self.scale
+        # Channels-last: oneDNN on CPU and cuDNN's tensor-core kernels both want NHWC.
+        h = h.contiguous(memory_format=torch.channels_last)
+        feats: list[torch.Tensor] = []
         for i, layer in enumerate(self.features):
             h = layer(h)
-            if i != self._taps[k]:
-                continue
-            f = _unit_normalize(h)  # [2B, C, h, w]
-            d = (f[:b] - f[b:]).square().mean(dim=(2, 3))  # [B, C]
+            if i == self._taps[len(feats)]:
+                feats.append(_unit_normalize(h))  # [N, C, h, w]
+                if len(feats) == len(self._taps):
+                    break
+        return feats
+
+    def _distance(self, fx: list[torch.Tensor], fy: list[torch.Tensor]) -> torch.Tensor:
+        total = fx[0].new_zeros(fx[0].shape[0], dtype=torch.float32)  # [B]
+        for k, (a, b) in enumerate(zip(fx, fy, strict=True)):
+            d = (a.float() - b.float()).square().mean(dim=(2, 3))  # [B, C]
             # mean_hw(w . d) == w . mean_hw(d): apply the linear head after the spatial mean.
             total = total + d @ self.lin[k]
-            k += 1
-            if k == len(self._taps):
-                break
         return total
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:

@@ -371,6 +371,10 @@ class SynthesisNetwork(nn.Module):
             assert isinstance(layer, SynthesisLayer)
             if x is None:
                 x = block.const.unsqueeze(0).repeat(styles[name].shape[0], 1, 1, 1)
+                if x.device.type == "cuda" and x.shape[0] == 1:
+                    # One image: cuDNN's NHWC kernels, no layout conversions (BENCHMARKS.md: 13%
+                    # faster at B=1; slower for the batched paths, which stay NCHW).
+                    x = x.contiguous(memory_format=torch.channels_last)
             n = None if noise is None else noise.get(name)
             x = layer(x, styles[name], noise_mode=noise_mode, noise=n)
         return x, img

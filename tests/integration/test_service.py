@@ -13,7 +13,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 import storage.repo as repo
-from bot.commands import Forget, Help, Morph, Origin, Reply, Selfie, SetPrivacy, ShowFaces, Target
+from bot.commands import Forget, Help, Mix, Morph, Origin, Reply, Selfie, SetPrivacy, ShowFaces, Target
 from bot.config import load_config
 from bot.service import Service
 from storage.db import make_engine, make_sessionmaker, upgrade
@@ -161,3 +161,29 @@ async def test_me_privacy_and_help(svc: tuple[Service, Inbox]) -> None:
     assert "Privacy: chat" in inbox.last
     await service.handle(Help(origin=_origin("ann")))
     assert "/morph" in inbox.last and "/forget" in inbox.last
+
+
+@pytest.mark.parametrize("policy", ["everyone", "chat", "nobody"])
+@pytest.mark.parametrize("presence", ["shared here", "member, shared elsewhere", "never here"])
+@pytest.mark.parametrize("asker", ["owner", "other"])
+@pytest.mark.parametrize("command", [Morph, Mix])
+async def test_consent_matrix_policy_by_presence_by_asker(
+    svc: tuple[Service, Inbox], policy: str, presence: str, asker: str, command: type[Morph | Mix]
+) -> None:
+    """Who may put the owner's face in a morph or mix asked for in chat g1: the owner always; anyone
+    else when the policy is "everyone", or "chat" and the owner shared a face in g1; never "nobody"."""
+    service, inbox = svc
+    await _give_face(service, "asker", chat="g1")
+    await _give_face(service, "owner", chat="g1" if presence == "shared here" else "other")
+    if presence == "member, shared elsewhere":  # the owner talks in g1 but shared the face elsewhere
+        await service.handle(ShowFaces(origin=_origin("owner", chat="g1")))
+    await service.handle(SetPrivacy(origin=_origin("owner", chat="other"), policy=policy))
+    jobs = await _count(service, Job)
+    await service.handle(command(origin=_origin("owner" if asker == "owner" else "asker", chat="g1"),
+                                 a=Target(username="asker"), b=Target(username="owner")))
+    allowed = asker == "owner" or policy == "everyone" or (policy == "chat" and presence == "shared here")
+    if allowed:
+        assert "queue" in inbox.last and await _count(service, Job) == jobs + 1
+    else:
+        assert inbox.last == "Sorry, @owner hasn't allowed their face to be used here."
+        assert await _count(service, Job) == jobs

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import re
 import unicodedata
+import warnings
 from collections.abc import Sequence
 from typing import Any
+
+from PIL import Image
 
 from bot.commands import Media, Reply
 from storage.media import MediaStore
@@ -17,8 +22,11 @@ __all__ = [
     "FORGOTTEN",
     "HELP",
     "MAX_PHOTO_BYTES",
+    "MAX_PHOTO_PIXELS",
+    "MIN_PHOTO_SIDE",
     "NO_OWN_FACE",
     "OOPS",
+    "STORAGE_FULL",
     "RATE_LIMITED",
     "Refusal",
     "SAME_FACE",
@@ -40,6 +48,8 @@ __all__ = [
 ]
 
 MAX_PHOTO_BYTES = 20 * 1024 * 1024
+MAX_PHOTO_PIXELS = 40_000_000  # the engine's limit too (engine.align.load_photo)
+MIN_PHOTO_SIDE = 32
 
 HELP = """I turn selfies into StyleGAN faces you can edit and morph.
 
@@ -54,6 +64,7 @@ Send a selfie (in groups: a photo with the caption /selfie) and I save your face
 
 RATE_LIMITED = "You're sending commands faster than I can keep up. Please wait a minute."
 BUSY = "I'm very busy right now. Please try again in a few minutes."
+STORAGE_FULL = "I'm out of storage space right now, so I can't keep your photo. Please try again later."
 OOPS = "Sorry, something went wrong on my side. Please try again in a moment."
 USER_JOBS_OPEN = "You already have work in progress. I'll start more once it's done."
 CHAT_JOBS_OPEN = "This chat already has several jobs running. Please wait for them to finish."
@@ -65,6 +76,15 @@ FORGOTTEN = "Done: I have erased everything I kept about you."
 
 _IMAGE_MAGIC = {b"\xff\xd8\xff": ".jpg", b"\x89PNG\r\n\x1a\n": ".png", b"GIF87a": ".gif",
                 b"GIF89a": ".gif", b"BM": ".bmp", b"II*\x00": ".tif", b"MM\x00*": ".tif"}
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"})
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # markers without a length field
+_TOO_MANY_PIXELS = (f"That image is too large (over {MAX_PHOTO_PIXELS // 1_000_000} megapixels). "
+                    "Please send a smaller one.")
+_DAMAGED = "I couldn't read that image; the file seems to be damaged. Please send it again."
+_CUT_OFF = "That photo is incomplete (the file was cut off). Please send it again."
+# Format characters clean_text keeps: ZWNJ, ZWJ (emoji sequences such as a woman astronaut with a
+# skin tone), and the tag characters of subdivision flags.
+_JOINER = re.compile("[\u200c\u200d\U000e0020-\U000e007f]").fullmatch
 
 
 class Refusal(Exception):
@@ -81,13 +101,70 @@ def photo_suffix(data: bytes) -> str:
 
 
 def check_photo(data: bytes, *, max_bytes: int = MAX_PHOTO_BYTES) -> None:
-    """A cheap sniff before anything is stored; the engine does the full decode."""
+    """Refuse what the engine could not use, before anything is stored; the engine does the decode.
+
+    Reads the header only (format, width and height: a decompression bomb is refused before any
+    pixel is allocated), and checks that a JPEG or PNG is whole (a cut-off upload), without decoding.
+    """
     if not data:
         raise Refusal("That file is empty. Please send a photo.")
     if len(data) > max_bytes:
         raise Refusal(f"That photo is too large (over {max_bytes // (1024 * 1024)} MB).")
-    if not photo_suffix(data):
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        raise Refusal("That's a HEIC photo, which I can't read. Please send it as a JPEG or PNG "
+                      "(on an iPhone: send it as a photo, not as a file).")
+    suffix = photo_suffix(data)
+    if not suffix:
         raise Refusal("That doesn't look like a photo I can read. Please send a JPEG or PNG.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # odd metadata is the engine's business, not a refusal
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise Refusal(_TOO_MANY_PIXELS) from None
+    except Exception:  # Pillow raises many types for malformed headers
+        raise Refusal(_DAMAGED) from None
+    with image:
+        w, h = image.size
+        if w * h > MAX_PHOTO_PIXELS:
+            raise Refusal(_TOO_MANY_PIXELS)
+        if min(w, h) < MIN_PHOTO_SIDE:
+            raise Refusal(f"That image is too small ({w}x{h} pixels). Please send a photo at least "
+                          f"{MIN_PHOTO_SIDE} pixels on each side.")
+        if suffix == ".jpg" and not _jpeg_complete(data):
+            raise Refusal(_CUT_OFF)
+        if suffix == ".png":
+            try:
+                image.verify()  # chunk by chunk to the end, checksums; no pixels decoded
+            except Exception:
+                raise Refusal(_CUT_OFF) from None
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """Whether a JPEG's segments lead to its first scan and the scan data to an end-of-image marker.
+
+    Inside entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker, so the
+    first FF D9 after the scan header ends the image (data after it, such as a motion photo's
+    video, does not matter).
+    """
+    pos = 2  # after SOI
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker in _JPEG_STANDALONE:
+            pos += 2
+        elif marker == 0xD9:  # EOI before any scan
+            return False
+        else:
+            end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+            if marker == 0xDA:  # start of scan
+                return data.find(b"\xff\xd9", end) != -1
+            pos = end
+    return False
 
 
 def clean_label(label: str) -> str:
@@ -98,8 +175,10 @@ def clean_label(label: str) -> str:
 
 
 def clean_text(text: str, *, max_chars: int) -> str:
+    """Whitespace collapsed, control and format characters (bidi overrides, ...) taken out, except
+    the joiners and tags that hold emoji sequences and some scripts' words together."""
     text = unicodedata.normalize("NFC", " ".join((text or "").split()))
-    text = "".join(c for c in text if unicodedata.category(c)[0] != "C")
+    text = "".join(c for c in text if unicodedata.category(c)[0] != "C" or _JOINER(c))
     if not text:
         raise Refusal("Say what the edit should do, e.g. /edit smiling face")
     if len(text) > max_chars:

@@ -10,56 +10,21 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import os
-import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
-import skimage.data
 from PIL import Image
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.config import Config, load_config
 from bot.parse import COMMANDS
 from bot.replies import USER_JOBS_OPEN
-from bot.service import Service
-from bot.telegram_adapter import TelegramAdapter
-from storage.db import make_engine, make_sessionmaker, upgrade
-from storage.media import MediaStore
 from storage.models import Face, Job, User
-from storage.queue import LocalQueue
 
-from .fake_telegram import Call, FakeChat, FakeTelegram, FakeUser
+from .fake_telegram import FakeChat, FakeUser
+from .telegram_world import TOKEN, World, astronaut, dm, jpeg, replying_to, running_world
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-TOKEN = "123456789:AAE-fake_SECRET_token-for-tests"
-
-CONFIG = """
-[telegram]
-base_url = "{base_url}"
-base_file_url = "{base_file_url}"
-max_photo_mb = 1
-
-[engine]
-model = "demo"
-device = "cpu"
-batch_size = 4
-batch_wait_ms = 50
-invert_steps = 20
-edit_steps = 5
-clip = "demo"
-
-[limits]
-per_user_per_minute = 30
-per_user_open_jobs = 3
-"""
 
 ALICE = FakeUser(id=1001, first_name="Alice", username="alice")
 BOB = FakeUser(id=1002, first_name="Bob", username="bob")
@@ -67,71 +32,10 @@ CAROL = FakeUser(id=1003, first_name="Carol", username="carol")
 GROUP = FakeChat(id=-100500, type="supergroup", title="Face Club")
 
 
-def dm(user: FakeUser) -> FakeChat:
-    return FakeChat(id=user.id, type="private")
-
-
-@dataclass
-class World:
-    tg: FakeTelegram
-    config: Config
-    service: Service
-    db: AsyncEngine
-
-
-def _jpeg(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def _astronaut(rotate: int = 0) -> bytes:
-    return _jpeg(Image.fromarray(skimage.data.astronaut()).rotate(rotate))
-
-
-def replying_to(message: dict[str, Any]) -> Callable[[Call], bool]:
-    def check(call: Call) -> bool:
-        ref = call.params.get("reply_parameters")
-        return isinstance(ref, dict) and ref.get("message_id") == message["message_id"]
-    return check
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
-    tmp = tmp_path_factory.mktemp("telegram")
-    tg = FakeTelegram(TOKEN)
-    await tg.start()
-    path = tmp / "config.toml"
-    path.write_text(CONFIG.format(base_url=tg.base_url, base_file_url=tg.base_file_url))
-    home = tmp / "home"
-    config = load_config(path, env={"STYLEBOT_HOME": str(home), "TELEGRAM_BOT_TOKEN": TOKEN})
-    await upgrade(config.storage_url)
-    db = make_engine(config.storage_url)
-    sessions = make_sessionmaker(db)
-    adapter = TelegramAdapter(config, poll_timeout=1)
-    service = Service(sessions=sessions, queue=LocalQueue(sessions), media=MediaStore(config.media_dir),
-                      config=config, deliver=adapter.deliver)
-    env = {**os.environ, "STYLEBOT_HOME": str(home), "PYTHONWARNINGS": "ignore"}
-    engine = subprocess.Popen([sys.executable, "-m", "bot", "engine", "--config", str(path),
-                               "--worker-id", "tg-e2e"], env=env)
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(service.run(stop, interval_s=0.1)),
-             asyncio.create_task(adapter.run(service, stop))]
-    try:
-        await tg.wait_for("setMyCommands", timeout=20)
-        yield World(tg=tg, config=config, service=service, db=db)
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-        engine.send_signal(signal.SIGTERM)
-        try:
-            engine.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            engine.kill()
-        await db.dispose()
-        await tg.stop()
-    for task in tasks:
-        assert task.exception() is None
+    async with running_world(tmp_path_factory.mktemp("telegram")) as w:
+        yield w
 
 
 @pytest.fixture(autouse=True)
@@ -151,7 +55,7 @@ async def test_private_selfie_saves_the_face_and_shows_the_panel(world: World) -
     tg = world.tg
     commands = tg.called("setMyCommands")[0].params["commands"]
     assert {c["command"] for c in commands} == set(COMMANDS)
-    msg = await tg.send_photo(ALICE, dm(ALICE), _astronaut())
+    msg = await tg.send_photo(ALICE, dm(ALICE), astronaut())
     progress = await tg.wait_for("sendMessage", replying_to(msg), timeout=20)
     assert "queue" in progress.params["text"]
     photo = await tg.wait_for("sendPhoto", replying_to(msg), timeout=120)
@@ -168,9 +72,9 @@ async def test_private_selfie_saves_the_face_and_shows_the_panel(world: World) -
 
 async def test_group_selfies_then_morph_sends_an_mp4(world: World) -> None:
     tg = world.tg
-    ignored = await tg.send_photo(CAROL, GROUP, _astronaut(3))  # a plain photo in a group: not for us
-    a = await tg.send_photo(ALICE, GROUP, _astronaut(2), caption="/selfie")
-    b = await tg.send_photo(BOB, GROUP, _astronaut(6), caption="/selfie@stylebot_test_bot")
+    ignored = await tg.send_photo(CAROL, GROUP, astronaut(3))  # a plain photo in a group: not for us
+    a = await tg.send_photo(ALICE, GROUP, astronaut(2), caption="/selfie")
+    b = await tg.send_photo(BOB, GROUP, astronaut(6), caption="/selfie@stylebot_test_bot")
     for msg in (a, b):
         done = await tg.wait_for("sendPhoto", replying_to(msg), timeout=120)
         assert "Saved as your face" in done.params["caption"]
@@ -230,7 +134,7 @@ async def test_files_that_are_not_photos_get_a_clear_reply(world: World) -> None
                                        mime_type="text/plain")
     said = await tg.wait_for("sendMessage", replying_to(text_file), timeout=10)
     assert "isn't a photo" in said.params["text"]
-    big = await tg.send_document(CAROL, dm(CAROL), _astronaut(), file_name="big.jpg",
+    big = await tg.send_document(CAROL, dm(CAROL), astronaut(), file_name="big.jpg",
                                  mime_type="image/jpeg", file_size=5 * 1024 * 1024)
     said = await tg.wait_for("sendMessage", replying_to(big), timeout=10)
     assert "too large" in said.params["text"]
@@ -241,7 +145,7 @@ async def test_files_that_are_not_photos_get_a_clear_reply(world: World) -> None
 
 async def test_a_photo_without_a_face_says_so(world: World) -> None:
     tg = world.tg
-    gradient = _jpeg(Image.linear_gradient("L").convert("RGB"))
+    gradient = jpeg(Image.linear_gradient("L").convert("RGB"))
     msg = await tg.send_photo(CAROL, dm(CAROL), gradient)
     progress = await tg.wait_for("sendMessage", replying_to(msg), timeout=10)
     mid = progress.result["message_id"]
@@ -269,7 +173,7 @@ async def test_too_many_open_jobs_get_a_clear_reply(world: World) -> None:
     tg = world.tg
     dave = FakeUser(id=1004, first_name="Dave", username="dave")
     cap = world.config.limits.per_user_open_jobs
-    sent = [await tg.send_photo(dave, dm(dave), _astronaut(i)) for i in range(cap + 1)]
+    sent = [await tg.send_photo(dave, dm(dave), astronaut(i)) for i in range(cap + 1)]
     answers = [await tg.wait_for("sendMessage", replying_to(m), timeout=20) for m in sent]
     texts = [a.params["text"] for a in answers]
     assert sum("queue" in t for t in texts) == cap

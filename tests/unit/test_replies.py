@@ -1,0 +1,85 @@
+"""The checks the bot runs before it stores anything: whole photos of every common format pass, cut-off
+and oversized ones get a specific reply (without decoding a pixel); edit texts keep what people typed."""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from bot.replies import Refusal, check_photo, clean_text
+
+
+def _save(img: Image.Image, fmt: str, **params: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+PHOTO = Image.radial_gradient("L").convert("RGB")  # 256 x 256
+
+
+def _with_thumbnail() -> bytes:
+    """A JPEG whose EXIF block holds a whole JPEG thumbnail (its own FF D9 before the main scan)."""
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    thumb = _save(PHOTO.resize((64, 64)), "JPEG")
+    app1 = b"Exif\0\0" + exif.tobytes() + thumb
+    jpeg = _save(PHOTO, "JPEG")
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
+
+
+@pytest.mark.parametrize("data", [
+    _save(PHOTO, "JPEG"),
+    _save(PHOTO, "JPEG", progressive=True),
+    _save(PHOTO, "JPEG") + b"\0\0\0\x18ftypmp42" + bytes(64),  # a motion photo: video after the image
+    _with_thumbnail(),
+    _save(PHOTO, "PNG"),
+    _save(PHOTO.convert("P"), "GIF"),
+    _save(PHOTO, "BMP"),
+    _save(PHOTO, "TIFF"),
+    _save(PHOTO, "WEBP"),
+], ids=["jpeg", "progressive", "trailer", "thumbnail", "png", "gif", "bmp", "tiff", "webp"])
+def test_whole_photos_pass(data: bytes) -> None:
+    check_photo(data)
+
+
+def _png(width: int, height: int, idat: bytes) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(("data", "says"), [
+    (_save(PHOTO, "JPEG")[:-2000], "incomplete"),
+    (_with_thumbnail()[:-2000], "incomplete"),  # the thumbnail's end marker does not count
+    (_save(PHOTO, "JPEG", progressive=True)[:-500], "incomplete"),
+    (_save(PHOTO, "PNG")[:-100], "incomplete"),
+    (_save(PHOTO, "JPEG")[:40], "damaged"),
+    (_png(100_000, 100_000, zlib.compress(bytes(1000))), "over 40 megapixels"),  # Pillow's bomb limit
+    (_png(8000, 6000, zlib.compress(bytes(1000))), "over 40 megapixels"),  # under Pillow's, over ours
+    (_save(PHOTO.resize((31, 400)), "PNG"), "too small (31x400 pixels)"),
+    (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(100), "HEIC"),
+], ids=["jpeg", "thumbnail", "progressive", "png", "header", "bomb", "48mp", "narrow", "heic"])
+def test_bad_photos_get_a_specific_refusal(data: bytes, says: str) -> None:
+    with pytest.raises(Refusal, match=re.escape(says)):
+        check_photo(data)
+
+
+@pytest.mark.parametrize("text", [
+    "smiling \U0001f469\U0001f3fd\u200d\U0001f680",  # a ZWJ emoji sequence
+    "\U0001f3f4\U000e0067\U000e0062\U000e0077\U000e006c\U000e0073\U000e007f flag",  # tag characters
+    "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # a ZWNJ inside a Persian word
+    "<b>x</b> *y* [z](http://e)",
+])
+def test_edit_text_is_kept_as_typed(text: str) -> None:
+    assert clean_text(text, max_chars=300) == text
+
+
+def test_edit_text_loses_controls_and_extra_space() -> None:
+    assert clean_text(" smile\u202e\x00  face\n", max_chars=300) == "smile face"  # a bidi override, a NUL

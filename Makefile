@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean browser
+.PHONY: run test lint soak bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP) browser
 	$(BIN)/ruff check bot engine storage tests bench
 	$(BIN)/mypy bot engine storage
 	$(BIN)/pytest -q
+
+# The full load and crash drills (long; `make test` runs them in a shorter form), figures printed.
+soak: $(STAMP)
+	STYLEBOT_SOAK=1 $(BIN)/pytest -q -s tests/integration/test_drills.py tests/e2e/test_load.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check bot engine storage tests bench

@@ -28,6 +28,9 @@ __all__ = ["Adapter", "configured_adapters", "engine_command", "run"]
 
 log = logging.getLogger("stylebot")
 
+_PUMP_GRACE_S = 10.0  # how long a stop waits for the reply pump to finish what it is sending
+
+
 class Adapter(Protocol):
     """A chat platform: feeds commands to the service, sends the service's replies.
 
@@ -108,7 +111,8 @@ async def run(config: Config, *, config_path: Path | None = None,
                           deliver=_router(adapters))
         if not adapters:
             log.warning("no chat adapter is configured yet: jobs are processed, replies are logged")
-        tasks = {asyncio.create_task(service.run(stop)): "the service"}
+        pump = asyncio.create_task(service.run(stop))
+        tasks = {pump: "the service"}
         tasks |= {asyncio.create_task(adapter.run(service, stop)): f"the {adapter.platform} adapter"
                   for adapter in adapters}
         if child is not None:
@@ -121,6 +125,9 @@ async def run(config: Config, *, config_path: Path | None = None,
             exc = task.exception()
             log.error("%s stopped: %s", tasks[task], exc if exc is not None else "it returned early")
         stop.set()
+        # The reply pump ends by itself after the reply it is sending, so that reply is marked as
+        # sent (cancelled in between, it would go out again after a restart).
+        await asyncio.wait([pump], timeout=_PUMP_GRACE_S)
         for task in tasks:
             task.cancel()
         await asyncio.gather(stopping, *tasks, return_exceptions=True)

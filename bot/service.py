@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import time
 from collections import defaultdict, deque
@@ -118,7 +119,7 @@ class Service:
         await self._check_limits(s, user_id, chat_id)
         return await repo.create_job(
             s, kind=kind, model=self.config.engine.model, payload=payload, user_id=user_id,
-            chat_id=chat_id, reply_to=dict(origin.reply_to),
+            chat_id=chat_id, reply_to={**origin.reply_to, "group": origin.chat_kind == "group"},
             max_attempts=self.config.queue.max_attempts,
             timeout_s=float(getattr(self.config.timeouts, kind)))
 
@@ -139,10 +140,18 @@ class Service:
         async with self.sessions.begin() as s:
             user, chat_id = await self._user_and_chat(s, cmd.origin)
             await self._check_limits(s, user.id, chat_id)
-            photo_key = self.media.put(cmd.photo, suffix=replies.photo_suffix(cmd.photo))
+            photo_key = self._store_photo(cmd.photo)
             job = await self._submit(cmd.origin, "invert", {"photo_key": photo_key, "label": label},
                                      user.id, chat_id, s)
         await self._queued(cmd.origin, job, "your selfie")
+
+    def _store_photo(self, photo: bytes) -> str:
+        try:
+            return self.media.put(photo, suffix=replies.photo_suffix(photo))
+        except OSError as exc:  # nothing is half-stored: the caller's transaction rolls back
+            log.error("could not store a photo: %s", exc)
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise Refusal(replies.STORAGE_FULL if full else replies.OOPS) from None
 
     async def _resolve(self, s: AsyncSession, origin: Origin, me: User, target: Target) -> User:
         if target.me:
@@ -235,8 +244,9 @@ class Service:
 
     # --- completions -----------------------------------------------------------------------
 
-    async def pump_once(self) -> int:
-        """Send progress edits and final replies that are due. Returns replies sent."""
+    async def pump_once(self, *, stop: asyncio.Event | None = None) -> int:
+        """Send progress edits and final replies that are due (once ``stop`` is set, no more than
+        the one being sent). Returns replies sent."""
         async with self.sessions() as s:
             running = await repo.jobs_in_progress(s)
             done = await repo.jobs_to_reply(s, limit=50)
@@ -244,6 +254,8 @@ class Service:
             await self._progress(job)
         sent = 0
         for job in done:
+            if stop is not None and stop.is_set():
+                break
             try:
                 reply = replies.final_reply(job, self.media)
             except Exception:  # a result we cannot show: say so rather than stall every reply
@@ -264,7 +276,10 @@ class Service:
     async def _progress(self, job: Job) -> None:
         ref = (job.reply_to or {}).get("progress_ref")
         shown = self._shown_progress.get(job.id, -1.0)
-        if ref is None or job.status != "running" or job.progress - shown < 0.1:
+        # Private chats see every 10%; a group sees "Working..." once: platforms cap the messages
+        # a bot may send to one group (Telegram: 20 a minute), and results matter more there.
+        step = 1.0 if (job.reply_to or {}).get("group") else 0.1
+        if ref is None or job.status != "running" or job.progress - shown < step:
             return
         self._shown_progress[job.id] = job.progress
         try:
@@ -276,7 +291,7 @@ class Service:
     async def run(self, stop: asyncio.Event, *, interval_s: float = 0.2) -> None:
         while not stop.is_set():
             try:
-                await self.pump_once()
+                await self.pump_once(stop=stop)
             except Exception:
                 log.exception("reply pump failed; retrying")
             with contextlib.suppress(TimeoutError):

@@ -6,14 +6,18 @@ queued jobs of one kind (waiting ``batch_wait_ms`` first so that jobs arriving t
 together), holds a lease on them that a heartbeat renews, runs the GPU work in a thread, and
 writes each job's files and rows in the same transaction that marks it done -- only while it
 still holds the lease, so a job is completed exactly once even if a worker died and the job
-was re-run. Jobs whose worker died are put back in the queue when their lease runs out
-(bounded attempts, then failed with a reason).
+was re-run, and a result whose job was erased meanwhile (/forget) leaves no files behind. Jobs
+whose worker died are put back in the queue when their lease runs out, or at once when a worker
+with the same id starts again (bounded attempts, then failed with a reason). Media files that
+no row references (a crash between writing them and the commit) are swept periodically, once
+they are older than a grace period.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import time
@@ -47,6 +51,8 @@ class WorkerSettings:
     lease_s: float = 15.0
     poll_s: float = 0.1
     progress_every_s: float = 0.5
+    media_sweep_s: float = 3600.0  # how often unreferenced media files are looked for
+    media_grace_s: float = 3600.0  # ... and how old they must be (a file is written before its row)
 
 
 class Worker:
@@ -60,11 +66,15 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve jobs until ``stop`` is set; then hand back what was not started."""
         log.info("engine worker %s ready (%s)", self.settings.worker_id, self.engine.loaded.label)
-        next_sweep = 0.0
+        await self._recover()
+        next_sweep = next_media_sweep = 0.0
         while not stop.is_set():
             if time.monotonic() >= next_sweep:  # leases expire on the lease_s scale, not per poll
                 await self._requeue_expired()
                 next_sweep = time.monotonic() + self.settings.lease_s / 3
+            if time.monotonic() >= next_media_sweep:
+                await self._sweep_media()
+                next_media_sweep = time.monotonic() + self.settings.media_sweep_s
             jobs = await self._claim()
             if not jobs:
                 with contextlib.suppress(TimeoutError):
@@ -73,6 +83,22 @@ class Worker:
             await self._run_batch(jobs)
         async with self.sessions.begin() as s:
             await repo.release_jobs(s, worker=self.settings.worker_id)
+
+    async def _recover(self) -> None:
+        """Jobs this worker id still holds were left by its previous process (it was killed)."""
+        async with self.sessions.begin() as s:
+            requeued, failed = await repo.recover_jobs(s, worker=self.settings.worker_id)
+        if requeued or failed:
+            log.warning("took back %d jobs a previous run of this worker left; %d failed for good",
+                        requeued, failed)
+
+    async def _sweep_media(self) -> None:
+        async with self.sessions() as s:
+            referenced = await repo.referenced_media_keys(s)
+        deleted = await asyncio.to_thread(self.media.sweep, referenced,
+                                          older_than_s=self.settings.media_grace_s)
+        if deleted:
+            log.info("media sweep: deleted %d files no row references", len(deleted))
 
     async def _requeue_expired(self) -> None:
         async with self.sessions.begin() as s:
@@ -129,42 +155,59 @@ class Worker:
                                       "selfie again")
                 latents[name] = repo.latent_of(face)
                 if name == "face":
-                    alignment, photo = face.alignment, self.media.read(face.photo_key)
+                    alignment, photo = face.alignment, self._read(face.photo_key)
         if p.get("photo_key"):
-            photo = self.media.read(str(p["photo_key"]))
+            photo = self._read(str(p["photo_key"]))
         return JobInput(job.id, job.kind, p, photo=photo, latents=latents, alignment=alignment)
 
-    async def _persist(self, outcome: JobOutcome) -> None:
-        worker = self.settings.worker_id
+    def _read(self, key: str) -> bytes:
         try:
-            async with self.sessions.begin() as s:
-                job = await repo.get_job(s, outcome.job_id)
-                if job is None:  # erased meanwhile (/forget)
-                    return
-                if outcome.error is not None:
-                    await repo.fail_job(s, job_id=job.id, worker=worker, error=outcome.error,
-                                        code=outcome.error_code or "engine_error")
-                    return
-                result = dict(outcome.result)
-                for name, (data, suffix) in outcome.files.items():
-                    result[name] = self.media.put(data, suffix=suffix)  # content-addressed
-                if outcome.face is not None and job.user_id is not None:
-                    f = outcome.face
-                    photo_key = str(job.payload["photo_key"])
-                    face = await repo.save_face(
-                        s, job_id=job.id, user_id=job.user_id,
-                        label=str(job.payload.get("label") or "default"),
-                        model_id=self.engine.model_id, latent=f.latent,
-                        aligned_key=result["aligned_key"], photo_key=photo_key,
-                        reconstruction_key=result["reconstruction_key"], alignment=f.alignment,
-                        quality=f.quality)
-                    result["face_id"] = face.id
-                    if job.chat_id is not None:
-                        await repo.share_face(s, face_id=face.id, chat_id=job.chat_id)
-                if not await repo.finish_job(s, job_id=job.id, worker=worker, result=result):
-                    raise _LostLease
-        except _LostLease:
-            log.warning("job %s was taken over by another worker; result dropped", outcome.job_id)
+            return self.media.read(key)
+        except FileNotFoundError:  # erased (/forget) after the job was claimed
+            raise EngineError("the photo for this job is gone; please send it again") from None
+
+    async def _persist(self, outcome: JobOutcome) -> None:
+        """Store a job's outcome and mark it done (or failed), only while the job is still ours.
+
+        ``hold_job`` comes first: nothing can change the job until this transaction commits, so
+        a job that was erased (/forget) or taken over by another worker gets no files at all.
+        Files are written before the rows that name them; a crash in between leaves files no row
+        references, for the media sweep.
+        """
+        worker = self.settings.worker_id
+        async with self.sessions.begin() as s:
+            job = await repo.hold_job(s, job_id=outcome.job_id, worker=worker, lease_s=self.settings.lease_s)
+            if job is None:
+                log.warning("job %s was erased or taken over by another worker; result dropped",
+                            outcome.job_id)
+                return
+            if outcome.error is not None:
+                await repo.fail_job(s, job_id=job.id, worker=worker, error=outcome.error,
+                                    code=outcome.error_code or "engine_error")
+                return
+            stored: list[str] = []
+            try:
+                for data, suffix in outcome.files.values():
+                    stored.append(self.media.put(data, suffix=suffix))  # content-addressed
+            except OSError as exc:
+                log.error("job %s: could not store its results: %s", job.id, exc)
+                await repo.fail_job(s, job_id=job.id, worker=worker, error=_storage_failed(exc),
+                                    code="storage_error")
+                for key in await repo.orphaned_media_keys(s, keys=stored):
+                    self.media.delete(key)
+                return
+            result = {**outcome.result, **dict(zip(outcome.files, stored, strict=True))}
+            if outcome.face is not None and job.user_id is not None:
+                f = outcome.face
+                face = await repo.save_face(
+                    s, job_id=job.id, user_id=job.user_id, label=str(job.payload.get("label") or "default"),
+                    model_id=self.engine.model_id, latent=f.latent, aligned_key=result["aligned_key"],
+                    photo_key=str(job.payload["photo_key"]), reconstruction_key=result["reconstruction_key"],
+                    alignment=f.alignment, quality=f.quality)
+                result["face_id"] = face.id
+                if job.chat_id is not None:
+                    await repo.share_face(s, face_id=face.id, chat_id=job.chat_id)
+            await repo.finish_job(s, job_id=job.id, worker=worker, result=result)
 
     async def _heartbeat(self, job_ids: list[str]) -> None:
         while True:
@@ -181,8 +224,10 @@ class Worker:
                                             info=info)
 
 
-class _LostLease(Exception):
-    pass
+def _storage_failed(exc: OSError) -> str:
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return ("the results could not be saved" + (" (the server is out of storage space)" if full else "")
+            + "; please try again later")
 
 
 class _ProgressRelay:

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, exists, select
+from sqlalchemy import delete, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.media import is_media_key
@@ -176,6 +176,13 @@ async def forget_user(s: AsyncSession, *, user_id: int) -> list[str]:
     the commit, keeping any that ``referenced_media_keys`` still lists (the same photo can be
     someone else's too). A missing user: nothing happens, [] is returned.
     """
+    # A write comes first: SELECTs alone do not start the transaction on SQLite, so an engine could
+    # commit a result between reading the keys and deleting the rows, and its files would be missed.
+    # From this write on no other writer commits before ours (PostgreSQL: the user's open jobs stay
+    # locked, after waiting for a worker that holds one), so the keys read below are complete.
+    await s.execute(update(Job).where(Job.user_id == user_id, Job.status.in_(("queued", "running")))
+                    .values(status="failed", error_code="erased", lease_owner=None, lease_until=None)
+                    .execution_options(synchronize_session=False))
     keys = await _face_keys(s, Face.user_id == user_id) | await _job_keys(s, Job.user_id == user_id)
     face_ids = set(await s.scalars(select(Face.id).where(Face.user_id == user_id)))
     keys |= await _erase_jobs_using(s, face_ids, user_id=user_id)

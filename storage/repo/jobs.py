@@ -3,7 +3,8 @@
 Life of a job: ``queued`` -> (claim) ``running`` under a lease -> ``done`` | ``failed``; then the
 bot replies and stamps ``replied_at``. A worker holds a lease (``lease_owner``, ``lease_until``)
 and extends it with ``heartbeat``; ``requeue_expired`` puts jobs whose worker vanished (lease
-past) or that ran past ``timeout_s`` back in the queue, or fails them after ``max_attempts``.
+past) or that ran past ``timeout_s`` back in the queue, or fails them after ``max_attempts``;
+``recover_jobs`` does the same at once for the jobs a restarted worker's id still holds.
 Every state change is one conditional UPDATE (``WHERE status = 'running' AND lease_owner =
 :worker``), so a worker that lost its lease cannot finish, fail or requeue a job another worker
 now holds.
@@ -37,7 +38,7 @@ file (and on PostgreSQL when ``STYLEBOT_TEST_POSTGRES_URL`` is set).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -57,10 +58,12 @@ __all__ = [
     "finish_job",
     "get_job",
     "heartbeat",
+    "hold_job",
     "jobs_in_progress",
     "jobs_to_reply",
     "mark_replied",
     "queue_position",
+    "recover_jobs",
     "release_jobs",
     "requeue_expired",
     "set_progress",
@@ -156,6 +159,15 @@ async def heartbeat(s: AsyncSession, *, job_ids: Sequence[str], worker: str, lea
     return len(await _update(s, Job.id.in_(list(job_ids)), *_held_by(worker), values={"lease_until": until}))
 
 
+async def hold_job(s: AsyncSession, *, job_id: str, worker: str, lease_s: float) -> Job | None:
+    """The job, its lease renewed, if this worker still holds it; None when it was erased or
+    taken over. The renewal is a write, so the job cannot change under the caller's transaction
+    until it commits (SQLite: no other writer at all; PostgreSQL: the row stays locked)."""
+    until = utcnow() + timedelta(seconds=lease_s)
+    held = await _update(s, Job.id == job_id, *_held_by(worker), values={"lease_until": until})
+    return held[0] if held else None
+
+
 async def set_progress(s: AsyncSession, *, job_id: str, progress: float, info: dict[str, Any] | None) -> bool:
     """Record progress (clamped to 0..1) of a running job; False when it is not running."""
     value = min(max(float(progress), 0.0), 1.0)
@@ -193,14 +205,31 @@ async def requeue_expired(s: AsyncSession, *, now: datetime | None = None) -> tu
     ``engine_lost`` / ``timeout``. Returns (requeued, failed)."""
     now = now or utcnow()
     running = list(await s.scalars(select(Job).where(Job.status == "running")))
+    return await _give_up_on(s, running, now=now,
+                             lost=lambda job: job.lease_until is None or job.lease_until < now)
+
+
+async def recover_jobs(s: AsyncSession, *, worker: str, now: datetime | None = None) -> tuple[int, int]:
+    """A worker starting up: the jobs its id still holds were left by a previous process of it
+    that died (kill -9, power cut) without handing them back. They are treated as if their
+    lease had run out now, without waiting for it: back to queued, or failed after
+    ``max_attempts``. Returns (requeued, failed). A worker id is run by one process at a time."""
+    now = now or utcnow()
+    held = list(await s.scalars(select(Job).where(*_held_by(worker))))
+    return await _give_up_on(s, held, now=now, lost=lambda job: True)
+
+
+async def _give_up_on(
+    s: AsyncSession, jobs: Sequence[Job], *, now: datetime, lost: Callable[[Job], bool],
+) -> tuple[int, int]:
+    """Requeue (or fail, after ``max_attempts``) the running ``jobs`` that are ``lost`` or
+    timed out, each only if nobody finished, released or re-claimed it since it was read."""
     requeued = failed = 0
-    for job in running:
+    for job in jobs:
         timed_out = job.started_at is not None and now > job.started_at + timedelta(seconds=job.timeout_s)
-        lost = job.lease_until is None or job.lease_until < now
-        if not (timed_out or lost):
+        if not (timed_out or lost(job)):
             continue
         owner = Job.lease_owner.is_(None) if job.lease_owner is None else Job.lease_owner == job.lease_owner
-        # only if nobody finished, released or re-claimed it since we looked
         same_claim = (Job.id == job.id, Job.status == "running", Job.attempts == job.attempts, owner)
         if job.attempts < job.max_attempts:
             requeued += len(await _update(s, *same_claim, values=dict(_BACK_IN_QUEUE)))
@@ -224,10 +253,13 @@ async def release_jobs(s: AsyncSession, *, worker: str) -> int:
 
 
 async def jobs_to_reply(s: AsyncSession, *, limit: int = 50) -> list[Job]:
-    """Finished (done or failed) jobs not yet replied to, oldest first."""
+    """Finished (done or failed) jobs not yet replied to, oldest first.
+
+    Rows loaded earlier in the session (e.g. by ``jobs_in_progress``, still running then) are
+    refreshed: a job that finished in between comes back done, with its result."""
     query = (select(Job).where(Job.status.in_(("done", "failed")), Job.replied_at.is_(None))
              .order_by(Job.created_at, Job.id).limit(limit))
-    return list(await s.scalars(query))
+    return list(await s.scalars(query, execution_options={"populate_existing": True}))
 
 
 async def mark_replied(s: AsyncSession, *, job_id: str) -> bool:
@@ -236,8 +268,9 @@ async def mark_replied(s: AsyncSession, *, job_id: str) -> bool:
 
 
 async def jobs_in_progress(s: AsyncSession) -> list[Job]:
-    """Running jobs, oldest first (for progress messages)."""
-    return list(await s.scalars(select(Job).where(Job.status == "running").order_by(Job.created_at, Job.id)))
+    """Running jobs, oldest first (for progress messages), refreshed like ``jobs_to_reply``'s."""
+    query = select(Job).where(Job.status == "running").order_by(Job.created_at, Job.id)
+    return list(await s.scalars(query, execution_options={"populate_existing": True}))
 
 
 async def set_reply_ref(s: AsyncSession, *, job_id: str, ref: dict[str, Any]) -> bool:

@@ -13,7 +13,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 import storage.repo as repo
-from bot.commands import Forget, Help, Mix, Morph, Origin, Reply, Selfie, SetPrivacy, ShowFaces, Target
+from bot.commands import Forget, Help, Mix, Morph, Origin, Selfie, SetPrivacy, ShowFaces, Target
 from bot.config import load_config
 from bot.service import Service
 from storage.db import make_engine, make_sessionmaker, upgrade
@@ -21,18 +21,7 @@ from storage.media import MediaStore
 from storage.models import Face, Job, User
 from storage.queue import LocalQueue
 
-
-class Inbox:
-    def __init__(self) -> None:
-        self.replies: list[Reply] = []
-
-    async def deliver(self, reply: Reply) -> dict[str, int]:
-        self.replies.append(reply)
-        return {"message_id": len(self.replies)}
-
-    @property
-    def last(self) -> str:
-        return self.replies[-1].text
+from .drills import Inbox
 
 
 @pytest.fixture

@@ -350,6 +350,9 @@ async def test_a_worker_that_lost_its_lease_cannot_finish_or_fail(sessions: Sess
         assert not await repo.fail_job(s, job_id=jid, worker="w1", error="boom", code="engine_error")
         assert await repo.heartbeat(s, job_ids=[jid], worker="w1", lease_s=60) == 0
         assert await repo.heartbeat(s, job_ids=[jid], worker="w2", lease_s=60) == 1
+        assert await repo.hold_job(s, job_id=jid, worker="w1", lease_s=60) is None
+        held = await repo.hold_job(s, job_id=jid, worker="w2", lease_s=600)
+        assert held is not None and held.id == jid and held.lease_until > utcnow() + timedelta(seconds=500)
     async with sessions() as s:
         row = await repo.get_job(s, jid)
         assert row is not None and (row.status, row.lease_owner, row.result) == ("running", "w2", None)
@@ -398,6 +401,38 @@ async def test_release_jobs_requeues_without_counting_the_attempt(sessions: Sess
         assert a is not None and (a.status, a.attempts) == ("queued", 0)
         assert (a.lease_owner, a.lease_until, a.batch_id, a.started_at) == (None, None, None, None)
         assert b is not None and (b.status, b.lease_owner) == ("running", "w2")
+
+
+async def test_a_restarted_worker_takes_back_its_jobs_without_waiting_for_the_lease(
+    sessions: Sessions,
+) -> None:
+    async with sessions.begin() as s:
+        mine, last_try, theirs = await job(s), await job(s, max_attempts=1), await job(s, kind="invert")
+    await claim(sessions, "w1", lease_s=3600)
+    await claim(sessions, "w2", lease_s=3600)
+    async with sessions.begin() as s:
+        assert await repo.recover_jobs(s, worker="w1") == (1, 1)
+        assert await repo.recover_jobs(s, worker="w1") == (0, 0)
+    async with sessions() as s:
+        a, b, c = [await repo.get_job(s, j) for j in (mine, last_try, theirs)]
+    assert a is not None and (a.status, a.attempts, a.lease_owner) == ("queued", 1, None)
+    assert b is not None and (b.status, b.error_code) == ("failed", "engine_lost")
+    assert c is not None and (c.status, c.lease_owner) == ("running", "w2")  # another worker's
+
+
+async def test_a_job_that_finishes_between_two_reads_of_a_session_comes_back_finished(
+    sessions: Sessions,
+) -> None:
+    async with sessions.begin() as s:
+        jid = await job(s)
+    await claim(sessions, "w1")
+    async with sessions() as reader:  # the reply pump: progress first, then what is due
+        running = await repo.jobs_in_progress(reader)  # kept, as the pump keeps them
+        assert [j.id for j in running] == [jid]
+        async with sessions.begin() as s:
+            assert await repo.finish_job(s, job_id=jid, worker="w1", result={"panel_key": key("p")})
+        (due,) = await repo.jobs_to_reply(reader)
+        assert (due.status, due.result) == ("done", {"panel_key": key("p")})
 
 
 async def test_replies_positions_and_counts(sessions: Sessions) -> None:

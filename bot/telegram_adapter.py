@@ -45,6 +45,7 @@ log = logging.getLogger("stylebot.telegram")
 _MB = 1024 * 1024
 _TEXT_MAX = 4096  # Telegram's limits, in characters
 _CAPTION_MAX = 1024
+_CONCURRENT_UPDATES = 32
 _LOGGERS = ("httpx", "httpcore", "telegram", "telegram.ext", "telegram.Bot", "telegram.ext.Updater",
             "telegram.ext.Application", "telegram.ext.ExtBot", "telegram.request")
 
@@ -92,6 +93,9 @@ class TelegramAdapter:
             .base_url(tg.base_url)
             .base_file_url(tg.base_file_url)
             .rate_limiter(AIORateLimiter())
+            # Updates from different chats are handled side by side: a group held back by
+            # Telegram's per-group send limit must not delay everyone else's answers.
+            .concurrent_updates(_CONCURRENT_UPDATES)
             .build()
         )
         self._service: Service | None = None

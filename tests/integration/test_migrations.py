@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +12,8 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, inspect, make_url
+from postgres_db import BACKENDS, fresh_postgres_database
+from sqlalchemy import Connection, inspect
 
 from storage.db import alembic_config, current_revision, make_engine, sqlite_url, upgrade
 from storage.models import Base
@@ -22,28 +21,14 @@ from storage.models import Base
 TABLES = {"users", "chats", "chat_members", "faces", "face_shares", "jobs"}
 
 
-# PostgreSQL runs too where STYLEBOT_TEST_POSTGRES_URL names a server (postgresql+asyncpg://...;
-# any database on it: each test creates and drops its own).
-POSTGRES_URL = os.environ.get("STYLEBOT_TEST_POSTGRES_URL", "")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"])
+@pytest.fixture(params=BACKENDS)
 async def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """An empty database: a SQLite path in a folder that does not exist yet, or a new PostgreSQL one."""
     if request.param == "sqlite":
         yield sqlite_url(tmp_path / "new" / "folder" / "stylebot.sqlite3")
         return
-    admin_url = POSTGRES_URL
-    name = f"stylebot_test_{uuid.uuid4().hex[:12]}"
-    admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            await conn.exec_driver_sql(f"CREATE DATABASE {name}")
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        async with admin.connect() as conn:
-            await conn.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
-    finally:
-        await admin.dispose()
+    async with fresh_postgres_database() as db_url:
+        yield db_url
 
 
 def _head(url: str) -> str | None:

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -14,7 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import make_url, select
+from postgres_db import BACKENDS, fresh_postgres_database
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -26,12 +26,7 @@ from storage.models import ChatMember, Face, FaceShare, Job, User, utcnow
 Sessions = async_sessionmaker[AsyncSession]
 
 
-# PostgreSQL runs too where STYLEBOT_TEST_POSTGRES_URL names a server (postgresql+asyncpg://...;
-# any database on it: each test creates and drops its own).
-POSTGRES_URL = os.environ.get("STYLEBOT_TEST_POSTGRES_URL", "")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"])
+@pytest.fixture(params=BACKENDS)
 async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A migrated database: a SQLite file, or a fresh PostgreSQL database."""
     if request.param == "sqlite":
@@ -39,19 +34,9 @@ async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[s
         await upgrade(db_url)
         yield db_url
         return
-    admin_url = POSTGRES_URL
-    name = f"stylebot_test_{uuid.uuid4().hex[:12]}"
-    admin = make_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            await conn.exec_driver_sql(f"CREATE DATABASE {name}")
-        db_url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    async with fresh_postgres_database() as db_url:
         await upgrade(db_url)
         yield db_url
-        async with admin.connect() as conn:
-            await conn.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
-    finally:
-        await admin.dispose()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from bot.config import Config
 from bot.service import Deliver, Service
 from storage.db import make_engine, make_sessionmaker, upgrade
 from storage.media import MediaStore
-from storage.queue import LocalQueue
+from storage.queue import open_queue
 
 __all__ = ["Adapter", "configured_adapters", "engine_command", "run"]
 
@@ -101,14 +101,17 @@ async def run(config: Config, *, config_path: Path | None = None,
     await upgrade(config.storage_url)
     db = make_engine(config.storage_url)
     child: asyncio.subprocess.Process | None = None
+    stack = contextlib.AsyncExitStack()
     try:
         if config.engine.embedded:
             child = await asyncio.create_subprocess_exec(*engine_command(config_path))
             log.info("engine process started (pid %d)", child.pid)
         sessions = make_sessionmaker(db)
-        service = Service(sessions=sessions, queue=LocalQueue(sessions),
-                          media=MediaStore(config.media_dir), config=config,
-                          deliver=_router(adapters))
+        q = config.queue
+        queue = await stack.enter_async_context(open_queue(
+            q.backend, sessions=sessions, redis_url=q.redis_url, redeliver_after_s=q.redeliver_after_s))
+        service = Service(sessions=sessions, queue=queue, media=MediaStore(config.media_dir),
+                          config=config, deliver=_router(adapters))
         if not adapters:
             log.warning("no chat adapter is configured yet: jobs are processed, replies are logged")
         pump = asyncio.create_task(service.run(stop))
@@ -139,6 +142,7 @@ async def run(config: Config, *, config_path: Path | None = None,
                 await asyncio.wait_for(child.wait(), 30)
             if child.returncode is None:
                 child.kill()
+        await stack.aclose()
         await db.dispose()
         log.info("stopped")
 

@@ -10,6 +10,16 @@ from collections.abc import Sequence
 __all__ = ["build_parser", "main", "run"]
 
 
+def _redis_url(text: str) -> str:
+    import re
+
+    from bot.config import REDIS_URL_PATTERN
+
+    if not re.fullmatch(REDIS_URL_PATTERN, text):
+        raise argparse.ArgumentTypeError("expected a redis://, rediss:// or unix:// URL")
+    return text
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="auto",
                    help="demo | auto (real FFHQ weights when downloaded, else demo) | a name "
@@ -29,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="config file (default: built-in defaults)")
     p.add_argument("--worker-id", default=None, help="stable id of this worker (default host:device)")
     p.add_argument("--device", default=None, help="override [engine] device, e.g. cuda:1")
+    p.add_argument("--queue", default=None, metavar="REDIS_URL", type=_redis_url,
+                   help="join the worker pool on this Redis server ([queue] backend = \"redis\")")
 
     p = sub.add_parser("align", help="detect the face in a photo and crop it FFHQ-style")
     p.add_argument("photo")
@@ -127,12 +139,15 @@ def _serve(args: argparse.Namespace) -> int:
         return asyncio.run(run_bot(config, config_path=config_path, adapters=configured_adapters(config)))
     from engine.worker import serve  # the engine process: imports torch
 
-    e = config.engine
+    e, q = config.engine, config.queue
+    backend, redis_url = ("redis", args.queue) if args.queue else (q.backend, q.redis_url)
     asyncio.run(serve(storage_url=config.storage_url, media_dir=str(config.media_dir),
                       model=e.model, device=args.device or e.device, batch_size=e.batch_size,
                       batch_wait_ms=e.batch_wait_ms, invert_steps=e.invert_steps,
                       edit_steps=e.edit_steps, clip=e.clip,
-                      direction_samples=e.direction_samples, worker_id=args.worker_id))
+                      direction_samples=e.direction_samples, worker_id=args.worker_id,
+                      queue=backend, redis_url=redis_url, lease_s=q.lease_s,
+                      redeliver_after_s=q.redeliver_after_s))
     return 0
 
 

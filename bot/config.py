@@ -38,6 +38,7 @@ __all__ = [
     "EngineConfig",
     "LimitsConfig",
     "QueueConfig",
+    "REDIS_URL_PATTERN",
     "StorageConfig",
     "TelegramConfig",
     "TimeoutsConfig",
@@ -158,7 +159,7 @@ def _masked_repr(self: Any) -> str:
 _HTTP = r"https?://\S+"
 _WS = r"wss?://\S+"
 _DB_URL = r"[A-Za-z][A-Za-z0-9+_-]*://\S*"
-_REDIS_URL = r"(rediss?|unix)://\S+"
+REDIS_URL_PATTERN = r"(rediss?|unix)://\S+"
 _DEVICE = r"auto|cpu|cuda(:\d+)?"
 
 
@@ -212,8 +213,10 @@ class StorageConfig:
 class QueueConfig:
     backend: Literal["local", "redis"] = _key("local", _choice("local", "redis"))
     redis_url: str = _key("redis://127.0.0.1:6379/0",
-                          _str("a redis://, rediss:// or unix:// URL", _REDIS_URL, empty=False))
+                          _str("a redis://, rediss:// or unix:// URL", REDIS_URL_PATTERN, empty=False))
     max_attempts: int = _key(3, _int(1))
+    lease_s: int = _key(15, _int(3))
+    redeliver_after_s: int = _key(60, _int(1))
 
     __repr__ = _masked_repr  # a Redis URL may hold a password
 

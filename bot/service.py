@@ -10,7 +10,6 @@ edit that message in place.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import time
@@ -125,7 +124,7 @@ class Service:
 
     async def _queued(self, origin: Origin, job: Job, what: str) -> None:
         """The job row is committed: tell the workers and the user; remember the message."""
-        await self.queue.notify(job.id)
+        await self.queue.notify([job.id])
         async with self.sessions() as s:
             position = await repo.queue_position(s, job_id=job.id)
         ref = await self.say(origin, replies.queued(what, position))
@@ -288,11 +287,18 @@ class Service:
         except Exception:
             log.warning("could not update the progress message of job %s", job.id)
 
-    async def run(self, stop: asyncio.Event, *, interval_s: float = 0.2) -> None:
-        while not stop.is_set():
-            try:
-                await self.pump_once(stop=stop)
-            except Exception:
-                log.exception("reply pump failed; retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval_s)
+    async def run(self, stop: asyncio.Event) -> None:
+        """Send replies and progress until ``stop``: after each event a worker announces, or
+        every ``queue.poll_s`` when none comes (the jobs table is the truth either way)."""
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                try:
+                    await self.pump_once(stop=stop)
+                except Exception:
+                    log.exception("reply pump failed; retrying")
+                event = asyncio.create_task(self.queue.changed(self.queue.poll_s))
+                await asyncio.wait([stopping, event], return_when=asyncio.FIRST_COMPLETED)
+                event.cancel()
+        finally:
+            stopping.cancel()

@@ -16,7 +16,6 @@ they are older than a grace period.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import socket
@@ -32,7 +31,7 @@ from engine.errors import EngineError
 from engine.jobs import JOB_KINDS, Engine, JobInput, JobOutcome
 from storage.media import MediaStore
 from storage.models import Job
-from storage.queue import JobQueue, LocalQueue
+from storage.queue import JobQueue, open_queue
 
 __all__ = ["Worker", "WorkerSettings", "default_worker_id"]
 
@@ -49,7 +48,8 @@ class WorkerSettings:
     batch_size: int = 8
     batch_wait_ms: int = 20
     lease_s: float = 15.0
-    poll_s: float = 0.1
+    poll_s: float = 0.1  # how long one wait for work lasts (the stop flag is checked between)
+    resend_after_s: float = 5.0  # an idle worker resends jobs queued longer than this
     progress_every_s: float = 0.5
     media_sweep_s: float = 3600.0  # how often unreferenced media files are looked for
     media_grace_s: float = 3600.0  # ... and how old they must be (a file is written before its row)
@@ -67,7 +67,7 @@ class Worker:
         """Serve jobs until ``stop`` is set; then hand back what was not started."""
         log.info("engine worker %s ready (%s)", self.settings.worker_id, self.engine.loaded.label)
         await self._recover()
-        next_sweep = next_media_sweep = 0.0
+        next_sweep = next_media_sweep = next_resend = 0.0
         while not stop.is_set():
             if time.monotonic() >= next_sweep:  # leases expire on the lease_s scale, not per poll
                 await self._requeue_expired()
@@ -75,12 +75,17 @@ class Worker:
             if time.monotonic() >= next_media_sweep:
                 await self._sweep_media()
                 next_media_sweep = time.monotonic() + self.settings.media_sweep_s
-            jobs = await self._claim()
-            if not jobs:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.settings.poll_s)
-                continue
-            await self._run_batch(jobs)
+            jobs = await self.queue.take(
+                worker=self.settings.worker_id, kinds=JOB_KINDS, limit=self.settings.batch_size,
+                lease_s=self.settings.lease_s, gather_s=self.settings.batch_wait_ms / 1000,
+                wait_s=self.settings.poll_s)
+            if jobs:
+                await self._run_batch(jobs)
+            elif time.monotonic() >= next_resend:  # idle: jobs nobody told us about?
+                resent = await self.queue.resend_waiting(older_than_s=self.settings.resend_after_s)
+                if resent:
+                    log.info("resent %d waiting job(s) to the queue", resent)
+                next_resend = time.monotonic() + self.settings.resend_after_s
         async with self.sessions.begin() as s:
             await repo.release_jobs(s, worker=self.settings.worker_id)
 
@@ -106,15 +111,6 @@ class Worker:
         if requeued or failed:
             log.warning("requeued %d jobs whose worker stopped; %d failed for good", requeued, failed)
 
-    async def _claim(self) -> list[Job]:
-        waiting = await self.queue.pending()
-        if not waiting:
-            return []
-        if waiting < self.settings.batch_size and self.settings.batch_wait_ms > 0:
-            await asyncio.sleep(self.settings.batch_wait_ms / 1000)  # let a burst gather
-        return await self.queue.claim(worker=self.settings.worker_id, kinds=JOB_KINDS,
-                                      limit=self.settings.batch_size, lease_s=self.settings.lease_s)
-
     async def _run_batch(self, jobs: Sequence[Job]) -> None:
         kind = jobs[0].kind
         log.info("batch %s: %d %s job(s)", jobs[0].batch_id, len(jobs), kind)
@@ -137,6 +133,9 @@ class Worker:
             await relay
         for outcome in outcomes:
             await self._persist(outcome)
+        ids = [job.id for job in jobs]
+        await self.queue.settled(ids)
+        await self.queue.announce(ids)
 
     async def _inputs(self, job: Job) -> JobInput:
         p = job.payload
@@ -222,6 +221,7 @@ class Worker:
                 for job_id in job_ids:
                     await repo.set_progress(s, job_id=job_id, progress=step / max(total, 1),
                                             info=info)
+            await self.queue.announce(job_ids)
 
 
 def _storage_failed(exc: OSError) -> str:
@@ -262,7 +262,8 @@ async def serve(
     *, storage_url: str, media_dir: str, model: str, device: str, batch_size: int,
     batch_wait_ms: int, invert_steps: int, edit_steps: int, clip: str,
     direction_samples: int = 32, worker_id: str | None = None,
-    lease_s: float = 15.0, stop: asyncio.Event | None = None,
+    lease_s: float = 15.0, queue: str = "local", redis_url: str = "", redeliver_after_s: float = 60.0,
+    stop: asyncio.Event | None = None,
 ) -> None:
     """`stylebot engine`: load the models once, then serve jobs until stopped (SIGINT/SIGTERM)."""
     import signal
@@ -285,8 +286,10 @@ async def serve(
         settings = WorkerSettings(worker_id=worker_id or default_worker_id(str(dev)),
                                   batch_size=batch_size, batch_wait_ms=batch_wait_ms, lease_s=lease_s)
         sessions = make_sessionmaker(db)
-        worker = Worker(engine, sessions=sessions, queue=LocalQueue(sessions),
-                        media=MediaStore(Path(media_dir)), settings=settings)
-        await worker.run(stop)
+        async with open_queue(queue, sessions=sessions, redis_url=redis_url, consumer=settings.worker_id,
+                              redeliver_after_s=redeliver_after_s) as jobs:
+            worker = Worker(engine, sessions=sessions, queue=jobs, media=MediaStore(Path(media_dir)),
+                            settings=settings)
+            await worker.run(stop)
     finally:
         await db.dispose()

@@ -63,6 +63,7 @@ __all__ = [
     "jobs_to_reply",
     "mark_replied",
     "queue_position",
+    "queued_job_ids",
     "recover_jobs",
     "release_jobs",
     "requeue_expired",
@@ -109,19 +110,22 @@ async def get_job(s: AsyncSession, job_id: str) -> Job | None:
 
 async def claim_jobs(
     s: AsyncSession, *, worker: str, kinds: Sequence[str] | None, limit: int, lease_s: float,
-    model: str | None = None,
+    model: str | None = None, among: Sequence[str] | None = None,
 ) -> list[Job]:
     """Move up to ``limit`` of the oldest queued jobs of one kind and model to running.
 
     The kind and model are those of the oldest queued job that ``kinds`` / ``model`` allow
-    (None: any). The claimed jobs get ``attempts + 1``, this worker's lease until now +
-    ``lease_s``, ``started_at`` and one fresh ``batch_id``. Oldest first. See the module
-    docstring for why two workers never get the same job.
+    (None: any); ``among`` limits the choice to these job ids (the ones a broker delivered).
+    The claimed jobs get ``attempts + 1``, this worker's lease until now + ``lease_s``,
+    ``started_at`` and one fresh ``batch_id``. Oldest first. See the module docstring for why
+    two workers never get the same job.
     """
-    if limit <= 0 or (kinds is not None and not kinds):
+    if limit <= 0 or (kinds is not None and not kinds) or (among is not None and not among):
         return []
     oldest, group = aliased(Job), aliased(Job)
     pick = select(oldest.kind, oldest.model).where(oldest.status == "queued")
+    if among is not None:
+        pick = pick.where(oldest.id.in_(list(among)))
     if kinds is not None:
         pick = pick.where(oldest.kind.in_(list(kinds)))
     if model is not None:
@@ -132,12 +136,16 @@ async def claim_jobs(
         first = (await s.execute(pick.with_for_update(skip_locked=True))).first()
         if first is None:
             return []
+        same = select(Job.id).where(Job.status == "queued", Job.kind == first.kind, Job.model == first.model)
+        if among is not None:
+            same = same.where(Job.id.in_(list(among)))
         ids = list(await s.scalars(
-            select(Job.id).where(Job.status == "queued", Job.kind == first.kind, Job.model == first.model)
-            .order_by(Job.created_at, Job.id).limit(limit).with_for_update(skip_locked=True)))
+            same.order_by(Job.created_at, Job.id).limit(limit).with_for_update(skip_locked=True)))
     else:
-        ids = (select(group.id).where(group.status == "queued", tuple_(group.kind, group.model).in_(pick))
-               .order_by(group.created_at, group.id).limit(limit))
+        grouped = select(group.id).where(group.status == "queued", tuple_(group.kind, group.model).in_(pick))
+        if among is not None:
+            grouped = grouped.where(group.id.in_(list(among)))
+        ids = grouped.order_by(group.created_at, group.id).limit(limit)
     now = utcnow()
     claimed = await _update(s, Job.status == "queued", Job.id.in_(ids), values={
         "status": "running", "attempts": Job.attempts + 1, "lease_owner": worker,
@@ -301,6 +309,19 @@ async def count_open_jobs(s: AsyncSession, *, user_id: int | None = None, chat_i
     if chat_id is not None:
         query = query.where(Job.chat_id == chat_id)
     return int(await s.scalar(query) or 0)
+
+
+async def queued_job_ids(
+    s: AsyncSession, *, among: Sequence[str] | None = None, created_before: datetime | None = None,
+    limit: int = 1000,
+) -> list[str]:
+    """Ids of queued jobs, oldest first: of ``among`` only, and/or created before a time."""
+    query = select(Job.id).where(Job.status == "queued")
+    if among is not None:
+        query = query.where(Job.id.in_(list(among)))
+    if created_before is not None:
+        query = query.where(Job.created_at < created_before)
+    return list(await s.scalars(query.order_by(Job.created_at, Job.id).limit(limit)))
 
 
 async def count_queued(

@@ -112,7 +112,7 @@ async def running_world(tmp: Path, *, config_text: str = CONFIG) -> AsyncIterato
         engine = subprocess.Popen([sys.executable, "-m", "bot", "engine", "--config", str(path),
                                    "--worker-id", "tg-e2e"], env=env, stdout=log, stderr=subprocess.STDOUT)
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(service.run(stop, interval_s=0.1)),
+    tasks = [asyncio.create_task(service.run(stop)),
              asyncio.create_task(adapter.run(service, stop))]
     try:
         await tg.wait_for("setMyCommands", timeout=20)

@@ -180,7 +180,7 @@ class World:
     async def pumping(self) -> AsyncIterator[None]:
         """The service's reply pump, running in this process."""
         stop = asyncio.Event()
-        pump = asyncio.create_task(self.service.run(stop, interval_s=0.1))
+        pump = asyncio.create_task(self.service.run(stop))
         try:
             yield
         finally:

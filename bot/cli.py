@@ -165,10 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # engine errors are user mistakes: one line, no traceback
         from bot.config import ConfigError
         from engine.errors import EngineError
+        from storage.queue import QueueUnavailable
 
         if isinstance(exc, EngineError | ConfigError):
             print(f"stylebot: error: {exc.message}", file=sys.stderr)
             return 2
+        if isinstance(exc, QueueUnavailable):
+            print(f"stylebot: error: {exc.message}", file=sys.stderr)
+            return 1
         if isinstance(exc, OSError) and exc.filename is not None:
             print(f"stylebot: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
             return 2

@@ -279,15 +279,16 @@ async def serve(
     dev = resolve_device(device)
     await upgrade(storage_url)
     db = make_engine(storage_url)
+    settings = WorkerSettings(worker_id=worker_id or default_worker_id(str(dev)),
+                              batch_size=batch_size, batch_wait_ms=batch_wait_ms, lease_s=lease_s)
+    sessions = make_sessionmaker(db)
     try:
-        engine = await asyncio.to_thread(Engine, model=model, device=dev, invert_steps=invert_steps,
-                                         edit_steps=edit_steps, clip=clip,
-                                         table_samples=direction_samples)
-        settings = WorkerSettings(worker_id=worker_id or default_worker_id(str(dev)),
-                                  batch_size=batch_size, batch_wait_ms=batch_wait_ms, lease_s=lease_s)
-        sessions = make_sessionmaker(db)
+        # The queue first: an unreachable Redis is reported before minutes of model loading.
         async with open_queue(queue, sessions=sessions, redis_url=redis_url, consumer=settings.worker_id,
                               redeliver_after_s=redeliver_after_s) as jobs:
+            engine = await asyncio.to_thread(Engine, model=model, device=dev, invert_steps=invert_steps,
+                                             edit_steps=edit_steps, clip=clip,
+                                             table_samples=direction_samples)
             worker = Worker(engine, sessions=sessions, queue=jobs, media=MediaStore(Path(media_dir)),
                             settings=settings)
             await worker.run(stop)

@@ -14,12 +14,21 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
+from sqlalchemy import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import storage.repo as repo
 from storage.models import Job
 
-__all__ = ["JobQueue", "LocalQueue", "open_queue"]
+__all__ = ["JobQueue", "LocalQueue", "QueueUnavailable", "open_queue"]
+
+
+class QueueUnavailable(Exception):
+    """The queue's server cannot be reached (one line for the user in ``message``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class JobQueue(Protocol):
@@ -99,10 +108,17 @@ async def open_queue(
         return
     if backend != "redis":
         raise ValueError(f"unknown queue backend {backend!r}")
+    from redis.exceptions import RedisError
+
     from storage.redis_queue import RedisQueue  # imports taskiq and redis only when used
 
     queue = RedisQueue(sessions, url=redis_url, consumer=consumer, redeliver_after_s=redeliver_after_s)
-    await queue.start()
+    try:
+        await queue.start()
+    except (RedisError, OSError) as exc:
+        await queue.close()
+        shown = make_url(redis_url).render_as_string(hide_password=True)
+        raise QueueUnavailable(f"cannot reach Redis at {shown}: {exc}") from None
     try:
         yield queue
     finally:

@@ -1,5 +1,6 @@
 """The Telegram test world: a local fake Bot API server, the real python-telegram-bot adapter, the real
-service and a real engine process (``python -m bot engine``) on the demo model, all on one SQLite file.
+service and a real engine process (``python -m bot engine``) on the demo model, all on one SQLite file
+(or on the database and queue backend that ``config_text`` names: PostgreSQL and Redis).
 
 Test modules wrap :func:`running_world` in a module-scoped fixture (one engine process per module).
 """
@@ -27,7 +28,7 @@ from bot.service import Service
 from bot.telegram_adapter import TelegramAdapter
 from storage.db import make_engine, make_sessionmaker, upgrade
 from storage.media import MediaStore
-from storage.queue import LocalQueue
+from storage.queue import open_queue
 
 from .fake_telegram import Call, FakeChat, FakeTelegram, FakeUser
 
@@ -102,8 +103,12 @@ async def running_world(tmp: Path, *, config_text: str = CONFIG) -> AsyncIterato
     db = make_engine(config.storage_url)
     sessions = make_sessionmaker(db)
     adapter = TelegramAdapter(config, poll_timeout=1)
-    service = Service(sessions=sessions, queue=LocalQueue(sessions), media=MediaStore(config.media_dir),
-                      config=config, deliver=adapter.deliver)
+    q = config.queue
+    queues = contextlib.AsyncExitStack()
+    queue = await queues.enter_async_context(open_queue(
+        q.backend, sessions=sessions, redis_url=q.redis_url, redeliver_after_s=q.redeliver_after_s))
+    service = Service(sessions=sessions, queue=queue, media=MediaStore(config.media_dir), config=config,
+                      deliver=adapter.deliver)
     # One torch thread: the bot (this process) needs the other core, and OpenMP threads that share
     # a busy CPU spin-wait for each other (a 20-step inversion then takes a minute, not a second).
     env = {**os.environ, "STYLEBOT_HOME": str(home), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -125,6 +130,7 @@ async def running_world(tmp: Path, *, config_text: str = CONFIG) -> AsyncIterato
             engine.wait(timeout=60)
         except subprocess.TimeoutExpired:
             engine.kill()
+        await queues.aclose()
         await db.dispose()
         await tg.stop()
     for task in tasks:

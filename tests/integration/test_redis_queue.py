@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from postgres_db import BACKENDS, fresh_postgres_database
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from postgres_db import BACKENDS, fresh_postgres_database
 from storage import repo
 from storage.db import make_engine, make_sessionmaker, sqlite_url, upgrade
 from storage.queue import JobQueue, open_queue

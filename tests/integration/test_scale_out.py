@@ -13,13 +13,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from PIL import Image
+from postgres_db import fresh_postgres_database
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 
 from bot.commands import Selfie
 from bot.config import load_config
 from bot.service import Service
-from postgres_db import fresh_postgres_database
 from storage.db import make_engine, make_sessionmaker, upgrade
 from storage.media import MediaStore
 from storage.models import Face, Job
@@ -66,7 +66,8 @@ async def _installation(tmp_path: Path, postgres_url: str, redis_url: str) -> As
             await db.dispose()
 
 
-def _worker(config_path: Path, env: dict[str, str], worker_id: str, redis_url: str) -> subprocess.Popen[bytes]:
+def _worker(config_path: Path, env: dict[str, str], worker_id: str, redis_url: str
+            ) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "bot", "engine", "--config", str(config_path),
                              "--worker-id", worker_id, "--queue", redis_url], env=env)
 

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint soak bench clean browser
+.PHONY: run test lint soak bench clean browser services
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,13 +19,19 @@ run: $(STAMP)
 browser:
 	test -x /usr/bin/chromium || (apt-get update && apt-get install -y --no-install-recommends chromium)
 
-test: $(STAMP) browser
+# Storage/service tests run on a real PostgreSQL and the integration tests on a real Redis: tests/servers.py
+# starts throwaway servers on 127.0.0.1 from Debian's binaries (nothing else uses these packages).
+services:
+	command -v redis-server >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(apt-get update && apt-get install -y --no-install-recommends redis-server postgresql)
+
+test: $(STAMP) browser services
 	$(BIN)/ruff check bot engine storage tests bench
 	$(BIN)/mypy bot engine storage
 	$(BIN)/pytest -q
 
 # The full load and crash drills (long; `make test` runs them in a shorter form), figures printed.
-soak: $(STAMP)
+soak: $(STAMP) services
 	STYLEBOT_SOAK=1 $(BIN)/pytest -q -s tests/integration/test_drills.py tests/e2e/test_load.py
 
 lint: $(STAMP)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import skimage.data
 from PIL import Image
+from servers import MissingServer, Server, start_postgres, start_redis
 
 from engine.align import FaceDetector
 
@@ -41,3 +43,32 @@ def _isolated_home(
 ) -> None:
     """No test reads or writes the user's real weights cache."""
     monkeypatch.setenv("STYLEBOT_HOME", str(tmp_path_factory.mktemp("home")))
+
+
+def _server_url(env_var: str, start: Callable[[], Server]) -> Iterator[str]:
+    """The server named by ``env_var``, else a throwaway one started now and stopped afterwards."""
+    if url := os.environ.get(env_var, "").strip():
+        yield url
+        return
+    try:
+        server = start()
+    except MissingServer as exc:  # a failure, not a skip: these runs must not vanish silently
+        pytest.fail(f"{exc} (or set {env_var} to a server of your own)", pytrace=False)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server's postgresql+asyncpg:// URL (database "postgres", a superuser); started
+    at the first test that asks, stopped at the end of the run. STYLEBOT_TEST_POSTGRES_URL: use that one."""
+    yield from _server_url("STYLEBOT_TEST_POSTGRES_URL", start_postgres)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis server's redis:// URL (database 0, nothing persisted); started at the first test that
+    asks, stopped at the end of the run. STYLEBOT_TEST_REDIS_URL: use that one."""
+    yield from _server_url("STYLEBOT_TEST_REDIS_URL", start_redis)

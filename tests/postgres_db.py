@@ -1,10 +1,9 @@
-"""A throwaway PostgreSQL database for tests, where STYLEBOT_TEST_POSTGRES_URL names a server
+"""A throwaway PostgreSQL database for tests, on the server of the ``postgres_url`` fixture
 (postgresql+asyncpg://...; any database on it: each test creates and drops its own)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import uuid
 from collections.abc import AsyncIterator
 
@@ -12,22 +11,23 @@ from sqlalchemy import make_url
 
 from storage.db import make_engine
 
-__all__ = ["BACKENDS", "POSTGRES_URL", "fresh_postgres_database"]
+__all__ = ["BACKENDS", "fresh_postgres_database"]
 
-POSTGRES_URL = os.environ.get("STYLEBOT_TEST_POSTGRES_URL", "")
-BACKENDS = ["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"]
+BACKENDS = ["sqlite", "postgresql"]
 
 
 @contextlib.asynccontextmanager
-async def fresh_postgres_database() -> AsyncIterator[str]:
-    """The URL of a new, empty database on the server; dropped afterwards."""
+async def fresh_postgres_database(server_url: str) -> AsyncIterator[str]:
+    """The URL of a new, empty database on the server at ``server_url``; dropped afterwards."""
     name = f"stylebot_test_{uuid.uuid4().hex[:12]}"
-    admin = make_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    admin = make_engine(server_url, isolation_level="AUTOCOMMIT")
     try:
         async with admin.connect() as conn:
             await conn.exec_driver_sql(f"CREATE DATABASE {name}")
-        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-        async with admin.connect() as conn:
-            await conn.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
+        try:
+            yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            async with admin.connect() as conn:
+                await conn.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
     finally:
         await admin.dispose()

@@ -32,7 +32,7 @@ How ``claim_jobs`` stays safe with several workers:
   locking subquery under ``IN`` can be re-run per row of the UPDATE and so exceed the limit.)
 
 Either way a job is never handed to two claimers; a test races several engines on one SQLite
-file (and on PostgreSQL when ``STYLEBOT_TEST_POSTGRES_URL`` is set).
+file and on a PostgreSQL server that the tests start.
 """
 
 from __future__ import annotations

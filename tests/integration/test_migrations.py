@@ -1,4 +1,5 @@
-"""Alembic migrations against real SQLite files: the schema the app runs on is the migrated one."""
+"""Alembic migrations against real SQLite files and PostgreSQL databases: the schema the app runs on is
+the migrated one."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ async def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     if request.param == "sqlite":
         yield sqlite_url(tmp_path / "new" / "folder" / "stylebot.sqlite3")
         return
-    async with fresh_postgres_database() as db_url:
+    async with fresh_postgres_database(request.getfixturevalue("postgres_url")) as db_url:
         yield db_url
 
 

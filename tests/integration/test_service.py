@@ -1,15 +1,18 @@
-"""Service policy against a real SQLite database (no engine needed): limits, consent, erasure."""
+"""Service policy against a real SQLite file and a real PostgreSQL database (no engine needed): limits,
+consent, erasure."""
 
 from __future__ import annotations
 
 import io
 import itertools
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from postgres_db import BACKENDS, fresh_postgres_database
 from sqlalchemy import func, select
 
 import storage.repo as repo
@@ -24,10 +27,21 @@ from storage.queue import LocalQueue
 from .drills import Inbox
 
 
+@pytest.fixture(params=BACKENDS)
+async def storage_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """"" (the default: SQLite under the data dir), or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    async with fresh_postgres_database(request.getfixturevalue("postgres_url")) as db_url:
+        yield db_url
+
+
 @pytest.fixture
-async def svc(tmp_path: Path) -> AsyncIterator[tuple[Service, Inbox]]:
+async def svc(tmp_path: Path, storage_url: str) -> AsyncIterator[tuple[Service, Inbox]]:
     cfg = tmp_path / "config.toml"
-    cfg.write_text("[limits]\nper_user_open_jobs = 2\nper_user_per_minute = 4\n")
+    cfg.write_text("[limits]\nper_user_open_jobs = 2\nper_user_per_minute = 4\n"
+                   f"[storage]\nurl = {json.dumps(storage_url)}\n")
     config = load_config(cfg, env={"STYLEBOT_HOME": str(tmp_path / "home")})
     await upgrade(config.storage_url)
     db = make_engine(config.storage_url)

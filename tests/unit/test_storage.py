@@ -1,4 +1,5 @@
-"""storage/: repositories on real, migrated SQLite files (never create_all), and the media store."""
+"""storage/: repositories on real, migrated databases (SQLite files and PostgreSQL; never create_all), and
+the media store."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[s
         await upgrade(db_url)
         yield db_url
         return
-    async with fresh_postgres_database() as db_url:
+    async with fresh_postgres_database(request.getfixturevalue("postgres_url")) as db_url:
         await upgrade(db_url)
         yield db_url
 

@@ -79,7 +79,8 @@ class FakeDiscord:
         self.gateway_query: dict[str, str] = {}
         self.unauthorized: list[str] = []  # REST calls without the bot token (webhooks excepted)
         self.users: dict[str, dict[str, Any]] = {BOT_ID: _user(BOT_ID, "stylebot", bot=True)}
-        self.files: dict[str, tuple[bytes, str]] = {}
+        self.files: dict[str, tuple[bytes, str]] = {}  # what users attach: name -> (bytes, type)
+        self.uploads: list[bytes] = []  # every file the bot uploaded, edits replaced or not
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
         self._ws: web.WebSocketResponse | None = None
@@ -284,6 +285,7 @@ class FakeDiscord:
                 payload = json.loads(await part.text())
             else:
                 files.append((part.filename or "", bytes(await part.read())))
+        self.uploads.extend(data for _, data in files)
         return payload, files
 
     def _message_json(self, sent: Sent) -> dict[str, Any]:

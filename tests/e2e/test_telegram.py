@@ -3,26 +3,32 @@ real service and a real engine process on the demo model.
 
 One world for the whole module (one engine process); the tests run in order and build on each other:
 alice saves a selfie in private, alice and bob save theirs in a group, morph, privacy, edit, forget.
+Everything logged meanwhile (this process at DEBUG, the engine's output) is checked last for the token
+and for face data.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-import logging
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from log_privacy import LogCapture, assert_no_private_data, capturing_logs, read_log
 from PIL import Image
 from sqlalchemy import func, select
 
+from bot.config import load_config
 from bot.parse import COMMANDS
 from bot.replies import USER_JOBS_OPEN
+from bot.telegram_adapter import TelegramAdapter
+from storage.media import MediaStore
 from storage.models import Face, Job, User
 
 from .fake_telegram import FakeChat, FakeUser
-from .telegram_world import TOKEN, World, astronaut, dm, jpeg, replying_to, running_world
+from .telegram_world import CONFIG, TOKEN, World, astronaut, dm, jpeg, replying_to, running_world
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -31,24 +37,27 @@ BOB = FakeUser(id=1002, first_name="Bob", username="bob")
 CAROL = FakeUser(id=1003, first_name="Carol", username="carol")
 GROUP = FakeChat(id=-100500, type="supergroup", title="Face Club")
 
+# A known leak (reported; the fix belongs in bot/telegram_adapter.py): TelegramAdapter.__init__ builds
+# PTB's bot, which logs its API URLs, token inside, at DEBUG; the adapter's redaction filter only goes
+# on in run(). test_building_the_adapter_logs_no_token pins it; the flow's check skips these two lines.
+_KNOWN_LEAK = ("telegram.ext.ExtBot DEBUG: Set Bot API URL: ",
+               "telegram.ext.ExtBot DEBUG: Set Bot API File URL: ")
+
+
+@pytest.fixture(scope="module")
+def logs() -> Iterator[LogCapture]:
+    """Everything this process logs while the module runs, every logger at DEBUG (PTB, its HTTP
+    client, the bot): checked by the last test."""
+    with capturing_logs() as capture:
+        yield capture
+
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
-    async with running_world(tmp_path_factory.mktemp("telegram")) as w:
+async def world(tmp_path_factory: pytest.TempPathFactory, logs: LogCapture) -> AsyncIterator[World]:
+    # The engine process logs at DEBUG too (its output goes to world.engine_log).
+    async with running_world(tmp_path_factory.mktemp("telegram"),
+                             config_text='[bot]\nlog_level = "DEBUG"\n' + CONFIG) as w:
         yield w
-
-
-@pytest.fixture(autouse=True)
-def _no_token_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """Every test: the HTTP client, PTB and the bot log at DEBUG, and the token is never in it."""
-    for name in ("httpx", "httpcore", "telegram", "stylebot"):
-        caplog.set_level(logging.DEBUG, logger=name)
-    yield
-    records = caplog.get_records("setup") + caplog.get_records("call")
-    text = "\n".join(r.getMessage() + (r.exc_text or "") for r in records)
-    assert "/bot<token>/getUpdates" in text  # PTB's HTTP client did log its request URLs
-    leaks = [(r.name, r.getMessage()[:120]) for r in records if TOKEN.split(":")[1] in r.getMessage()]
-    assert not leaks
 
 
 async def test_private_selfie_saves_the_face_and_shows_the_panel(world: World) -> None:
@@ -181,3 +190,35 @@ async def test_too_many_open_jobs_get_a_clear_reply(world: World) -> None:
     for msg, text in zip(sent, texts, strict=True):  # the queued ones still finish
         if text != USER_JOBS_OPEN:
             await tg.wait_for("sendPhoto", replying_to(msg), timeout=180)
+
+
+async def test_logs_hold_neither_the_token_nor_face_data(world: World, logs: LogCapture) -> None:
+    """All of the above, as logged by the bot (at DEBUG) and the engine process."""
+    bot_log = "\n".join(line for line in logs.lines if not line.startswith(_KNOWN_LEAK))
+    engine_log = read_log(world.engine_log)
+    assert "/bot<token>/getUpdates" in bot_log  # PTB's HTTP client logged its URLs, token redacted
+    assert "telegram: polling as @" in bot_log
+    assert "engine worker tg-e2e ready" in engine_log and "invert job(s)" in engine_log
+    media = MediaStore(world.config.media_dir)  # photos, aligned faces, reconstructions, results
+    stored = [media.read(key) for key in list(media.keys())]
+    async with world.service.sessions() as s:
+        latents = (await s.scalars(select(Face.latent))).all()  # the faces /forget left
+    face_data = list(dict.fromkeys([*world.tg.files.values(), *stored, *latents]))  # sent, made, kept
+    assert len(latents) >= 3 and len(face_data) > 20
+    for name, text in (("bot", bot_log), ("engine", engine_log)):
+        scan = assert_no_private_data(text, secrets=[TOKEN], face_data=face_data)
+        print(f"telegram {name} log: {scan} scanned, {len(face_data)} blobs of face data")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known leak: TelegramAdapter.__init__ builds PTB's bot, which logs "
+                   "'Set Bot API URL: .../bot<token>' at DEBUG before run() puts the redaction filter on")
+async def test_building_the_adapter_logs_no_token(tmp_path: Path) -> None:
+    token = "987654321:AAF-another_SECRET_token"  # not the world's: its running adapter redacts that one
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(base_url="http://127.0.0.1:9/bot", base_file_url="http://127.0.0.1:9/file/bot"))
+    config = load_config(path, env={"STYLEBOT_HOME": str(tmp_path), "TELEGRAM_BOT_TOKEN": token})
+    with capturing_logs() as capture:
+        TelegramAdapter(config)
+    assert capture.lines  # PTB said something
+    assert_no_private_data(capture.text(), secrets=[token])

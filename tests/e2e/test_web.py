@@ -3,18 +3,22 @@ process on the demo model) driven through Debian's chromium with playwright, as 
 
 One world for the module (one server, one browser); the tests run in order and build on each other:
 alice and bob each open a tab and send a selfie (button and drag and drop), then morph and edit.
+The server has an access token (each tab opens the chat once with ``?token=``) and logs at DEBUG, its
+engine process too; everything they wrote is then checked for the token, the cookie and face data.
 A full-page screenshot goes to ``$STYLEBOT_ARTIFACTS`` (default ``tests/artifacts``).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -25,15 +29,23 @@ from typing import Any
 
 import pytest
 import skimage.data
+from log_privacy import assert_no_private_data, read_log
 from PIL import Image
 from playwright.sync_api import Browser, Page, WebSocket, expect, sync_playwright
+from sqlalchemy.engine import make_url
+
+from bot.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 JOB_TIMEOUT_MS = 120_000
+WEB_TOKEN = "web-access-SECRET-token-for-e2e"
 
 CONFIG = """
+[bot]
+log_level = "DEBUG"
+
 [web]
 port = {port}
 
@@ -53,8 +65,13 @@ class World:
     url: str
     browser: Browser
     alice: Page
-    tmp: Path
+    tmp: Path  # config.toml, home/, stdout.log and stderr.log (the server's and its engine's)
     events: list[dict[str, Any]] = field(default_factory=list)  # what alice's tab received
+
+    def open(self, page: Page) -> None:
+        """A tab's first visit: with the access token, which the server swaps for a cookie."""
+        page.goto(f"{self.url}?token={WEB_TOKEN}")
+        expect(page).to_have_url(self.url)
 
 
 def _free_port() -> int:
@@ -104,7 +121,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     stdout, stderr = tmp / "stdout.log", tmp / "stderr.log"
     with stdout.open("wb") as out, stderr.open("wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "bot", "run", "--config", str(config)],
-                                env=_run_env(tmp / "home"), stdout=out, stderr=err)
+                                env={**_run_env(tmp / "home"), "STYLEBOT_WEB_TOKEN": WEB_TOKEN},
+                                stdout=out, stderr=err)
     try:
         url = _wait_for_url(proc, stdout, stderr, timeout=60)
         with sync_playwright() as pw:
@@ -113,7 +131,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 alice = browser.new_page(viewport={"width": 1100, "height": 1800})
                 world = World(url=url, browser=browser, alice=alice, tmp=tmp)
                 alice.on("websocket", _record(world.events))
-                alice.goto(url)
+                world.open(alice)
                 yield world
             finally:
                 browser.close()
@@ -178,7 +196,7 @@ def test_selfies_by_button_and_by_drag_and_drop(world: World) -> None:
     a_id = _user_message(alice, "alice", "alice.jpg")
 
     bob = world.browser.new_page()  # another tab, another person: the room's history is there
-    bob.goto(world.url)
+    world.open(bob)
     expect(bob.locator(f'article[data-id="{a_id}"]')).to_contain_text("alice.jpg")
     bob.fill("#name", "bob")
     jpeg = base64.b64encode(_astronaut(world.tmp / "bob.jpg", rotate=4).read_bytes()).decode()
@@ -258,6 +276,26 @@ def test_edit_shows_before_and_after(world: World) -> None:
     artifacts.mkdir(parents=True, exist_ok=True)
     alice.evaluate("window.scrollTo(0, 0)")  # the sticky header and composer at their places
     alice.screenshot(path=str(artifacts / "web-chat.png"), full_page=True)
+
+
+def test_logs_hold_neither_the_token_nor_face_data(world: World) -> None:
+    """All of the above, as the server and its engine process logged it (at DEBUG)."""
+    stdout, stderr = read_log(world.tmp / "stdout.log"), read_log(world.tmp / "stderr.log")
+    assert "(the first time, add ?token=<your STYLEBOT_WEB_TOKEN> to it)" in stdout
+    assert "engine worker" in stderr and "DEBUG aiosqlite" in stderr  # both processes, at DEBUG
+    [cookie] = world.alice.context.cookies()  # what the token was swapped for: as good as the token
+    config = load_config(world.tmp / "config.toml", env=_run_env(world.tmp / "home"))
+    db = make_url(config.storage_url).database
+    assert db is not None
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+        latents = [row[0] for row in con.execute("SELECT latent FROM faces")]
+    stored = [p.read_bytes() for p in sorted(config.media_dir.rglob("*")) if p.is_file()]
+    uploads = [(world.tmp / name).read_bytes() for name in ("alice.jpg", "bob.jpg")]
+    face_data = list(dict.fromkeys([*uploads, *stored, *latents]))  # sent, made (shown), kept
+    assert len(latents) == 2 and len(face_data) > 10
+    for name, text in (("stdout", stdout), ("stderr", stderr)):
+        scan = assert_no_private_data(text, secrets=[WEB_TOKEN, cookie["value"]], face_data=face_data)
+        print(f"web {name}: {scan} scanned, {len(face_data)} blobs of face data")
 
 
 def test_a_public_bind_without_a_token_refuses_to_start(tmp_path: Path) -> None:

@@ -130,8 +130,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     config_path = Path(args.config) if args.config else None
     config = load_config(config_path)
-    logging.basicConfig(level=config.bot.log_level,
+    # Our own loggers follow [bot] log_level; libraries stop at INFO: their DEBUG lines carry chat
+    # messages, SQL parameters (names, face geometry) and request URLs with tokens in them.
+    level = logging.getLevelNamesMapping()[config.bot.log_level]
+    logging.basicConfig(level=max(level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("stylebot").setLevel(level)
     if args.command == "run":
         from bot.app import configured_adapters
         from bot.app import run as run_bot

@@ -87,6 +87,8 @@ class TelegramAdapter:
         self._max_download = tg.max_download_mb * _MB
         self._poll_timeout = poll_timeout
         self._redact = _Redact(config.telegram_token)
+        for name in _LOGGERS:  # before build(): PTB logs its API URLs, token inside, at DEBUG
+            logging.getLogger(name).addFilter(self._redact)
         self.app = (
             Application.builder()
             .token(config.telegram_token)
@@ -105,8 +107,6 @@ class TelegramAdapter:
     async def run(self, service: Service, stop: asyncio.Event) -> None:
         """Poll for updates until ``stop`` is set, then stop polling and close the HTTP client."""
         self._service = service
-        for name in _LOGGERS:
-            logging.getLogger(name).addFilter(self._redact)
         self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
         self.app.add_error_handler(self._on_error)
         try:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.align import Alignment, FaceDetector, align_face, load_photo
+from engine.align import AlignedFace, Alignment, FaceDetector, align_face, load_photo
 from engine.clip_model import ClipModel, load_clip
 from engine.directions import load_or_build_table, text_to_style_delta
 from engine.edit import edit_optimize, render_global_edit
@@ -170,6 +170,9 @@ class Engine:
 
     # --- invert: selfie -> latent ---------------------------------------------------------
 
+    def _align(self, photo: bytes) -> AlignedFace:
+        return align_face(load_photo(photo), size=self.loaded.G.resolution, detector=self.detector)
+
     def _invert(self, inputs: Sequence[JobInput], progress: ProgressFn) -> list[JobOutcome]:
         G = self.loaded.G
         outcomes: dict[str, JobOutcome] = {}
@@ -178,7 +181,7 @@ class Engine:
             try:
                 if job.photo is None:
                     raise EngineError("the photo for this job is missing")
-                face = align_face(load_photo(job.photo), size=G.resolution, detector=self.detector)
+                face = self._align(job.photo)
                 ready.append((job, face))
             except EngineError as exc:
                 outcomes[job.job_id] = JobOutcome.failed(job.job_id, exc)

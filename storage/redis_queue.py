@@ -54,7 +54,7 @@ WORKER_GROUP = "stylebot-engines"
 EVENTS_CHANNEL = "stylebot:events"
 TASK_NAME = "stylebot.run_job"  # the message: TASK_NAME(job_id)
 _STREAM_MAXLEN = 100_000  # old, acknowledged entries are trimmed (approximately) beyond this
-_RETRY_S = 1.0  # pause after a Redis error before listening again
+_RETRY_S, _RETRY_MAX_S = 0.5, 30.0  # pauses between attempts to reach Redis again
 
 
 class RedisQueue:
@@ -177,21 +177,29 @@ class RedisQueue:
 
     async def _listen(self) -> None:
         """Read messages from the stream while the worker is hungry (the broker reads one per
-        call), parse them into the inbox; malformed ones are acknowledged and dropped."""
+        call), parse them into the inbox; malformed ones are acknowledged and dropped. When Redis
+        goes away: one warning, retries with a growing pause (up to ``_RETRY_MAX_S``), one line
+        when it is back."""
+        pause = 0.0
         while True:
             messages: AsyncGenerator[AckableMessage, None] = self._broker.listen()
             try:
                 while True:
                     await self._hungry.wait()
                     message = await anext(messages)
+                    if pause:
+                        log.warning("job stream is back")
+                        pause = 0.0
                     job_id = self._job_id(message)
                     if job_id is None:
                         await self._ack([message])
                     else:
                         self._inbox.put_nowait((job_id, message))
             except (RedisError, OSError) as exc:
-                log.warning("lost the job stream (%s); reconnecting", exc)
-                await asyncio.sleep(_RETRY_S)
+                if not pause:
+                    log.warning("lost the job stream (%s); retrying", exc)
+                pause = min(max(pause * 2, _RETRY_S), _RETRY_MAX_S)
+                await asyncio.sleep(pause)
             finally:
                 await messages.aclose()
 

@@ -1,0 +1,289 @@
+"""Scale-out throughput: engine workers behind the real Redis queue, selfies/min with 1 and N workers.
+
+Usage (on a CUDA machine, from the repository root):
+
+    python -m bench.scale --devices cuda:0,cuda:1 [--jobs 32] [--out DIR]
+
+Starts a throwaway ``redis-server`` on loopback (the same helper the tests use; the binary must be on
+PATH), a SQLite database and a media dir, and for each worker count (1, then all ``--devices``): that
+many worker processes (``python -m bench.scale worker``, one per device; a device may repeat, to put
+two workers on one GPU), then submits ``--jobs`` invert jobs through the product's RedisQueue and times
+them from the first message sent to the last job stored. The workers are the product's
+``engine.worker.Worker`` over ``storage.redis_queue.RedisQueue`` with the product's ``Engine``; only
+the networks differ, as in ``bench.perf``: the full config-f generator with random weights, random
+LPIPS/identity networks of the real shapes, and in-range targets G(w*) that are already aligned (the
+worker skips MTCNN, a few ms per photo). GPU utilisation is sampled with nvidia-smi while jobs run.
+Prints one table and writes ``scale.json`` to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import skimage.data
+import torch
+from PIL import Image
+from sqlalchemy import select
+
+from bench.perf import _generator, _losses, _targets
+from engine.align import AlignedFace, FaceDetector, align_face
+from engine.images import tensor_to_pil
+from engine.jobs import Engine
+from engine.models import LoadedGenerator, configure_cuda
+from engine.worker import Worker, WorkerSettings
+from storage import repo
+from storage.db import make_engine, make_sessionmaker, sqlite_url, upgrade
+from storage.media import MediaStore
+from storage.models import Job
+from storage.queue import open_queue
+
+Row = dict[str, Any]
+MODEL_ID = "bench-random"
+
+
+class BenchEngine(Engine):
+    """The product Engine on random-weight networks of full size; photos are already aligned."""
+
+    def __init__(self, *, device: torch.device, resolution: int, steps: int, batch_size: int) -> None:
+        G = _generator(resolution, device)
+        self.loaded = LoadedGenerator(G=G, name=f"random config-f {resolution}", model_id=MODEL_ID,
+                                      content_hash="", is_demo=True)
+        self.device, self.home = device, None
+        self.perceptual, self.identity = _losses(device)
+        self.detector = FaceDetector(device=str(device))
+        self.invert_steps, self.edit_steps = steps, 1
+        self._clip_name, self._clip, self.table_samples = "demo", None, 1
+        photo = Image.fromarray(skimage.data.astronaut())
+        self._alignment = align_face(photo, size=resolution, detector=self.detector).alignment
+        _, warm = _targets(G, list(range(batch_size)))
+        from engine.invert import invert
+
+        invert(G, warm, perceptual=self.perceptual, identity=self.identity, steps=8)  # capture, autotune
+
+    def _align(self, photo: bytes) -> AlignedFace:
+        with Image.open(io.BytesIO(photo)) as im:
+            return AlignedFace(image=im.convert("RGB"), alignment=self._alignment, note=None)
+
+
+async def _serve_worker(args: argparse.Namespace) -> None:
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        configure_cuda()
+    engine = await asyncio.to_thread(BenchEngine, device=dev, resolution=args.res, steps=args.steps,
+                                     batch_size=args.batch)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    orphan_watch = asyncio.create_task(_stop_when_orphaned(stop))
+    db = make_engine(args.db)
+    sessions = make_sessionmaker(db)
+    settings = WorkerSettings(worker_id=args.worker_id, batch_size=args.batch, batch_wait_ms=20)
+    try:
+        async with open_queue("redis", sessions=sessions, redis_url=args.redis,
+                              consumer=args.worker_id) as queue:
+            print("ready", flush=True)
+            await Worker(engine, sessions=sessions, queue=queue, media=MediaStore(Path(args.media)),
+                         settings=settings).run(stop)
+    finally:
+        orphan_watch.cancel()
+        await db.dispose()
+
+
+async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    """A worker whose bench process died (killed by a time limit) stops too, not holding the GPU."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    stop.set()
+
+
+class _GpuSampler:
+    """nvidia-smi utilisation.gpu (%) of every GPU, twice a second, while running."""
+
+    def __init__(self) -> None:
+        self.samples: dict[int, list[float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _GpuSampler:
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            out = subprocess.run(["nvidia-smi", "--query-gpu=index,utilization.gpu",
+                                  "--format=csv,noheader,nounits"], capture_output=True, text=True)
+            for line in out.stdout.splitlines():
+                index, util = (v.strip() for v in line.split(","))
+                self.samples.setdefault(int(index), []).append(float(util))
+
+    def mean(self) -> dict[str, float]:
+        return {f"gpu{i}": round(statistics.mean(v), 1) for i, v in sorted(self.samples.items()) if v}
+
+
+def _start_workers(args: argparse.Namespace, devices: list[str], redis_url: str, db_url: str,
+                   media: Path) -> list[subprocess.Popen[str]]:
+    procs = []
+    for i, device in enumerate(devices):
+        cmd = [sys.executable, "-m", "bench.scale", "worker", "--device", device, "--redis", redis_url,
+               "--db", db_url, "--media", str(media), "--worker-id", f"bench-{i}-{device}",
+               "--res", str(args.res), "--steps", str(args.steps), "--batch", str(args.batch)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+    for proc in procs:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            for other in procs:
+                other.kill()
+            raise RuntimeError(f"a worker did not start (exit code {proc.wait()})")
+    return procs
+
+
+async def _run(args: argparse.Namespace, devices: list[str], redis_url: str, keys: list[str],
+               root: Path) -> Row:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_url)
+    await client.flushdb()
+    await client.aclose()
+    db_url = sqlite_url(root / f"jobs-{len(devices)}.db")
+    await upgrade(db_url)
+    db = make_engine(db_url)
+    sessions = make_sessionmaker(db)
+    procs = await asyncio.to_thread(_start_workers, args, devices, redis_url, db_url, root / "media")
+    try:
+        async with open_queue("redis", sessions=sessions, redis_url=redis_url) as queue:
+            async with sessions.begin() as s:
+                ids = [(await repo.create_job(s, kind="invert", model=MODEL_ID,
+                                              payload={"photo_key": keys[i % len(keys)]}, user_id=None,
+                                              chat_id=None, reply_to={}, timeout_s=3600)).id
+                       for i in range(args.jobs)]
+            with _GpuSampler() as gpus:
+                t0 = time.perf_counter()
+                await queue.notify(ids)
+                while True:
+                    async with sessions() as s:
+                        n_open = await repo.count_open_jobs(s)
+                    if n_open == 0:
+                        break
+                    if any(proc.poll() is not None for proc in procs):
+                        raise RuntimeError("a worker exited during the run")
+                    await asyncio.sleep(0.1)
+                seconds = time.perf_counter() - t0
+            async with sessions() as s:
+                jobs = (await s.execute(select(Job.status, Job.result, Job.batch_id))).all()
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=120)
+        await db.dispose()
+    done = [j for j in jobs if j.status == "done"]
+    return {"figure": f"{len(devices)} worker(s) on {','.join(devices)}", "workers": len(devices),
+            "jobs": len(jobs), "done": len(done), "seconds": seconds,
+            "selfies_per_min": 60 * len(done) / seconds, "batches": len({j.batch_id for j in jobs}),
+            "psnr": statistics.mean(j.result["psnr"] for j in done) if done else float("nan"),
+            "gpu_util_pct": gpus.mean()}
+
+
+def _targets_to_media(args: argparse.Namespace, device: torch.device, media: MediaStore) -> list[str]:
+    G = _generator(args.res, device, seed=0)
+    _, images = _targets(G, list(range(1000, 1000 + args.targets)))
+    keys = []
+    for img in images:
+        buf = io.BytesIO()
+        tensor_to_pil(img.unsqueeze(0).cpu()).save(buf, format="PNG")
+        keys.append(media.put(buf.getvalue(), suffix=".png"))
+    del G, images
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return keys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command")
+    w = sub.add_parser("worker")
+    for name in ("--device", "--redis", "--db", "--media", "--worker-id"):
+        w.add_argument(name, required=True)
+    for p in (ap, w):
+        p.add_argument("--res", type=int, default=1024)
+        p.add_argument("--steps", type=int, default=300)
+        p.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--devices", default="cuda:0,cuda:1", help="one worker per entry")
+    ap.add_argument("--jobs", type=int, default=32)
+    ap.add_argument("--targets", type=int, default=8, help="distinct target images")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+    if args.command == "worker":
+        asyncio.run(_serve_worker(args))
+        return 0
+    from tests.servers import start_redis
+
+    signal.signal(signal.SIGTERM, _interrupted)  # a time limit: stop the workers on the way out
+    devices = args.devices.split(",")
+    report: Row = {"card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                   "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+                   "settings": {k: getattr(args, k) for k in ("res", "steps", "batch", "jobs")}, "rows": []}
+    server = start_redis()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            keys = _targets_to_media(args, torch.device(devices[0]), MediaStore(root / "media"))
+            for workers in sorted({1, len(devices)}):
+                print(f"[{workers} worker(s): starting]", flush=True)
+                report["rows"].append(asyncio.run(_run(args, devices[:workers], server.url, keys, root)))
+                print(_fmt(report["rows"][-1]), flush=True)
+                _write(args.out, report)  # what a cut-off run measured so far
+    finally:
+        server.stop()
+    rows = report["rows"]
+    if len(rows) == 2:
+        report["scaling"] = rows[1]["selfies_per_min"] / rows[0]["selfies_per_min"]
+    _write(args.out, report)
+    print(f"card: {report['card']} x{report['gpus']}, torch {report['torch']}, {report['settings']}")
+    for row in rows:
+        print(_fmt(row))
+    if "scaling" in report:
+        print(f"scaling {len(devices)} workers vs 1: {report['scaling']:.2f}x")
+    return 0
+
+
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _write(out: str, report: Row) -> None:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "scale.json").write_text(json.dumps(report, indent=1))
+
+
+def _fmt(row: Row) -> str:
+    return (f"{row['figure']:36} {row['selfies_per_min']:8.1f} selfies/min  {row['done']}/{row['jobs']} done "
+            f"in {row['seconds']:.1f} s, {row['batches']} batches, PSNR {row['psnr']:.2f} dB, "
+            f"GPU util {row['gpu_util_pct']}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -124,14 +124,16 @@ async def running_world(tmp: Path, *, config_text: str = CONFIG) -> AsyncIterato
         yield World(tg=tg, config=config, service=service, db=db, engine=engine, engine_log=log_path)
     finally:
         stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-        engine.send_signal(signal.SIGTERM)
         try:
-            engine.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            engine.kill()
-        await queues.aclose()
-        await db.dispose()
-        await tg.stop()
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        finally:  # even when the test was cut off: no engine process outlives its world
+            engine.send_signal(signal.SIGTERM)
+            try:
+                engine.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                engine.kill()
+            await queues.aclose()
+            await db.dispose()
+            await tg.stop()
     for task in tasks:
         assert task.exception() is None

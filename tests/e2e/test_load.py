@@ -73,6 +73,7 @@ async def _sample_queue(world: World, depths: list[int], stop: asyncio.Event) ->
         await asyncio.sleep(0.2)
 
 
+@pytest.mark.timeout(120 + USERS * 12)  # the two phases' deadlines below, and the world around them
 async def test_many_users_in_groups_get_one_answer_each(world: World) -> None:
     tg = world.tg
     groups = [FakeChat(id=-200100 - g, type="supergroup", title=f"Group {g}") for g in range(GROUPS)]

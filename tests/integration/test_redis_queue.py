@@ -139,7 +139,7 @@ async def test_messages_a_dead_worker_held_go_to_another_worker(
             assert len(running) == 1
         # w1 is gone without acknowledging anything: its messages stay pending under its name.
         assert await _pending(fresh_redis) == {"w1": 2}
-        time.sleep(1.1)  # past redeliver_after_s
+        await asyncio.sleep(1.1)  # past redeliver_after_s
         taken = []
         for _ in range(5):
             taken += await _take(w2, "w2", wait_s=0.5)

@@ -29,7 +29,6 @@ __all__ = [
     "STORAGE_FULL",
     "RATE_LIMITED",
     "Refusal",
-    "SAME_FACE",
     "USER_JOBS_OPEN",
     "check_photo",
     "clean_label",
@@ -43,6 +42,7 @@ __all__ = [
     "photo_suffix",
     "privacy_text",
     "queued",
+    "same_face",
     "unknown_person",
     "working",
 ]
@@ -69,7 +69,6 @@ OOPS = "Sorry, something went wrong on my side. Please try again in a moment."
 USER_JOBS_OPEN = "You already have work in progress. I'll start more once it's done."
 CHAT_JOBS_OPEN = "This chat already has several jobs running. Please wait for them to finish."
 NO_OWN_FACE = "I don't have your face yet. Send me a selfie first."
-SAME_FACE = "A morph needs two different faces."
 FORGET_CONFIRM = ("This erases your saved faces, photos, results and settings, for good. "
                   "Send /forget yes to confirm.")
 FORGOTTEN = "Done: I have erased everything I kept about you."
@@ -206,6 +205,11 @@ def unknown_person(who: str, platform: str) -> str:
         return (f"I don't know {who} yet. On Telegram I only know people who have talked to me "
                 "or in a chat I'm in; ask them to send /start or a selfie.")
     return f"I don't know {who} yet. Ask them to send me a selfie."
+
+
+def same_face(kind: str) -> str:
+    """``/morph`` or ``/mix`` of one face with itself."""
+    return f"A {kind} needs two different faces."
 
 
 def no_face_for(who: str) -> str:

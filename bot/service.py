@@ -189,7 +189,7 @@ class Service:
                     raise Refusal(replies.no_consent(target.describe()))
                 faces.append(face)
             if faces[0].id == faces[1].id:
-                raise Refusal(replies.SAME_FACE)
+                raise Refusal(replies.same_face(kind))
             payload: dict[str, Any] = {"a_id": faces[0].id, "b_id": faces[1].id,
                                        "layers": cmd.layers}
             if isinstance(cmd, Morph):

@@ -49,7 +49,7 @@ from PIL import Image
 from sqlalchemy import select
 
 import storage.repo as repo
-from bot.replies import SAME_FACE, unknown_person
+from bot.replies import same_face, unknown_person
 from storage.models import Face, Job
 
 from .fake_telegram import Call, FakeChat, FakeTelegram, FakeUser
@@ -216,7 +216,7 @@ CORPUS: list[Case] = [
          "refused", "A face label is one short word", in_group=True),
     Case("unknown command", lambda: Input(text="/frobnicate now"), "refused",
          "I don't know /frobnicate. Send /help", in_group=True),
-    Case("morph of oneself", lambda: Input(text="/morph @me @me"), "refused", SAME_FACE,
+    Case("morph of oneself", lambda: Input(text="/morph @me @me"), "refused", same_face("morph"),
          in_group=True, by_owner=True),
     Case("morph of an unknown user", lambda: Input(text="/morph @me @nobody_here"), "refused",
          unknown_person("@nobody_here", "telegram"), in_group=True, by_owner=True),

@@ -127,7 +127,9 @@ async def test_consent_matrix(svc: tuple[Service, Inbox]) -> None:
     await service.handle(Morph(origin=_origin("ann"), a=Target(me=True), b=Target(username="zed")))
     assert "don't know @zed" in inbox.last
     await service.handle(Morph(origin=_origin("ann"), a=Target(me=True), b=Target(me=True)))
-    assert "two different faces" in inbox.last
+    assert inbox.last == "A morph needs two different faces."
+    await service.handle(Mix(origin=_origin("ann"), a=Target(me=True), b=Target(me=True)))
+    assert inbox.last == "A mix needs two different faces." and await _count(service, Job) == jobs
 
 
 async def test_forget_erases_rows_and_files_but_not_shared_files(svc: tuple[Service, Inbox]) -> None:

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +30,7 @@ from typing import BinaryIO, Literal
 
 from engine.errors import WeightsError, WeightsMissingError
 from engine.progress import ProgressFn, no_progress
+from storage.files import fsync_dir, write_atomic
 
 if sys.platform != "win32":
     import fcntl
@@ -234,18 +234,8 @@ def _record(asset: Asset, sha: str, size: int, home: Path | None) -> None:
                         "size_bytes": size, "recorded_at": now}
     path = recorded_hashes_path(home)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    text = json.dumps(data, indent=2, sort_keys=True).encode()
+    write_atomic(path, lambda f: f.write(text), tmp_prefix=path.name + ".")
 
 
 def _expected(asset: Asset, home: Path | None) -> str | None:
@@ -357,7 +347,7 @@ def fetch(
         if expected is None:
             _record(a, sha, size, home)
         os.replace(part, dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return dest
 
 
@@ -486,11 +476,3 @@ def _interrupted(a: Asset, dest: Path, done: int, total: int, reason: str) -> We
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (best effort: not every OS can open a directory)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -17,11 +17,12 @@ import contextlib
 import hashlib
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from storage.files import write_atomic
 
 __all__ = ["ALLOWED_SUFFIXES", "MediaStore", "is_media_key"]
 
@@ -148,18 +149,7 @@ class MediaStore:
     def _write(self, key: str, write: Callable[[BinaryIO], object]) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(path.parent)
+        write_atomic(path, write, tmp_dir=self.root, tmp_prefix=_TMP_PREFIX)
 
     def _sweep_temporaries(self, cutoff: float) -> None:
         if not self.root.is_dir():
@@ -168,13 +158,3 @@ class MediaStore:
             with contextlib.suppress(FileNotFoundError):
                 if file.is_file() and file.stat().st_mtime < cutoff:
                     file.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,6 +33,7 @@ from .telegram_world import CONFIG, World, astronaut, replying_to, running_world
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SOAK = os.environ.get("STYLEBOT_SOAK") == "1"
+_STALL_S = 300.0  # no new answer for this long: the bot is stuck, stop waiting
 USERS, GROUPS = (200, 5) if SOAK else (20, 5)
 LOAD_CONFIG = CONFIG.replace("invert_steps = 20", "invert_steps = 2").replace(
     "edit_steps = 5", "edit_steps = 2").replace("batch_size = 4", "batch_size = 8").replace(
@@ -61,8 +63,18 @@ async def _settle(world: World, sent: list[dict[str, Any]], timeout: float) -> N
     """Wait until every message has an answer (or the timeout: the assertions then say which)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while loop.time() < deadline and any(not _answer(world.tg.calls, m) for m in sent):
+    answered, progress_at = 0, loop.time()
+    while loop.time() < deadline and loop.time() - progress_at < _STALL_S:
+        now_answered = sum(1 for m in sent if _answer(world.tg.calls, m))
+        if now_answered == len(sent):
+            break
+        if now_answered > answered:
+            answered, progress_at = now_answered, loop.time()
         await asyncio.sleep(0.5)
+    if any(not _answer(world.tg.calls, m) for m in sent):  # late or stalled: show where tasks wait
+        print(f"\nunanswered at the deadline; {len(world.tg.calls)} Bot API calls so far; tasks:")
+        for task in asyncio.all_tasks():
+            task.print_stack(limit=6, file=sys.stdout)
     await asyncio.sleep(1.0)  # a duplicate would arrive now
 
 

@@ -251,8 +251,17 @@ class Service:
             done = await repo.jobs_to_reply(s, limit=50)
         for job in running:
             await self._progress(job)
-        sent = 0
+        # Each chat's replies go out in order, chats side by side: a group held back by the
+        # platform's per-group send limit must not hold up the replies to everyone else.
+        by_chat: dict[tuple[Any, Any], list[Job]] = {}
         for job in done:
+            by_chat.setdefault(_chat_of(job), []).append(job)
+        sent = await asyncio.gather(*(self._reply_in_order(jobs, stop) for jobs in by_chat.values()))
+        return sum(sent)
+
+    async def _reply_in_order(self, jobs: list[Job], stop: asyncio.Event | None) -> int:
+        sent = 0
+        for job in jobs:
             if stop is not None and stop.is_set():
                 break
             try:
@@ -302,3 +311,9 @@ class Service:
                 event.cancel()
         finally:
             stopping.cancel()
+
+
+def _chat_of(job: Job) -> tuple[Any, Any]:
+    """Where a job's reply goes: its platform and chat (the user, for a job without a chat)."""
+    to = job.reply_to or {}
+    return to.get("platform"), job.chat_id if job.chat_id is not None else ("user", job.user_id)

@@ -3,6 +3,7 @@ consent, erasure."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import itertools
 import json
@@ -16,7 +17,7 @@ from postgres_db import BACKENDS, fresh_postgres_database
 from sqlalchemy import func, select
 
 import storage.repo as repo
-from bot.commands import Forget, Help, Mix, Morph, Origin, Selfie, SetPrivacy, ShowFaces, Target
+from bot.commands import Forget, Help, Mix, Morph, Origin, Reply, Selfie, SetPrivacy, ShowFaces, Target
 from bot.config import load_config
 from bot.service import Service
 from storage.db import make_engine, make_sessionmaker, upgrade
@@ -192,3 +193,39 @@ async def test_consent_matrix_policy_by_presence_by_asker(
     else:
         assert inbox.last == "Sorry, @owner hasn't allowed their face to be used here."
         assert await _count(service, Job) == jobs
+
+
+async def test_a_chat_held_back_by_its_platform_does_not_hold_up_other_chats(
+    svc: tuple[Service, Inbox]
+) -> None:
+    """Telegram lets a bot send ~20 messages a minute to one group: while the replies to group A
+    wait for that, the reply to group B goes out."""
+    service, _ = svc
+    async with service.sessions.begin() as s:
+        for chat_name in ("A", "A", "B"):
+            chat = await repo.get_or_create_chat(s, platform="test", platform_chat_id=chat_name,
+                                                 kind="group")
+            job = await repo.create_job(s, kind="mix", model="m", payload={}, user_id=None,
+                                        chat_id=chat.id, reply_to={"platform": "test", "chat": chat_name})
+            await repo.claim_jobs(s, worker="w", kinds=None, limit=1, lease_s=60)
+            await repo.fail_job(s, job_id=job.id, worker="w", error="no such faces", code="engine_error")
+    group_a_may_send = asyncio.Event()
+    delivered: list[str] = []
+
+    async def deliver(reply: Reply) -> dict[str, int]:
+        if reply.reply_to["chat"] == "A":
+            await group_a_may_send.wait()  # the per-group send limit
+        delivered.append(reply.reply_to["chat"])
+        return {"message_id": len(delivered)}
+
+    pump = asyncio.create_task(Service(
+        sessions=service.sessions, queue=service.queue, media=service.media, config=service.config,
+        deliver=deliver).pump_once())
+    for _ in range(100):
+        if delivered:
+            break
+        await asyncio.sleep(0.02)
+    assert delivered == ["B"]  # not behind the two older replies to A
+    group_a_may_send.set()
+    assert await asyncio.wait_for(pump, 10) == 3
+    assert delivered == ["B", "A", "A"]

@@ -37,7 +37,9 @@ _STALL_S = 300.0  # no new answer for this long: the bot is stuck, stop waiting
 USERS, GROUPS = (200, 5) if SOAK else (20, 5)
 LOAD_CONFIG = CONFIG.replace("invert_steps = 20", "invert_steps = 2").replace(
     "edit_steps = 5", "edit_steps = 2").replace("batch_size = 4", "batch_size = 8").replace(
-    "per_user_per_minute = 30", f"per_user_per_minute = 30\nqueue_cap = {USERS * 4}")
+    "per_user_per_minute = 30", f"per_user_per_minute = 30\nqueue_cap = {USERS * 4}\n"
+    # Room for every member of a quiet group at once (40 in the soak), not for a flood of 5 each.
+    f"per_chat_open_jobs = {max(6, 2 * USERS // GROUPS)}")
 RESULTS = ("sendPhoto", "sendVideo", "sendAnimation", "sendMediaGroup")
 
 

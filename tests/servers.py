@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MissingServer", "Server", "start_postgres", "start_redis"]
+__all__ = ["MissingServer", "Server", "empty_redis", "scale_out_config", "start_postgres", "start_redis"]
 
 PG_SUPERUSER = "stylebot"
 _START_TIMEOUT_S = 30.0
@@ -212,3 +212,23 @@ def start_redis() -> Server:
         return Server(f"redis://127.0.0.1:{port}/0", port, process, root)
 
     return _start(make, lambda s: _redis_ready(s.port), "redis-server", "stylebot-redis-")
+
+
+async def empty_redis(url: str) -> str:
+    """``url``, its database emptied first (the tests share one server)."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(url)
+    try:
+        await client.flushdb()
+    finally:
+        await client.aclose()
+    return url
+
+
+def scale_out_config(*, db_url: str, redis_url: str, **queue: int) -> str:
+    """config.toml sections of a scale-out installation: PostgreSQL, the Redis queue, and any
+    other ``[queue]`` keys."""
+    extra = "".join(f"{key} = {value}\n" for key, value in queue.items())
+    return (f'\n[storage]\nurl = "{db_url}"\n\n'
+            f'[queue]\nbackend = "redis"\nredis_url = "{redis_url}"\n{extra}')

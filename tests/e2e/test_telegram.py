@@ -21,7 +21,7 @@ import pytest_asyncio
 from log_privacy import LogCapture, assert_no_private_data, capturing_logs, read_log
 from PIL import Image
 from postgres_db import fresh_postgres_database
-from redis.asyncio import Redis
+from servers import empty_redis, scale_out_config
 from sqlalchemy import func, select
 
 from bot.config import load_config
@@ -49,16 +49,6 @@ def logs() -> Iterator[LogCapture]:
         yield capture
 
 
-SCALE_OUT = """
-[storage]
-url = "{db_url}"
-
-[queue]
-backend = "redis"
-redis_url = "{redis_url}"
-"""
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=["sqlite", "postgresql+redis"])
 async def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                 logs: LogCapture) -> AsyncIterator[World]:
@@ -68,13 +58,10 @@ async def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     config_text = '[bot]\nlog_level = "DEBUG"\n' + CONFIG
     async with contextlib.AsyncExitStack() as stack:
         if request.param == "postgresql+redis":
-            redis_url = request.getfixturevalue("redis_url")
-            client = Redis.from_url(redis_url)
-            await client.flushdb()
-            await client.aclose()
+            redis_url = await empty_redis(request.getfixturevalue("redis_url"))
             db_url = await stack.enter_async_context(
                 fresh_postgres_database(request.getfixturevalue("postgres_url")))
-            config_text += SCALE_OUT.format(db_url=db_url, redis_url=redis_url)
+            config_text += scale_out_config(db_url=db_url, redis_url=redis_url)
         w = await stack.enter_async_context(running_world(tmp_path_factory.mktemp("telegram"),
                                                           config_text=config_text))
         assert w.config.queue.backend == ("redis" if request.param == "postgresql+redis" else "local")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from postgres_db import BACKENDS, fresh_postgres_database
 from redis.asyncio import Redis
+from servers import empty_redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage import repo
@@ -23,11 +24,8 @@ KINDS = ["invert", "edit", "morph", "mix"]
 
 
 @pytest.fixture
-async def fresh_redis(redis_url: str) -> AsyncIterator[str]:
-    client = Redis.from_url(redis_url)
-    await client.flushdb()
-    await client.aclose()
-    yield redis_url
+async def fresh_redis(redis_url: str) -> str:
+    return await empty_redis(redis_url)
 
 
 @pytest.fixture(params=BACKENDS)

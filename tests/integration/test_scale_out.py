@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 from postgres_db import fresh_postgres_database
 from redis.asyncio import Redis
+from servers import empty_redis, scale_out_config
 from sqlalchemy import func, select
 
 from bot.commands import Selfie
@@ -28,29 +29,18 @@ from storage.redis_queue import JOBS_STREAM, WORKER_GROUP
 
 from .drills import CONFIG, Inbox, count, figures, is_result, kill, origin, selfie, stop, until
 
-SCALE_OUT = """
-[storage]
-url = "{db_url}"
-
-[queue]
-backend = "redis"
-redis_url = "{redis_url}"
-lease_s = 6
-redeliver_after_s = 5
-"""
 USERS = [f"user{i}" for i in range(6)]
 
 
 @contextlib.asynccontextmanager
 async def _installation(tmp_path: Path, postgres_url: str, redis_url: str) -> AsyncIterator[
         tuple[Path, Service, Inbox, dict[str, str]]]:
-    client = Redis.from_url(redis_url)
-    await client.flushdb()
-    await client.aclose()
+    await empty_redis(redis_url)
     async with fresh_postgres_database(postgres_url) as db_url:
         config_path = tmp_path / "config.toml"
         config_path.write_text(CONFIG.format(batch_size=2, steps=60)
-                               + SCALE_OUT.format(db_url=db_url, redis_url=redis_url))
+                               + scale_out_config(db_url=db_url, redis_url=redis_url, lease_s=6,
+                                                  redeliver_after_s=5))
         home = tmp_path / "home"
         config = load_config(config_path, env={"STYLEBOT_HOME": str(home)})
         await upgrade(config.storage_url)

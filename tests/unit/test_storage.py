@@ -1,5 +1,4 @@
-"""storage/: repositories on real, migrated databases (SQLite files and PostgreSQL; never create_all), and
-the media store."""
+"""storage/: repositories on migrated SQLite and PostgreSQL databases (never create_all); media store."""
 
 from __future__ import annotations
 

@@ -12,7 +12,9 @@ them from the first message sent to the last job stored. The workers are the pro
 ``engine.worker.Worker`` over ``storage.redis_queue.RedisQueue`` with the product's ``Engine``; only
 the networks differ, as in ``bench.perf``: the full config-f generator with random weights, random
 LPIPS/identity networks of the real shapes, and in-range targets G(w*) that are already aligned (the
-worker skips MTCNN, a few ms per photo). GPU utilisation is sampled with nvidia-smi while jobs run.
+worker skips MTCNN, a few ms per photo). GPU utilisation is sampled with nvidia-smi while jobs run,
+and each worker logs its batches' sizes and wall times, which give its rate while it had work (a
+burst's uneven tail left out).
 Prints one table and writes ``scale.json`` to --out.
 """
 
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +45,9 @@ from sqlalchemy import select
 from bench.perf import _generator, _losses, _targets
 from engine.align import AlignedFace, FaceDetector, align_face
 from engine.images import tensor_to_pil
-from engine.jobs import Engine
+from engine.jobs import Engine, JobInput, JobOutcome
 from engine.models import LoadedGenerator, configure_cuda
+from engine.progress import ProgressFn, no_progress
 from engine.worker import Worker, WorkerSettings
 from storage import repo
 from storage.db import make_engine, make_sessionmaker, sqlite_url, upgrade
@@ -58,7 +62,9 @@ MODEL_ID = "bench-random"
 class BenchEngine(Engine):
     """The product Engine on random-weight networks of full size; photos are already aligned."""
 
-    def __init__(self, *, device: torch.device, resolution: int, steps: int, batch_size: int) -> None:
+    def __init__(self, *, device: torch.device, resolution: int, steps: int, batch_size: int,
+                 batch_log: Path) -> None:
+        self.batch_log = batch_log
         G = _generator(resolution, device)
         self.loaded = LoadedGenerator(G=G, name=f"random config-f {resolution}", model_id=MODEL_ID,
                                       content_hash="", is_demo=True)
@@ -74,6 +80,15 @@ class BenchEngine(Engine):
 
         invert(G, warm, perceptual=self.perceptual, identity=self.identity, steps=8)  # capture, autotune
 
+    def run_batch(self, kind: str, inputs: Sequence[JobInput], *, progress: ProgressFn = no_progress,
+                  ) -> list[JobOutcome]:
+        """The product's run_batch, each batch's size and wall time appended to ``batch_log``."""
+        t0 = time.time()
+        out = super().run_batch(kind, inputs, progress=progress)
+        with self.batch_log.open("a") as f:
+            f.write(json.dumps({"jobs": len(inputs), "t0": t0, "t1": time.time()}) + "\n")
+        return out
+
     def _align(self, photo: bytes) -> AlignedFace:
         with Image.open(io.BytesIO(photo)) as im:
             return AlignedFace(image=im.convert("RGB"), alignment=self._alignment, note=None)
@@ -85,7 +100,7 @@ async def _serve_worker(args: argparse.Namespace) -> None:
         torch.cuda.set_device(dev)
         configure_cuda()
     engine = await asyncio.to_thread(BenchEngine, device=dev, resolution=args.res, steps=args.steps,
-                                     batch_size=args.batch)
+                                     batch_size=args.batch, batch_log=Path(args.batch_log))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -149,6 +164,7 @@ def _start_workers(args: argparse.Namespace, devices: list[str], redis_url: str,
     for i, device in enumerate(devices):
         cmd = [sys.executable, "-m", "bench.scale", "worker", "--device", device, "--redis", redis_url,
                "--db", db_url, "--media", str(media), "--worker-id", f"bench-{i}-{device}",
+               "--batch-log", str(media.parent / f"batches-{len(devices)}-{i}.jsonl"),
                "--res", str(args.res), "--steps", str(args.steps), "--batch", str(args.batch)]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
     for proc in procs:
@@ -200,11 +216,23 @@ async def _run(args: argparse.Namespace, devices: list[str], redis_url: str, key
             proc.wait(timeout=120)
         await db.dispose()
     done = [j for j in jobs if j.status == "done"]
+    per_worker = [_busy(root / f"batches-{len(devices)}-{i}.jsonl") for i in range(len(devices))]
     return {"figure": f"{len(devices)} worker(s) on {','.join(devices)}", "workers": len(devices),
             "jobs": len(jobs), "done": len(done), "seconds": seconds,
             "selfies_per_min": 60 * len(done) / seconds, "batches": len({j.batch_id for j in jobs}),
             "psnr": statistics.mean(j.result["psnr"] for j in done) if done else float("nan"),
-            "gpu_util_pct": gpus.mean()}
+            "gpu_util_pct": gpus.mean(), "per_worker": per_worker,
+            "busy_selfies_per_min": sum(w["selfies_per_min"] for w in per_worker)}
+
+
+def _busy(batch_log: Path) -> Row:
+    """One worker's batches: how many jobs it ran and at what rate while it had work (first batch's
+    start to last batch's end), and each batch's size."""
+    batches = [json.loads(line) for line in batch_log.read_text().splitlines()] if batch_log.exists() else []
+    jobs = sum(b["jobs"] for b in batches)
+    busy = max((b["t1"] for b in batches), default=0.0) - min((b["t0"] for b in batches), default=0.0)
+    return {"jobs": jobs, "busy_s": round(busy, 1), "batch_sizes": [b["jobs"] for b in batches],
+            "selfies_per_min": 60 * jobs / busy if busy > 0 else 0.0}
 
 
 def _targets_to_media(args: argparse.Namespace, device: torch.device, media: MediaStore) -> list[str]:
@@ -225,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command")
     w = sub.add_parser("worker")
-    for name in ("--device", "--redis", "--db", "--media", "--worker-id"):
+    for name in ("--device", "--redis", "--db", "--media", "--worker-id", "--batch-log"):
         w.add_argument(name, required=True)
     for p in (ap, w):
         p.add_argument("--res", type=int, default=1024)
@@ -261,12 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = report["rows"]
     if len(rows) == 2:
         report["scaling"] = rows[1]["selfies_per_min"] / rows[0]["selfies_per_min"]
+        report["scaling_busy"] = rows[1]["busy_selfies_per_min"] / rows[0]["busy_selfies_per_min"]
     _write(args.out, report)
     print(f"card: {report['card']} x{report['gpus']}, torch {report['torch']}, {report['settings']}")
     for row in rows:
         print(_fmt(row))
     if "scaling" in report:
-        print(f"scaling {len(devices)} workers vs 1: {report['scaling']:.2f}x")
+        print(f"scaling {len(devices)} workers vs 1: {report['scaling']:.2f}x from first job sent to last "
+              f"stored, {report['scaling_busy']:.2f}x in the sum of each worker's rate while it had work")
     return 0
 
 
@@ -282,7 +312,9 @@ def _write(out: str, report: Row) -> None:
 def _fmt(row: Row) -> str:
     return (f"{row['figure']:36} {row['selfies_per_min']:8.1f} selfies/min  {row['done']}/{row['jobs']} done "
             f"in {row['seconds']:.1f} s, {row['batches']} batches, PSNR {row['psnr']:.2f} dB, "
-            f"GPU util {row['gpu_util_pct']}")
+            f"GPU util {row['gpu_util_pct']}; while busy: {row['busy_selfies_per_min']:.1f} selfies/min, per "
+            f"worker (jobs, s, batch sizes): "
+            + ", ".join(f"({w['jobs']}, {w['busy_s']}, {w['batch_sizes']})" for w in row["per_worker"]))
 
 
 if __name__ == "__main__":

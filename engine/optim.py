@@ -79,20 +79,23 @@ def adam_steps(
             report(step + 1, one_step())
         return
 
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for step in range(_WARMUP):
+    # The capture stream is made on the thread's current device, which is cuda:0 in a worker thread
+    # whatever device the engine runs on: capturing work for cuda:1 there fails.
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for step in range(_WARMUP):
+                lr_now.fill_(lr_at(step, steps, lr=lr, rampup=rampup))
+                loss = one_step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        report(_WARMUP, loss)
+        g = torch.cuda.CUDAGraph()
+        lr_now.fill_(lr_at(_WARMUP, steps, lr=lr, rampup=rampup))
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(g):
+            loss = one_step()  # captured, not run: the first replay below is step _WARMUP
+        for step in range(_WARMUP, steps):
             lr_now.fill_(lr_at(step, steps, lr=lr, rampup=rampup))
-            loss = one_step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    report(_WARMUP, loss)
-    g = torch.cuda.CUDAGraph()
-    lr_now.fill_(lr_at(_WARMUP, steps, lr=lr, rampup=rampup))
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(g):
-        loss = one_step()  # captured, not run: the first replay below is step _WARMUP
-    for step in range(_WARMUP, steps):
-        lr_now.fill_(lr_at(step, steps, lr=lr, rampup=rampup))
-        g.replay()
-        report(step + 1, loss)
+            g.replay()
+            report(step + 1, loss)

@@ -100,8 +100,10 @@ def split_on_failure(handler: Handler, inputs: list[JobInput], progress: Progres
 
 
 def _png(img: Image.Image) -> bytes:
+    """PNG at zlib level 1: a 1024 px face encodes in about a fifth of the default level's time
+    (which the GPU spent idle, between batches) for files about 13% larger."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

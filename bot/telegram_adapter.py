@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -30,7 +30,14 @@ from telegram import (
     Update,
 )
 from telegram.error import BadRequest, Forbidden, TelegramError
-from telegram.ext import AIORateLimiter, Application, ContextTypes, MessageHandler, filters
+from telegram.ext import (
+    AIORateLimiter,
+    Application,
+    BaseUpdateProcessor,
+    ContextTypes,
+    MessageHandler,
+    filters,
+)
 
 from bot.commands import Media, Origin, Reply, Target
 from bot.config import Config
@@ -45,7 +52,8 @@ log = logging.getLogger("stylebot.telegram")
 _MB = 1024 * 1024
 _TEXT_MAX = 4096  # Telegram's limits, in characters
 _CAPTION_MAX = 1024
-_CONCURRENT_UPDATES = 32
+_UPDATES_PER_CHAT = 8  # one chat's messages handled at a time; the rest of that chat's wait
+_UPDATES_IN_ALL = 4096  # every waiting update is held in memory (a few kB each)
 _LOGGERS = ("httpx", "httpcore", "telegram", "telegram.ext", "telegram.Bot", "telegram.ext.Updater",
             "telegram.ext.Application", "telegram.ext.ExtBot", "telegram.request")
 
@@ -72,6 +80,46 @@ class _Redact(logging.Filter):
         return True
 
 
+class _ChatsSideBySide(BaseUpdateProcessor):
+    """Up to ``per_chat`` updates of one chat are handled at a time, chats side by side.
+
+    Handling a message ends with a reply, and Telegram lets a bot send only about 20 messages a
+    minute to one group (the rate limiter waits for it). With PTB's shared pool of handler slots,
+    a group flooding the bot fills every slot with handlers waiting to reply there, and every
+    other chat's message waits behind them. Here the flood waits for its own chat's slots.
+    """
+
+    def __init__(self, *, per_chat: int, in_all: int) -> None:
+        super().__init__(max_concurrent_updates=in_all)
+        self.per_chat = per_chat
+        self._chats: dict[int, tuple[asyncio.Semaphore, int]] = {}  # chat id -> (slots, users)
+
+    async def do_process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
+        chat = update.effective_chat if isinstance(update, Update) else None
+        if chat is None:
+            await coroutine
+            return
+        slots, users = self._chats.get(chat.id, (asyncio.Semaphore(self.per_chat), 0))
+        self._chats[chat.id] = (slots, users + 1)
+        try:
+            async with slots:
+                await coroutine
+        finally:
+            slots, users = self._chats[chat.id]
+            if users == 1:
+                del self._chats[chat.id]
+            else:
+                self._chats[chat.id] = (slots, users - 1)
+            if asyncio.iscoroutine(coroutine):
+                coroutine.close()  # cancelled while waiting: never started, no "never awaited"
+
+    async def initialize(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass
+
+
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -95,9 +143,7 @@ class TelegramAdapter:
             .base_url(tg.base_url)
             .base_file_url(tg.base_file_url)
             .rate_limiter(AIORateLimiter())
-            # Updates from different chats are handled side by side: a group held back by
-            # Telegram's per-group send limit must not delay everyone else's answers.
-            .concurrent_updates(_CONCURRENT_UPDATES)
+            .concurrent_updates(_ChatsSideBySide(per_chat=_UPDATES_PER_CHAT, in_all=_UPDATES_IN_ALL))
             .build()
         )
         self._service: Service | None = None

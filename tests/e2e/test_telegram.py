@@ -23,6 +23,7 @@ from PIL import Image
 from postgres_db import fresh_postgres_database
 from servers import empty_redis, scale_out_config
 from sqlalchemy import func, select
+from telegram import Update
 
 from bot.config import load_config
 from bot.parse import COMMANDS
@@ -227,3 +228,35 @@ async def test_building_the_adapter_logs_no_token(tmp_path: Path) -> None:
         TelegramAdapter(config)
     assert capture.lines  # PTB said something
     assert_no_private_data(capture.text(), secrets=[token])
+
+
+async def test_a_flooding_group_does_not_hold_up_other_chats(tmp_path: Path) -> None:
+    """Handling a group message ends with a reply there, which Telegram's ~20 messages a minute per
+    group holds back. 100 such messages, their handlers all waiting, must not keep a private
+    message from being handled; the group's own wait their turn (8 at a time) and all run."""
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(base_url="http://127.0.0.1:9/bot", base_file_url="http://127.0.0.1:9/file/bot"))
+    config = load_config(path, env={"STYLEBOT_HOME": str(tmp_path), "TELEGRAM_BOT_TOKEN": TOKEN})
+    processor = TelegramAdapter(config).app.update_processor
+    replies_allowed = asyncio.Event()
+    handled: list[str] = []
+
+    async def handle(who: str) -> None:
+        handled.append(who)
+        if who == "group":
+            await replies_allowed.wait()
+
+    def update(n: int, chat: FakeChat) -> Update:
+        message = {"message_id": n, "date": 0, "text": "/help", "chat": chat.json(),
+                   "from": CAROL.json()}
+        return Update.de_json({"update_id": n, "message": message}, None)
+
+    flood = [asyncio.create_task(processor.process_update(update(n, GROUP), handle("group")))
+             for n in range(100)]
+    await asyncio.sleep(0.1)
+    await asyncio.wait_for(processor.process_update(update(100, dm(CAROL)), handle("private")), 5)
+    assert handled.count("private") == 1
+    assert 1 <= handled.count("group") <= 8
+    replies_allowed.set()
+    await asyncio.wait_for(asyncio.gather(*flood), 5)
+    assert handled.count("group") == 100

@@ -2,7 +2,7 @@
 
 Usage (on a CUDA machine, from the repository root):
 
-    python -m bench.scale --devices cuda:0,cuda:1 [--jobs 32] [--out DIR]
+    python -m bench.scale --devices cuda:0,cuda:1 [--jobs 32] [--database postgresql] [--out DIR]
 
 Starts a throwaway ``redis-server`` on loopback (the same helper the tests use; the binary must be on
 PATH), a SQLite database and a media dir, and for each worker count (1, then all ``--devices``): that
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -177,13 +178,25 @@ def _start_workers(args: argparse.Namespace, devices: list[str], redis_url: str,
 
 
 async def _run(args: argparse.Namespace, devices: list[str], redis_url: str, keys: list[str],
-               root: Path) -> Row:
+               root: Path, postgres: str | None) -> Row:
+    """One measurement on a new database: SQLite in ``root``, or one on the ``postgres`` server."""
     from redis.asyncio import Redis
+
+    from tests.postgres_db import fresh_postgres_database
 
     client = Redis.from_url(redis_url)
     await client.flushdb()
     await client.aclose()
-    db_url = sqlite_url(root / f"jobs-{len(devices)}.db")
+    async with contextlib.AsyncExitStack() as stack:
+        if postgres:
+            db_url = await stack.enter_async_context(fresh_postgres_database(postgres))
+        else:
+            db_url = sqlite_url(root / f"jobs-{len(devices)}.db")
+        return await _measure(args, devices, redis_url, db_url, keys, root)
+
+
+async def _measure(args: argparse.Namespace, devices: list[str], redis_url: str, db_url: str,
+                   keys: list[str], root: Path) -> Row:
     await upgrade(db_url)
     db = make_engine(db_url)
     sessions = make_sessionmaker(db)
@@ -263,29 +276,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=32)
     ap.add_argument("--targets", type=int, default=8, help="distinct target images")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite",
+                    help="postgresql: a throwaway server, as tests/servers.py starts it")
     args = ap.parse_args(argv)
     if args.command == "worker":
         asyncio.run(_serve_worker(args))
         return 0
-    from tests.servers import start_redis
+    from tests.servers import start_postgres, start_redis
 
     signal.signal(signal.SIGTERM, _interrupted)  # a time limit: stop the workers on the way out
     devices = args.devices.split(",")
     report: Row = {"card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                    "gpus": torch.cuda.device_count(), "torch": torch.__version__,
-                   "settings": {k: getattr(args, k) for k in ("res", "steps", "batch", "jobs")}, "rows": []}
+                   "settings": {k: getattr(args, k) for k in ("res", "steps", "batch", "jobs", "database")},
+                   "rows": []}
     server = start_redis()
+    postgres = start_postgres() if args.database == "postgresql" else None
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             keys = _targets_to_media(args, torch.device(devices[0]), MediaStore(root / "media"))
             for workers in sorted({1, len(devices)}):
                 print(f"[{workers} worker(s): starting]", flush=True)
-                report["rows"].append(asyncio.run(_run(args, devices[:workers], server.url, keys, root)))
+                report["rows"].append(asyncio.run(_run(args, devices[:workers], server.url, keys, root,
+                                                       postgres.url if postgres else None)))
                 print(_fmt(report["rows"][-1]), flush=True)
                 _write(args.out, report)  # what a cut-off run measured so far
     finally:
         server.stop()
+        if postgres:
+            postgres.stop()
     rows = report["rows"]
     if len(rows) == 2:
         report["scaling"] = rows[1]["selfies_per_min"] / rows[0]["selfies_per_min"]

@@ -117,7 +117,10 @@ def _start(make: Callable[[int, Path], Server], ready: Callable[[Server], bool],
 # --- PostgreSQL -----------------------------------------------------------------------------------
 
 def _pg_bindir() -> Path:
-    """The newest /usr/lib/postgresql/<version>/bin, else ``pg_config --bindir``."""
+    """``$STYLEBOT_PG_BINDIR``, else the newest /usr/lib/postgresql/<version>/bin, else
+    ``pg_config --bindir``."""
+    if os.environ.get("STYLEBOT_PG_BINDIR"):
+        return Path(os.environ["STYLEBOT_PG_BINDIR"])
     found = [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/initdb")]
     if found:
         return max(found, key=lambda p: [int(n) for n in p.parent.name.split(".") if n.isdigit()])

@@ -76,10 +76,7 @@ class BenchEngine(Engine):
         self._clip_name, self._clip, self.table_samples = "demo", None, 1
         photo = Image.fromarray(skimage.data.astronaut())
         self._alignment = align_face(photo, size=resolution, detector=self.detector).alignment
-        _, warm = _targets(G, list(range(batch_size)))
-        from engine.invert import invert
-
-        invert(G, warm, perceptual=self.perceptual, identity=self.identity, steps=8)  # capture, autotune
+        self.warm_up(batch_size)  # as the product's worker does before it takes jobs
 
     def run_batch(self, kind: str, inputs: Sequence[JobInput], *, progress: ProgressFn = no_progress,
                   ) -> list[JobOutcome]:

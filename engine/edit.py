@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from engine.directions import apply_style_delta
 from engine.identity import IdentityLoss
-from engine.optim import adam_steps
+from engine.optim import adam_steps, batch_bucket, pad_rows
 from engine.progress import ProgressFn, no_progress
 from engine.stylegan2 import Generator, NoiseMode
 
@@ -46,13 +46,15 @@ def edit_optimize(
     identity_weight: float = 0.005,
     noise_mode: NoiseMode = "const",
     graph: bool | None = None,
+    pad: bool | None = None,
     progress: ProgressFn = no_progress,
 ) -> OptimizeResult:
     """Optimise W+ latents from ``source`` [B, num_ws, w_dim] towards texts [B, D] (unit).
 
     Loss per edit: CLIP cosine distance to its text + ``l2_weight`` * ||w - w_src||^2 (+ the
     identity loss to the source render when given). Larger ``l2_weight`` keeps the result
-    closer to the source (weaker edit); smaller lets it move further.
+    closer to the source (weaker edit); smaller lets it move further. ``pad``: as for
+    :func:`engine.invert.invert` (copies of the last edit up to ``batch_bucket(B)``; CUDA default).
     """
     if source.ndim != 3 or source.shape[1:] != (G.num_ws, G.w_dim):
         raise ValueError(f"source must be [B, {G.num_ws}, {G.w_dim}], got {list(source.shape)}")
@@ -62,6 +64,10 @@ def edit_optimize(
     device = G.w_avg.device
     src = source.to(device, torch.float32)
     texts = F.normalize(text_embeddings.to(device, torch.float32), dim=-1)
+    b = src.shape[0]
+    use_pad = device.type == "cuda" if pad is None else pad
+    if use_pad:
+        src, texts = pad_rows(src, batch_bucket(b)), pad_rows(texts, batch_bucket(b))
     ws = src.clone().requires_grad_(True)
     identity_to = None
     if identity is not None:
@@ -81,14 +87,14 @@ def edit_optimize(
     history: list[list[float]] = []
 
     def on_step(step: int, _: torch.Tensor) -> None:
-        history.append([float(v) for v in last["clip"]])
+        history.append([float(v) for v in last["clip"][:b]])
         progress(step, steps, {"clip_loss": sum(history[-1]) / len(history[-1])})
 
     adam_steps([ws], loss_fn, steps=steps, lr=lr, on_step=on_step,
                report_every=10 if device.type == "cuda" else 1, graph=graph)
     with torch.no_grad():
-        final = G.synthesis(ws.detach(), noise_mode=noise_mode).clamp(-1, 1)
-    return OptimizeResult(latents=ws.detach().cpu(), images=final.cpu(), clip_loss=history,
+        final = G.synthesis(ws.detach()[:b], noise_mode=noise_mode).clamp(-1, 1)
+    return OptimizeResult(latents=ws.detach()[:b].cpu(), images=final.cpu(), clip_loss=history,
                           seconds=time.perf_counter() - start)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.identity import IdentityLoss
-from engine.optim import adam_steps
+from engine.optim import adam_steps, batch_bucket, pad_rows
 from engine.perceptual import LPIPS
 from engine.progress import ProgressFn, no_progress
 from engine.stylegan2 import Generator, NoiseMode
@@ -80,6 +80,7 @@ def invert(
     noise_mode: NoiseMode = "const",
     graph: bool | None = None,
     bf16: bool | None = None,
+    pad: bool | None = None,
     progress: ProgressFn = no_progress,
 ) -> InversionResult:
     """Invert ``targets`` [B, 3, R, R] in [-1, 1] (R = G.resolution) into W+ latents.
@@ -88,6 +89,8 @@ def invert(
     the targets' features are computed once. ``graph``: replay the step as a CUDA graph;
     ``bf16``: run the networks under bfloat16 autocast while optimising (the result is rendered
     in float32). Both default to on for CUDA devices (BENCHMARKS.md has the measured gains).
+    ``pad``: run the batch padded to ``batch_bucket(B)`` rows (copies of the last target, results
+    dropped), so that a GPU sees few batch sizes; default on for CUDA devices.
     ``progress(step, steps, {"loss": ..., "psnr": ...})`` is called every step on the CPU, every 10
     on a GPU (reading the figures waits for the GPU).
     """
@@ -100,15 +103,19 @@ def invert(
     device = G.w_avg.device
     targets = targets.to(device, torch.float32)
     b = targets.shape[0]
+    use_pad = device.type == "cuda" if pad is None else pad
+    if use_pad:
+        targets = pad_rows(targets, batch_bucket(b))
+    n = targets.shape[0]
 
-    ws = G.w_avg.detach().reshape(1, 1, -1).repeat(b, G.num_ws, 1).clone()  # [B, num_ws, w_dim]
+    ws = G.w_avg.detach().reshape(1, 1, -1).repeat(n, G.num_ws, 1).clone()  # [n, num_ws, w_dim]
     ws.requires_grad_(True)
     params = [ws]
     noise: dict[str, torch.Tensor] = {}
     if optimize_noise:
         for name, layer in G.synthesis.noise_layers().items():
             r = layer.resolution
-            buf = layer.noise_const.detach().reshape(1, 1, r, r).repeat(b, 1, 1, 1)
+            buf = layer.noise_const.detach().reshape(1, 1, r, r).repeat(n, 1, 1, 1)
             noise[name] = buf.clone().requires_grad_(True)
         params += list(noise.values())
     mode = "const" if optimize_noise else noise_mode
@@ -134,7 +141,7 @@ def invert(
         return loss
 
     def on_step(step: int, loss: torch.Tensor) -> None:
-        progress(step, steps, {"loss": float(loss.mean()), "psnr": float(last["psnr"].mean())})
+        progress(step, steps, {"loss": float(loss[:b].mean()), "psnr": float(last["psnr"][:b].mean())})
 
     adam_steps(params, loss_fn, steps=steps, lr=lr, post_step=_normalize(noise) if noise else None,
                on_step=on_step, report_every=10 if device.type == "cuda" else 1, graph=graph)
@@ -142,16 +149,16 @@ def invert(
     with torch.no_grad():
         final_noise = {k: v.detach() for k, v in noise.items()}
         images = G.synthesis(ws.detach(), noise_mode=mode, noise=final_noise or None)
-        p = psnr(images, targets)
-        d = perceptual_to(_loss_size(images, loss_resolution))
+        p = psnr(images, targets)[:b]
+        d = perceptual_to(_loss_size(images, loss_resolution))[:b]
     return InversionResult(
-        latents=ws.detach().float().cpu(),
-        images=images.clamp(-1, 1).cpu(),
+        latents=ws.detach()[:b].float().cpu(),
+        images=images[:b].clamp(-1, 1).cpu(),
         psnr=[float(x) for x in p],
         lpips=[float(x) for x in d],
         steps=steps,
         seconds=time.perf_counter() - start,
-        noise={k: v.cpu() for k, v in final_noise.items()},
+        noise={k: v[:b].cpu() for k, v in final_noise.items()},
     )
 
 

@@ -30,6 +30,7 @@ from engine.images import pil_to_tensor, tensor_to_pil
 from engine.invert import invert
 from engine.models import LoadedGenerator, load_generator
 from engine.morph import mix_latents, morph_latents, render_frames
+from engine.optim import batch_bucket
 from engine.pasteback import paste_back, side_by_side
 from engine.perceptual import load_perceptual
 from engine.progress import ProgressFn, no_progress
@@ -128,6 +129,21 @@ class Engine:
     @property
     def model_id(self) -> str:
         return self.loaded.model_id
+
+    def warm_up(self, batch_size: int) -> list[int]:
+        """On a GPU, run a few inversion steps at every batch size a batch of up to ``batch_size``
+        is padded to (``batch_bucket``), so that no user's selfie waits for cuDNN to autotune a
+        new shape (about 20 s each at 1024 px). Edits warm up on first use. The sizes warmed."""
+        if self.device.type != "cuda":
+            return []
+        G = self.loaded.G
+        sizes = sorted({batch_bucket(n) for n in range(1, batch_size + 1)})
+        with torch.no_grad():
+            target = G.synthesis(G.w_avg.reshape(1, 1, -1).repeat(1, G.num_ws, 1)).clamp(-1, 1)
+        for n in sizes:
+            invert(G, target.expand(n, -1, -1, -1), perceptual=self.perceptual, identity=self.identity,
+                   steps=5)  # eager steps, the graph's capture and a replay
+        return sizes
 
     @property
     def clip(self) -> ClipModel:

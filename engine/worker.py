@@ -289,6 +289,9 @@ async def serve(
             engine = await asyncio.to_thread(Engine, model=model, device=dev, invert_steps=invert_steps,
                                              edit_steps=edit_steps, clip=clip,
                                              table_samples=direction_samples)
+            warmed = await asyncio.to_thread(engine.warm_up, batch_size)
+            if warmed:
+                log.info("warmed up batch sizes %s", warmed)
             worker = Worker(engine, sessions=sessions, queue=jobs, media=MediaStore(Path(media_dir)),
                             settings=settings)
             await worker.run(stop)

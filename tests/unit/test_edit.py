@@ -105,6 +105,19 @@ def test_latent_optimisation_lowers_the_clip_loss(G: Generator, clip_model: Clip
     assert result.latents.shape == src.shape and result.images.shape == (2, 3, 64, 64)
 
 
+def test_a_padded_batch_of_edits_gives_each_the_result_it_gets_alone(
+    G: Generator, clip_model: ClipModel
+) -> None:
+    src = _source(G, 3)
+    texts = torch.stack([clip_model.text_embedding(t) for t in ("a smiling face", "a beard", "old")])
+    padded = edit_optimize(G, src, texts, encode=clip_model.encode_images, steps=6, pad=True)
+    plain = edit_optimize(G, src, texts, encode=clip_model.encode_images, steps=6, pad=False)
+    assert padded.latents.shape == src.shape and padded.images.shape == (3, 3, 64, 64)
+    assert torch.allclose(padded.latents, plain.latents, atol=1e-4)
+    assert all(len(row) == 3 for row in padded.clip_loss)
+    assert padded.clip_loss[-1] == pytest.approx(plain.clip_loss[-1], abs=1e-4)
+
+
 def test_large_l2_weight_keeps_the_latent_close(G: Generator, clip_model: ClipModel) -> None:
     src = _source(G, 1)
     text = clip_model.text_embedding("a smiling face")[None]

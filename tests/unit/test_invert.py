@@ -7,7 +7,7 @@ import torch
 
 from engine.invert import invert, psnr
 from engine.models import build_demo_generator
-from engine.optim import lr_at
+from engine.optim import batch_bucket, lr_at
 from engine.perceptual import demo_lpips
 from engine.stylegan2 import Generator
 
@@ -50,6 +50,20 @@ def test_batched_photos_are_optimised_independently(G: Generator) -> None:
     alone = invert(G, targets[1:], perceptual=demo_lpips(), steps=8)
     assert torch.allclose(together.latents[1], alone.latents[0], atol=1e-3)
     assert not torch.allclose(together.latents[0], together.latents[1], atol=1e-2)
+
+
+def test_a_padded_batch_gives_each_photo_the_result_it_gets_alone(G: Generator) -> None:
+    """On a GPU a batch of 3 runs as 4 (few batch sizes, each warmed up once): the padding copy
+    must not change anyone's result, and only the 3 come back."""
+    targets = _targets(G, 3, seed=4)
+    padded = invert(G, targets, perceptual=demo_lpips(), steps=8, optimize_noise=True, pad=True)
+    plain = invert(G, targets, perceptual=demo_lpips(), steps=8, optimize_noise=True, pad=False)
+    assert padded.latents.shape == (3, G.num_ws, G.w_dim) and padded.images.shape == targets.shape
+    assert all(n.shape[0] == 3 for n in padded.noise.values())
+    assert torch.allclose(padded.latents, plain.latents, atol=1e-4)
+    assert padded.psnr == pytest.approx(plain.psnr, abs=1e-3)
+    assert padded.lpips == pytest.approx(plain.lpips, abs=1e-4)
+    assert [batch_bucket(n) for n in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, 16]
 
 
 def test_noise_optimisation_keeps_noise_normalised(G: Generator) -> None:

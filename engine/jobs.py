@@ -140,9 +140,9 @@ class Engine:
         sizes = sorted({batch_bucket(n) for n in range(1, batch_size + 1)})
         with torch.no_grad():
             target = G.synthesis(G.w_avg.reshape(1, 1, -1).repeat(1, G.num_ws, 1)).clamp(-1, 1)
-        for n in sizes:
-            invert(G, target.expand(n, -1, -1, -1), perceptual=self.perceptual, identity=self.identity,
-                   steps=5)  # eager steps, the graph's capture and a replay
+        for n in sizes:  # eager steps, the graph's capture, a replay; contiguous like real targets
+            invert(G, target.repeat(n, 1, 1, 1), perceptual=self.perceptual, identity=self.identity,
+                   steps=5)
         return sizes
 
     @property

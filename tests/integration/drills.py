@@ -143,9 +143,26 @@ class World:
             env.pop(token, None)
         return env
 
-    def start_engine(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "bot", "engine", "--config", str(self.config_path),
-                                 "--worker-id", ENGINE_ID], env=self.env())
+    async def start_engine(self) -> subprocess.Popen[bytes]:
+        """The real `stylebot engine`, once it is serving (its log says so): a SIGTERM in its first
+        moments, before the interpreter has set up its handlers, ends it with no clean stop.
+        Its log is appended to ``engine.log`` beside the config."""
+        log = self.config_path.parent / "engine.log"
+        start = log.stat().st_size if log.exists() else 0
+        with log.open("ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "bot", "engine", "--config",
+                                     str(self.config_path), "--worker-id", ENGINE_ID],
+                                    env=self.env(), stderr=out)
+
+        async def serving() -> bool:
+            with log.open("rb") as f:
+                f.seek(start)
+                text = f.read()
+            assert proc.poll() is None, f"the engine exited ({proc.returncode}): {text[-2000:]!r}"
+            return f"engine worker {ENGINE_ID} ready".encode() in text
+
+        await until(serving, what="the engine serving")
+        return proc
 
     async def start_bot(self, log: Path) -> subprocess.Popen[str]:
         """The bot process, once it is serving (its signal handlers are in place)."""

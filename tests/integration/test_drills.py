@@ -109,7 +109,7 @@ async def test_engine_killed_mid_job_again_and_again(tmp_path: Path, astronaut: 
         killed_batches: set[str | None] = set()
         async with w.pumping():
             for _ in range(kills):
-                engine = w.start_engine()
+                engine = await w.start_engine()
                 try:
                     await until(partial(_working_or_done, w, but_not=killed_batches),
                                 what="the engine took a job")
@@ -119,7 +119,7 @@ async def test_engine_killed_mid_job_again_and_again(tmp_path: Path, astronaut: 
                 caught = await _running(w)
                 hit.append(len(caught))
                 killed_batches |= {j.batch_id for j in caught}
-            engine = w.start_engine()
+            engine = await w.start_engine()
             try:
                 await until(partial(_all_replied, w), what="every job finished and replied to")
             finally:
@@ -158,7 +158,7 @@ async def test_bot_restarted_with_jobs_in_flight(tmp_path: Path, astronaut: Imag
     started = time.monotonic()
     async with world(tmp_path, batch_size=2, steps=40) as w:
         await _submit(w, astronaut, users)  # the commands came in; the bot process replies
-        engine, bot = w.start_engine(), await w.start_bot(log)
+        engine, bot = await w.start_engine(), await w.start_bot(log)
         killed: set[int] = set()  # bot processes stopped with kill -9
         in_flight: list[int] = []  # open jobs at each restart
         try:
@@ -306,7 +306,7 @@ async def test_forget_while_the_users_job_runs(tmp_path: Path, astronaut: Image.
     forgotten: list[str] = []
     moments: list[str] = []
     async with world(tmp_path, batch_size=2, steps=40) as w:
-        engine = w.start_engine()
+        engine = await w.start_engine()
         try:
             async with w.pumping():
                 for r in range(rounds):

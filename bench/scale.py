@@ -95,7 +95,6 @@ class BenchEngine(Engine):
 async def _serve_worker(args: argparse.Namespace) -> None:
     dev = torch.device(args.device)
     if dev.type == "cuda":
-        torch.cuda.set_device(dev)
         configure_cuda()
     engine = await asyncio.to_thread(BenchEngine, device=dev, resolution=args.res, steps=args.steps,
                                      batch_size=args.batch, batch_log=Path(args.batch_log))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from engine.directions import apply_style_delta
 from engine.identity import IdentityLoss
-from engine.optim import adam_steps, batch_bucket, pad_rows
+from engine.optim import adam_steps, pad_rows, padded_size
 from engine.progress import ProgressFn, no_progress
 from engine.stylegan2 import Generator, NoiseMode
 
@@ -65,9 +65,8 @@ def edit_optimize(
     src = source.to(device, torch.float32)
     texts = F.normalize(text_embeddings.to(device, torch.float32), dim=-1)
     b = src.shape[0]
-    use_pad = device.type == "cuda" if pad is None else pad
-    if use_pad:
-        src, texts = pad_rows(src, batch_bucket(b)), pad_rows(texts, batch_bucket(b))
+    n = padded_size(b, device, pad)
+    src, texts = pad_rows(src, n), pad_rows(texts, n)
     ws = src.clone().requires_grad_(True)
     identity_to = None
     if identity is not None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.identity import IdentityLoss
-from engine.optim import adam_steps, batch_bucket, pad_rows
+from engine.optim import adam_steps, pad_rows, padded_size
 from engine.perceptual import LPIPS
 from engine.progress import ProgressFn, no_progress
 from engine.stylegan2 import Generator, NoiseMode
@@ -103,10 +103,8 @@ def invert(
     device = G.w_avg.device
     targets = targets.to(device, torch.float32)
     b = targets.shape[0]
-    use_pad = device.type == "cuda" if pad is None else pad
-    if use_pad:
-        targets = pad_rows(targets, batch_bucket(b))
-    n = targets.shape[0]
+    n = padded_size(b, device, pad)
+    targets = pad_rows(targets, n)
 
     ws = G.w_avg.detach().reshape(1, 1, -1).repeat(n, G.num_ws, 1).clone()  # [n, num_ws, w_dim]
     ws.requires_grad_(True)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["LossFn", "adam_steps", "batch_bucket", "lr_at", "pad_rows"]
+__all__ = ["LossFn", "adam_steps", "batch_bucket", "lr_at", "pad_rows", "padded_size"]
 
 LossFn = Callable[[], torch.Tensor]  # per-sample loss [B] from the current parameters
 _WARMUP = 3  # eager steps before capture (also real steps): lets allocators and cuDNN settle
@@ -31,6 +31,12 @@ def batch_bucket(n: int) -> int:
     size; padded to 1, 2, 4 or 8 there are four sizes, warmed up when the worker starts.
     """
     return 1 << max(n - 1, 0).bit_length()
+
+
+def padded_size(b: int, device: torch.device, pad: bool | None) -> int:
+    """How many rows a batch of ``b`` runs with: ``batch_bucket(b)`` when padding (``pad``; by
+    default on CUDA devices), else ``b``."""
+    return batch_bucket(b) if (device.type == "cuda" if pad is None else pad) else b
 
 
 def pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -96,8 +96,11 @@ async def _serve_worker(args: argparse.Namespace) -> None:
     dev = torch.device(args.device)
     if dev.type == "cuda":
         configure_cuda()
+    t0 = time.perf_counter()
     engine = await asyncio.to_thread(BenchEngine, device=dev, resolution=args.res, steps=args.steps,
                                      batch_size=args.batch, batch_log=Path(args.batch_log))
+    print(f"[worker {args.worker_id}: networks built and warmed up in {time.perf_counter() - t0:.1f} s]",
+          file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

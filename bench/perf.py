@@ -250,31 +250,50 @@ def bench_inversion(dev: torch.device, seeds: int, baseline_seeds: int) -> list[
     return rows
 
 
-# (label, invert keyword arguments): what each optimisation buys, measured side by side.
-VARIANTS: list[tuple[str, dict[str, Any]]] = [
-    ("300 steps, eager, fp32/TF32", {"steps": 300, "graph": False, "bf16": False}),
-    ("300 steps, CUDA graph, fp32/TF32", {"steps": 300, "bf16": False}),
-    ("300 steps, graph, bf16 autocast (product)", {"steps": 300}),
-    ("600 steps, graph, bf16", {"steps": 600}),
-    ("150 steps, graph, bf16, lr 0.1", {"steps": 150, "lr": 0.1}),
-    ("300 steps, graph, bf16, no identity loss", {"steps": 300, "identity": None}),
+# (label, invert keyword arguments, batch size, fused modconv up to this batch (None: the
+# product's rule)): what each optimisation buys, measured side by side. `--variants` picks some.
+VARIANTS: list[tuple[str, dict[str, Any], int, int | None]] = [
+    ("300 steps, eager, fp32/TF32", {"steps": 300, "graph": False, "bf16": False}, 1, None),
+    ("300 steps, CUDA graph, fp32/TF32", {"steps": 300, "bf16": False}, 1, None),
+    ("300 steps, graph, bf16 autocast (product)", {"steps": 300}, 1, None),
+    ("600 steps, graph, bf16", {"steps": 600}, 1, None),
+    ("150 steps, graph, bf16, lr 0.1", {"steps": 150, "lr": 0.1}, 1, None),
+    ("300 steps, graph, bf16, no identity loss", {"steps": 300, "identity": None}, 1, None),
+    ("300 steps, lr 0.05 (the default before 2026-11-29)", {"steps": 300, "lr": 0.05}, 1, None),
+    ("300 steps, modconv never fused", {"steps": 300}, 1, 0),
+    ("300 steps, B=8 (product: modconv not fused when optimising)", {"steps": 300}, 8, None),
+    ("300 steps, B=8, modconv fused", {"steps": 300}, 8, 8),
+    ("300 steps, B=4, modconv fused", {"steps": 300}, 4, 4),
+    ("300 steps, B=4, modconv never fused", {"steps": 300}, 4, 0),
 ]
 
 
-def bench_variants(dev: torch.device, seeds: int) -> list[Row]:
+def bench_variants(dev: torch.device, seeds: int, pick: str) -> list[Row]:
+    from unittest import mock
+
+    from engine import stylegan2
+
     G = _generator(1024, dev)
     lpips, identity = _losses(dev)
-    _, targets = _targets(G, list(range(seeds)))
+    _, targets = _targets(G, list(range(max(seeds, 8))))
     invert(G, targets[:1], perceptual=lpips, identity=identity, steps=8)
     rows = []
-    for label, kw in VARIANTS:
-        times, ps = [], []
-        for i in range(seeds):
-            t, res = _sync_time(lambda i=i, kw=kw: invert(G, targets[i:i + 1], perceptual=lpips,
-                                                          **{"identity": identity, **kw}))
-            times.append(t)
-            ps.append(res.psnr[0])
-        rows.append({"figure": f"variant: {label}", "s_per_selfie": statistics.median(times),
+    chosen = [v for v in VARIANTS if not pick or any(p.strip() in v[0] for p in pick.split(";"))]
+    for label, kw, batch, fused_max in chosen:
+        fused = {k: getattr(stylegan2, k) if fused_max is None else fused_max
+                 for k in ("_FUSED_MAX_BATCH", "_FUSED_MAX_BATCH_GRAD")}
+        with mock.patch.multiple(stylegan2, **fused):
+            def run(i: int, kw: dict[str, Any] = kw, batch: int = batch) -> Any:
+                return invert(G, targets[i:i + batch], perceptual=lpips, **{"identity": identity, **kw})
+            if batch > 1 or fused_max is not None:
+                run(0, {**kw, "steps": 8})  # the new shapes' autotuning, not timed
+            times, ps = [], []
+            for i in range(seeds if batch == 1 else 1):
+                t, res = _sync_time(lambda i=i: run(i))
+                times.append(t)
+                ps += res.psnr
+        rows.append({"figure": f"variant: {label}", "s_per_selfie": statistics.median(times) / batch,
+                     "selfies_per_min": 60 * batch / statistics.median(times),
                      "psnr": statistics.mean(ps), "psnr_each": ps})
     return rows
 
@@ -392,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(sorted(_SECTIONS)))
     ap.add_argument("--seeds", type=int, default=5, help="selfies for our p50")
     ap.add_argument("--baseline-seeds", type=int, default=2)
+    ap.add_argument("--variants", default="", help="with --only variants: those whose label contains "
+                    "one of these ';'-separated strings (default: all)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.perf needs a CUDA GPU")
@@ -404,11 +425,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn in (("generator", lambda: bench_generator(dev, report["ceilings"])),
                      ("inversion", lambda: bench_inversion(dev, args.seeds, args.baseline_seeds)),
                      ("edits", lambda: bench_edits(dev)), ("morph", lambda: bench_morph(dev)),
-                     ("variants", lambda: bench_variants(dev, args.seeds)),
+                     ("variants", lambda: bench_variants(dev, args.seeds, args.variants)),
                      ("profile", lambda: bench_profile(dev))):
         if name in only:
             t0 = time.perf_counter()
-            report["rows"] += fn()
+            rows = fn()
+            report["rows"] += rows
+            print("\n".join(_fmt(row) for row in rows), flush=True)
             print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
             torch.cuda.empty_cache()
     Path(args.out).mkdir(parents=True, exist_ok=True)

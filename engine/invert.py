@@ -70,7 +70,7 @@ def invert(
     *,
     perceptual: LPIPS,
     steps: int = DEFAULT_STEPS,
-    lr: float = 0.05,
+    lr: float = 0.1,
     mse_weight: float = 1.0,
     identity: IdentityLoss | None = None,
     identity_weight: float = 0.1,

@@ -175,7 +175,12 @@ class MappingNetwork(nn.Module):
         return x
 
 
-_FUSED_MAX_BATCH = 8  # up to here: per-sample weights in one grouped conv (no passes over activations)
+# Up to these batch sizes: per-sample weights in one grouped conv (no passes over activations).
+# When the styles need gradients (inversion, edits), the grouped conv also computes per-sample
+# weight gradients, which cost more than the extra passes from B=8 on (BENCHMARKS.md, on an H200:
+# a B=8 inversion 11% faster unfused, B=1 17% slower).
+_FUSED_MAX_BATCH = 8
+_FUSED_MAX_BATCH_GRAD = 4
 
 
 def _modulated_conv(
@@ -194,7 +199,8 @@ def _modulated_conv(
     b, i, h, w = x.shape
     o, k = weight.shape[0], weight.shape[-1]
     styles = styles.to(torch.float32)
-    if b <= _FUSED_MAX_BATCH:
+    needs_grad = torch.is_grad_enabled() and styles.requires_grad
+    if b <= (_FUSED_MAX_BATCH_GRAD if needs_grad else _FUSED_MAX_BATCH):
         wt = weight[None] * styles.reshape(b, 1, i, 1, 1)  # [B, O, I, k, k]
         if demodulate:
             wt = wt * (wt.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt().reshape(b, o, 1, 1, 1)

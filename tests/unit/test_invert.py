@@ -60,9 +60,11 @@ def test_a_padded_batch_gives_each_photo_the_result_it_gets_alone(G: Generator) 
     plain = invert(G, targets, perceptual=demo_lpips(), steps=8, optimize_noise=True, pad=False)
     assert padded.latents.shape == (3, G.num_ws, G.w_dim) and padded.images.shape == targets.shape
     assert all(n.shape[0] == 3 for n in padded.noise.values())
-    assert torch.allclose(padded.latents, plain.latents, atol=1e-4)
-    assert padded.psnr == pytest.approx(plain.psnr, abs=1e-3)
-    assert padded.lpips == pytest.approx(plain.lpips, abs=1e-4)
+    # Rounding differs between batch shapes and Adam's normalised step magnifies it where a
+    # gradient is near zero (up to ~2e-3 here at lr 0.1); another photo's latent is ~1 away.
+    assert torch.allclose(padded.latents, plain.latents, atol=1e-2)
+    assert padded.psnr == pytest.approx(plain.psnr, abs=0.01)
+    assert padded.lpips == pytest.approx(plain.lpips, abs=1e-3)
     assert [batch_bucket(n) for n in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, 16]
 
 

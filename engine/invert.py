@@ -81,6 +81,7 @@ def invert(
     graph: bool | None = None,
     bf16: bool | None = None,
     pad: bool | None = None,
+    compile: bool = False,
     progress: ProgressFn = no_progress,
 ) -> InversionResult:
     """Invert ``targets`` [B, 3, R, R] in [-1, 1] (R = G.resolution) into W+ latents.
@@ -90,7 +91,8 @@ def invert(
     ``bf16``: run the networks under bfloat16 autocast while optimising (the result is rendered
     in float32). Both default to on for CUDA devices (BENCHMARKS.md has the measured gains).
     ``pad``: run the batch padded to ``batch_bucket(B)`` rows (copies of the last target, results
-    dropped), so that a GPU sees few batch sizes; default on for CUDA devices.
+    dropped), so that a GPU sees few batch sizes; default on for CUDA devices. ``compile``: the
+    step through ``torch.compile`` (``engine.optim.adam_steps``).
     ``progress(step, steps, {"loss": ..., "psnr": ...})`` is called every step on the CPU, every 10
     on a GPU (reading the figures waits for the GPU).
     """
@@ -142,7 +144,8 @@ def invert(
         progress(step, steps, {"loss": float(loss[:b].mean()), "psnr": float(last["psnr"][:b].mean())})
 
     adam_steps(params, loss_fn, steps=steps, lr=lr, post_step=_normalize(noise) if noise else None,
-               on_step=on_step, report_every=10 if device.type == "cuda" else 1, graph=graph)
+               on_step=on_step, report_every=10 if device.type == "cuda" else 1, graph=graph,
+               compile=compile)
 
     with torch.no_grad():
         final_noise = {k: v.detach() for k, v in noise.items()}

@@ -64,6 +64,7 @@ def adam_steps(
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     report_every: int = 1,
     graph: bool | None = None,
+    compile: bool = False,
 ) -> None:
     """Run ``steps`` Adam steps on ``params`` (leaf tensors with ``requires_grad``).
 
@@ -71,12 +72,18 @@ def adam_steps(
     ``on_step(step, loss)`` gets the 1-based step and the per-sample loss [B] (a device tensor:
     reading it synchronises) every ``report_every`` steps and after the last one.
     ``graph``: None = on CUDA devices; True/False force it.
+    ``compile``: run ``loss_fn`` through ``torch.compile`` (Inductor fuses the elementwise work
+    between convolutions, forward and backward; it compiles once per batch shape, cached on disk,
+    during the eager warm-up steps, so the CUDA graph captures the compiled kernels). Off by
+    default: BENCHMARKS.md says what it has been measured to buy.
     """
     if steps < 1:
         raise ValueError("steps must be >= 1")
     device = params[0].device
     use_graph = (device.type == "cuda") if graph is None else graph
     use_graph = use_graph and steps > _WARMUP + 1
+    if compile:
+        loss_fn = torch.compile(loss_fn, dynamic=False)
     lr_now = torch.tensor(lr_at(0, steps, lr=lr, rampup=rampup), device=device)
     opt = torch.optim.Adam(params, lr=lr_now if use_graph else float(lr_now), capturable=use_graph)
 

@@ -68,6 +68,27 @@ def test_a_padded_batch_gives_each_photo_the_result_it_gets_alone(G: Generator) 
     assert [batch_bucket(n) for n in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, 16]
 
 
+def test_a_compiled_step_gives_the_inversion_an_eager_step_gives(
+    G: Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``compile=True`` runs the step through torch.compile (a GPU speed option, BENCHMARKS.md):
+    the photo's latent must come out as it does without it."""
+    compiled_fns: list[object] = []
+    real_compile = torch.compile
+
+    def spy(fn: object, **kwargs: object) -> object:
+        compiled_fns.append(fn)
+        return real_compile(fn, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(torch, "compile", spy)
+    targets = _targets(G, 1, seed=8)
+    eager = invert(G, targets, perceptual=demo_lpips(), steps=6)
+    compiled = invert(G, targets, perceptual=demo_lpips(), steps=6, compile=True)
+    assert len(compiled_fns) == 1
+    assert torch.allclose(compiled.latents, eager.latents, atol=1e-2)
+    assert compiled.psnr == pytest.approx(eager.psnr, abs=0.01)
+
+
 def test_noise_optimisation_keeps_noise_normalised(G: Generator) -> None:
     result = invert(G, _targets(G, 1, seed=3), perceptual=demo_lpips(), steps=5,
                     optimize_noise=True)

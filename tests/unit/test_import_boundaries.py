@@ -1,8 +1,10 @@
-"""The bot process stays small: bot/ and storage/ never pull in torch or the engine."""
+"""The bot process stays small: bot/ and storage/ never pull in torch or the engine (one stdlib-only
+exception: the web banner asks engine.weights whether the FFHQ generator is cached)."""
 
 from __future__ import annotations
 
 import json
+import os
 import pkgutil
 import subprocess
 import sys
@@ -32,3 +34,22 @@ def test_bot_and_storage_import_without_torch_or_engine() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_the_web_banner_asks_the_weights_cache_without_torch(tmp_path: Path) -> None:
+    """The web chat's demo banner needs to know whether the FFHQ generator is cached: it asks
+    ``engine.weights``, which is standard library only, so the bot process still has no torch."""
+    code = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from bot.config import Config, EngineConfig\n"
+        "from bot.web_adapter import demo_banner\n"
+        f"banner = demo_banner(Config(data_dir=Path({str(tmp_path)!r}), engine=EngineConfig(model='auto')))\n"
+        "print(json.dumps([banner is not None,"
+        " sorted(m for m in sys.modules if m == 'torch' or m.startswith('engine'))]))"
+    )
+    env = {**os.environ, "STYLEBOT_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    shown, engine_modules = json.loads(out.stdout)
+    assert shown  # nothing cached in this home: "auto" is the demo model
+    assert engine_modules == ["engine", "engine.errors", "engine.progress", "engine.weights"]

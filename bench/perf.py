@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -311,18 +312,54 @@ def bench_variants(dev: torch.device, seeds: int, pick: str) -> list[Row]:
     return rows
 
 
+# Kernel name patterns -> what they are, first match wins (cuDNN, ATen and Triton kernel names).
+_KERNEL_KINDS = [
+    ("Triton (compiled)", re.compile(r"^triton_", re.I)),
+    ("layout conversion (NCHW <-> NHWC)", re.compile(r"nchwToNhwc|nhwcToNchw|nchw2nhwc|nhwc2nchw", re.I)),
+    ("depthwise conv (the FIR blur)", re.compile(r"depthwise|dwconv", re.I)),
+    ("convolution / GEMM", re.compile(r"conv|gemm|xmma|cutlass|wgrad|dgrad|fprop|cudnn", re.I)),
+    ("reduction", re.compile(r"reduce|norm|softmax", re.I)),
+    ("elementwise", re.compile(r"elementwise|vectorized|unrolled", re.I)),
+    ("copy / memset", re.compile(r"copy|memcpy|memset|cat", re.I)),
+]
+
+
+def kernel_shares(times: dict[str, float]) -> dict[str, float]:
+    """Per kernel kind (``_KERNEL_KINDS``, else "other"), its percentage of the GPU time."""
+    total = sum(times.values()) or 1.0
+    shares: dict[str, float] = {}
+    for name, t in times.items():
+        kind = next((k for k, pattern in _KERNEL_KINDS if pattern.search(name)), "other")
+        shares[kind] = shares.get(kind, 0.0) + 100 * t / total
+    return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
+
+
 def bench_profile(dev: torch.device) -> list[Row]:
-    """One eager inversion step at 1024 px, B=1: the 20 costliest kernels (printed, not tabled)."""
+    """Four eager inversion steps at 1024 px, B=1, as they are and through torch.compile: GPU time
+    per step and its share per kernel kind (the 20 costliest kernels are printed too)."""
     from torch.profiler import ProfilerActivity, profile
 
     G = _generator(1024, dev)
     lpips, identity = _losses(dev)
     _, targets = _targets(G, [0])
-    invert(G, targets, perceptual=lpips, identity=identity, steps=4, graph=False)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        invert(G, targets, perceptual=lpips, identity=identity, steps=4, graph=False)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
-    return []
+    rows: list[Row] = []
+    for label, compiled in (("eager", False), ("torch.compile", True)):
+        def steps(compiled: bool = compiled) -> None:
+            invert(G, targets, perceptual=lpips, identity=identity, steps=4, graph=False, compile=compiled)
+        try:
+            steps()  # autotuning, compiling
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                steps()
+        except Exception as exc:  # a failed compile must not cost the eager profile
+            rows.append({"figure": f"profile, {label}", "error": f"{type(exc).__name__}: {exc}"[:500]})
+            continue
+        events = prof.key_averages()
+        print(events.table(sort_by="device_time_total", row_limit=20, max_name_column_width=60))
+        times = {e.key: float(e.device_time_total) for e in events}
+        rows.append({"figure": f"profile, {label}: 4 steps + final render, B=1",
+                     "gpu_ms_per_step": sum(times.values()) / 1e3 / 4, "kernels": len(times),
+                     "share_pct": {k: round(v, 1) for k, v in kernel_shares(times).items()}})
+    return rows
 
 
 def _clip_b32(dev: torch.device) -> ClipModel:

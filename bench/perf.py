@@ -15,6 +15,7 @@ Networks with random weights stand in for the pretrained ones (same shapes, same
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -251,25 +252,40 @@ def bench_inversion(dev: torch.device, seeds: int, baseline_seeds: int) -> list[
     return rows
 
 
-# (label, invert keyword arguments, batch size, fused modconv up to this batch (None: the
-# product's rule)): what each optimisation buys, measured side by side. `--variants` picks some.
-VARIANTS: list[tuple[str, dict[str, Any], int, int | None]] = [
-    ("300 steps, eager, fp32/TF32", {"steps": 300, "graph": False, "bf16": False}, 1, None),
-    ("300 steps, CUDA graph, fp32/TF32", {"steps": 300, "bf16": False}, 1, None),
-    ("300 steps, graph, bf16 autocast (product)", {"steps": 300}, 1, None),
-    ("600 steps, graph, bf16", {"steps": 600}, 1, None),
-    ("150 steps, graph, bf16, lr 0.1", {"steps": 150, "lr": 0.1}, 1, None),
-    ("300 steps, graph, bf16, no identity loss", {"steps": 300, "identity": None}, 1, None),
-    ("300 steps, lr 0.05 (the default before 2026-11-29)", {"steps": 300, "lr": 0.05}, 1, None),
-    ("300 steps, modconv never fused", {"steps": 300}, 1, 0),
-    ("300 steps, B=8 (product: modconv not fused when optimising)", {"steps": 300}, 8, None),
-    ("300 steps, B=8, modconv fused", {"steps": 300}, 8, 8),
-    ("300 steps, B=4, modconv fused", {"steps": 300}, 4, 4),
-    ("300 steps, B=4, modconv never fused", {"steps": 300}, 4, 0),
-    ("300 steps, torch.compile", {"steps": 300, "compile": True}, 1, None),
-    ("300 steps, B=8, torch.compile", {"steps": 300, "compile": True}, 8, None),
-    ("300 steps, lr 0.2", {"steps": 300, "lr": 0.2}, 1, None),
-    ("400 steps", {"steps": 400}, 1, None),
+def _blur_pooled(x: torch.Tensor, f: torch.Tensor, *, pad: tuple[int, int], gain: float) -> torch.Tensor:
+    """``engine.stylegan2._blur`` for its [1, 3, 3, 1] filter as three 2x2 average pools (the
+    binomial filter is three 2-tap boxes per axis): pooling kernels instead of a depthwise conv."""
+    binomial = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    assert torch.equal(f.cpu(), torch.outer(binomial, binomial) / 64), "only [1, 3, 3, 1] factors this way"
+    x = F.pad(x, [pad[0], pad[1], pad[0], pad[1]])
+    for _ in range(3):
+        x = F.avg_pool2d(x, kernel_size=2, stride=1)
+    return x * gain
+
+
+_NEVER_FUSED = {"_FUSED_MAX_BATCH": 0, "_FUSED_MAX_BATCH_GRAD": 0}
+
+# (label, invert keyword arguments, batch size, engine.stylegan2 names replaced while it runs):
+# what each optimisation buys, measured side by side. `--variants` picks some.
+VARIANTS: list[tuple[str, dict[str, Any], int, dict[str, Any]]] = [
+    ("300 steps, eager, fp32/TF32", {"steps": 300, "graph": False, "bf16": False}, 1, {}),
+    ("300 steps, CUDA graph, fp32/TF32", {"steps": 300, "bf16": False}, 1, {}),
+    ("300 steps, graph, bf16 autocast (product)", {"steps": 300}, 1, {}),
+    ("600 steps, graph, bf16", {"steps": 600}, 1, {}),
+    ("150 steps, graph, bf16, lr 0.1", {"steps": 150, "lr": 0.1}, 1, {}),
+    ("300 steps, graph, bf16, no identity loss", {"steps": 300, "identity": None}, 1, {}),
+    ("300 steps, lr 0.05 (the default before 2026-11-29)", {"steps": 300, "lr": 0.05}, 1, {}),
+    ("300 steps, modconv never fused", {"steps": 300}, 1, _NEVER_FUSED),
+    ("300 steps, B=8 (product: modconv not fused when optimising)", {"steps": 300}, 8, {}),
+    ("300 steps, B=8, modconv fused", {"steps": 300}, 8, {"_FUSED_MAX_BATCH_GRAD": 8}),
+    ("300 steps, B=4, modconv fused (product)", {"steps": 300}, 4, {}),
+    ("300 steps, B=4, modconv never fused", {"steps": 300}, 4, _NEVER_FUSED),
+    ("300 steps, torch.compile", {"steps": 300, "compile": True}, 1, {}),
+    ("300 steps, B=8, torch.compile", {"steps": 300, "compile": True}, 8, {}),
+    ("300 steps, FIR blur as average pools", {"steps": 300}, 1, {"_blur": _blur_pooled}),
+    ("300 steps, B=8, FIR blur as average pools", {"steps": 300}, 8, {"_blur": _blur_pooled}),
+    ("300 steps, lr 0.2", {"steps": 300, "lr": 0.2}, 1, {}),
+    ("400 steps", {"steps": 400}, 1, {}),
 ]
 
 
@@ -300,11 +316,9 @@ def bench_variants(dev: torch.device, seeds: int, pick: str) -> list[Row]:
     _, targets = _targets(G, list(range(max(seeds, 8))))
     rows = []
     chosen = [v for v in VARIANTS if not pick or any(p.strip() in v[0] for p in pick.split(";"))]
-    for label, kw, batch, fused_max in chosen:
-        fused = {k: getattr(stylegan2, k) if fused_max is None else fused_max
-                 for k in ("_FUSED_MAX_BATCH", "_FUSED_MAX_BATCH_GRAD")}
+    for label, kw, batch, patches in chosen:
         try:
-            with mock.patch.multiple(stylegan2, **fused):
+            with mock.patch.multiple(stylegan2, **patches) if patches else contextlib.nullcontext():
                 rows.append(_variant(label, G, targets, lpips, identity, kw, batch, seeds))
         except Exception as exc:  # one failed experiment must not cost the others their GPU time
             rows.append({"figure": f"variant: {label}", "error": f"{type(exc).__name__}: {exc}"[:500]})

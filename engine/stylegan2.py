@@ -191,10 +191,11 @@ def _modulated_conv(
 
     x: [B, I, H, W]; weight: [O, I, k, k]; styles: [B, I] -> [B, O, H', W'] (H' = 2H with ``up``:
     a stride-2 transposed conv, then the FIR filter, as NVIDIA's conv2d_resample does).
-    Small batches modulate the weights per sample and run one grouped conv (NVIDIA's "fused"
-    modconv): the activations are read and written once. Larger batches scale the activations
-    before and after one shared-weight conv instead (cheaper than B copies of the weights).
-    Both are the same function.
+    Small batches (up to 8 rendering, up to 4 while the styles need gradients) modulate the
+    weights per sample and run one grouped conv (NVIDIA's "fused" modconv): the activations are
+    read and written once. Larger batches scale the activations before and after one
+    shared-weight conv instead (cheaper than B copies of the weights, and no per-sample weight
+    gradients). Both are the same function.
     """
     b, i, h, w = x.shape
     o, k = weight.shape[0], weight.shape[-1]

@@ -46,9 +46,9 @@ class Adapter(Protocol):
         """Send (or edit, with ``reply.edit_of``) a message; return a reference to it."""
 
 
-def configured_adapters(config: Config) -> list[Adapter]:
+def configured_adapters(config: Config, *, banner: str | None = None) -> list[Adapter]:
     """The chat platforms whose tokens are configured, and the local web chat when it is enabled
-    (by default when no token is set); each is imported only when used."""
+    (by default when no token is set, showing ``banner``); each is imported only when used."""
     adapters: list[Adapter] = []
     if config.telegram_enabled:
         from bot.telegram_adapter import TelegramAdapter
@@ -61,7 +61,7 @@ def configured_adapters(config: Config) -> list[Adapter]:
     if config.web_enabled:
         from bot.web_adapter import WebAdapter
 
-        adapters.append(WebAdapter(config))
+        adapters.append(WebAdapter(config, banner=banner))
     return adapters
 
 

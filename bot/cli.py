@@ -6,8 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-__all__ = ["build_parser", "main", "run"]
+if TYPE_CHECKING:
+    from bot.config import Config
+
+__all__ = ["build_parser", "demo_banner", "main", "run"]
 
 
 def _redis_url(text: str) -> str:
@@ -120,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def demo_banner(config: Config) -> str | None:
+    """The web chat's banner when the engine runs the demo model (``demo``, or ``auto`` without
+    FFHQ). Asked here, where the CLI may import the engine lazily, not in the bot's adapters."""
+    from engine import weights  # stdlib only (no torch): where the weights cache is
+
+    real, model = weights.DEFAULT_GENERATOR, config.engine.model
+    if model == "auto":
+        model = real if weights.find(real) is not None else "demo"
+    if model != "demo":
+        return None
+    return ("Demo model: random weights, not a face model. For real faces run "
+            f"`stylebot weights fetch {real} vgg16-imagenet clip-vit-b32`, then restart "
+            "`make run`. Everything else (commands, queue, consent) works the same.")
+
+
 def _serve(args: argparse.Namespace) -> int:
     """`run` and `engine`: long-running processes configured by the config file."""
     import asyncio
@@ -140,7 +159,8 @@ def _serve(args: argparse.Namespace) -> int:
         from bot.app import configured_adapters
         from bot.app import run as run_bot
 
-        return asyncio.run(run_bot(config, config_path=config_path, adapters=configured_adapters(config)))
+        adapters = configured_adapters(config, banner=demo_banner(config))
+        return asyncio.run(run_bot(config, config_path=config_path, adapters=adapters))
     from engine.worker import serve  # the engine process: imports torch
 
     e, q = config.engine, config.queue

@@ -41,7 +41,7 @@ from bot.replies import OOPS, Refusal, check_photo
 from bot.service import Service
 from bot.web_http import Access, MediaShelf, page_routes, security_headers
 
-__all__ = ["HISTORY", "ROOM_ID", "WebAdapter", "demo_banner"]
+__all__ = ["HISTORY", "ROOM_ID", "WebAdapter"]
 
 log = logging.getLogger("stylebot.web")
 
@@ -55,20 +55,6 @@ _SEND_TIMEOUT_S = 5.0
 BAD_NAME = "Type your name first: one word of letters, digits, _ . or - (at most 32), not \"me\"."
 NOT_A_PHOTO = "That doesn't look like a photo I can read. Please send a JPEG or PNG."
 NOT_A_COMMAND = "Send a photo of your face, or /help for what I can do."
-
-
-def demo_banner(config: Config) -> str | None:
-    """The banner text when the engine runs the demo model (``demo``, or ``auto`` without FFHQ)."""
-    from engine import weights  # stdlib only (no torch): where the weights cache is
-
-    real, model = weights.DEFAULT_GENERATOR, config.engine.model
-    if model == "auto":
-        model = real if weights.find(real) is not None else "demo"
-    if model != "demo":
-        return None
-    return ("Demo model: random weights, not a face model. For real faces run "
-            f"`stylebot weights fetch {real} vgg16-imagenet clip-vit-b32`, then restart "
-            "`make run`. Everything else (commands, queue, consent) works the same.")
 
 
 @dataclass
@@ -110,7 +96,8 @@ class WebAdapter:
 
     platform = "web"
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, banner: str | None = None) -> None:
+        """``banner``: a line every open tab shows above the room (``bot.cli.demo_banner``)."""
         self.config = config
         self.port: int | None = None  # the real port once listening ([web] port may be 0 in tests)
         self._max_upload = config.web.max_upload_mb * _MB
@@ -120,7 +107,7 @@ class WebAdapter:
         self._by_id: dict[str, _Message] = {}
         self._media = MediaShelf(config.media_dir)
         self._sockets: set[web.WebSocketResponse] = set()
-        self._banner: str | None = None
+        self._banner = banner
         self._service: Service | None = None
 
     @property
@@ -151,7 +138,6 @@ class WebAdapter:
             stop.set()
             return
         self._service = service
-        self._banner = demo_banner(self.config)
         runner = web.AppRunner(self._make_app(), access_log=None)  # access logs would show ?token=
         await runner.setup()
         try:

@@ -1,5 +1,6 @@
 """The bot process stays small: bot/ and storage/ never pull in torch or the engine (one stdlib-only
-exception: the web banner asks engine.weights whether the FFHQ generator is cached)."""
+exception: `stylebot run` asks engine.weights whether the FFHQ generator is cached, for the web
+chat's banner)."""
 
 from __future__ import annotations
 
@@ -36,14 +37,14 @@ def test_bot_and_storage_import_without_torch_or_engine() -> None:
     assert json.loads(out.stdout) == []
 
 
-def test_the_web_banner_asks_the_weights_cache_without_torch(tmp_path: Path) -> None:
-    """The web chat's demo banner needs to know whether the FFHQ generator is cached: it asks
-    ``engine.weights``, which is standard library only, so the bot process still has no torch."""
+def test_the_demo_banner_asks_the_weights_cache_without_torch(tmp_path: Path) -> None:
+    """The web chat's demo banner needs to know whether the FFHQ generator is cached: `stylebot run`
+    asks ``engine.weights``, which is standard library only, so the bot process still has no torch."""
     code = (
         "import json, sys\n"
         "from pathlib import Path\n"
         "from bot.config import Config, EngineConfig\n"
-        "from bot.web_adapter import demo_banner\n"
+        "from bot.cli import demo_banner\n"
         f"banner = demo_banner(Config(data_dir=Path({str(tmp_path)!r}), engine=EngineConfig(model='auto')))\n"
         "print(json.dumps([banner is not None,"
         " sorted(m for m in sys.modules if m == 'torch' or m.startswith('engine'))]))"

@@ -21,9 +21,10 @@ import pytest
 from PIL import Image
 from yarl import URL
 
+from bot.cli import demo_banner
 from bot.commands import Command, Edit, Media, Origin, Reply, Selfie
 from bot.config import Config, EngineConfig, WebConfig
-from bot.web_adapter import HISTORY, NOT_A_COMMAND, NOT_A_PHOTO, OOPS, ROOM_ID, WebAdapter, demo_banner
+from bot.web_adapter import HISTORY, NOT_A_COMMAND, NOT_A_PHOTO, OOPS, ROOM_ID, WebAdapter
 from bot.web_http import COOKIE
 
 TOKEN = "web-SECRET-token-0123456789"
@@ -95,7 +96,7 @@ def _jpeg(size: int = 64) -> bytes:
 
 @contextlib.asynccontextmanager
 async def _start(config: Config) -> AsyncIterator[Chat]:
-    adapter = WebAdapter(config)
+    adapter = WebAdapter(config, banner=demo_banner(config))  # as `stylebot run` makes it
     service = FakeService(adapter)
     stop = asyncio.Event()
     task = asyncio.create_task(adapter.run(service, stop))  # type: ignore[arg-type]

@@ -15,10 +15,8 @@ Networks with random weights stand in for the pretrained ones (same shapes, same
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import re
 import statistics
 import tempfile
 import time
@@ -252,130 +250,6 @@ def bench_inversion(dev: torch.device, seeds: int, baseline_seeds: int) -> list[
     return rows
 
 
-def _blur_pooled(x: torch.Tensor, f: torch.Tensor, *, pad: tuple[int, int], gain: float) -> torch.Tensor:
-    """``engine.stylegan2._blur`` for its [1, 3, 3, 1] filter as three 2x2 average pools (the
-    binomial filter is three 2-tap boxes per axis): pooling kernels instead of a depthwise conv."""
-    binomial = torch.tensor([1.0, 3.0, 3.0, 1.0])
-    assert torch.equal(f.cpu(), torch.outer(binomial, binomial) / 64), "only [1, 3, 3, 1] factors this way"
-    x = F.pad(x, [pad[0], pad[1], pad[0], pad[1]])
-    for _ in range(3):
-        x = F.avg_pool2d(x, kernel_size=2, stride=1)
-    return x * gain
-
-
-_NEVER_FUSED = {"_FUSED_MAX_BATCH": 0, "_FUSED_MAX_BATCH_GRAD": 0}
-
-# (label, invert keyword arguments, batch size, engine.stylegan2 names replaced while it runs):
-# what each optimisation buys, measured side by side. `--variants` picks some.
-VARIANTS: list[tuple[str, dict[str, Any], int, dict[str, Any]]] = [
-    ("300 steps, eager, fp32/TF32", {"steps": 300, "graph": False, "bf16": False}, 1, {}),
-    ("300 steps, CUDA graph, fp32/TF32", {"steps": 300, "bf16": False}, 1, {}),
-    ("300 steps, graph, bf16 autocast (product)", {"steps": 300}, 1, {}),
-    ("600 steps, graph, bf16", {"steps": 600}, 1, {}),
-    ("150 steps, graph, bf16, lr 0.1", {"steps": 150, "lr": 0.1}, 1, {}),
-    ("300 steps, graph, bf16, no identity loss", {"steps": 300, "identity": None}, 1, {}),
-    ("300 steps, lr 0.05 (the default before 2026-11-29)", {"steps": 300, "lr": 0.05}, 1, {}),
-    ("300 steps, modconv never fused", {"steps": 300}, 1, _NEVER_FUSED),
-    ("300 steps, B=8 (product: modconv not fused when optimising)", {"steps": 300}, 8, {}),
-    ("300 steps, B=8, modconv fused", {"steps": 300}, 8, {"_FUSED_MAX_BATCH_GRAD": 8}),
-    ("300 steps, B=4, modconv fused (product)", {"steps": 300}, 4, {}),
-    ("300 steps, B=4, modconv never fused", {"steps": 300}, 4, _NEVER_FUSED),
-    ("300 steps, torch.compile", {"steps": 300, "compile": True}, 1, {}),
-    ("300 steps, B=8, torch.compile", {"steps": 300, "compile": True}, 8, {}),
-    ("300 steps, FIR blur as average pools", {"steps": 300}, 1, {"_blur": _blur_pooled}),
-    ("300 steps, B=8, FIR blur as average pools", {"steps": 300}, 8, {"_blur": _blur_pooled}),
-    ("300 steps, lr 0.2", {"steps": 300, "lr": 0.2}, 1, {}),
-    ("400 steps", {"steps": 400}, 1, {}),
-]
-
-
-def _variant(label: str, G: Generator, targets: torch.Tensor, lpips: LPIPS, identity: IdentityLoss,
-             kw: dict[str, Any], batch: int, seeds: int) -> Row:
-    def run(i: int, kw: dict[str, Any] = kw) -> Any:
-        return invert(G, targets[i:i + batch], perceptual=lpips, **{"identity": identity, **kw})
-
-    # The first run of a shape or code path pays cuDNN autotuning (and compiling): timed apart.
-    warmup_s, _ = _sync_time(lambda: run(0, {**kw, "steps": 8}))
-    times, ps = [], []
-    for i in range(seeds if batch == 1 else 1):
-        t, res = _sync_time(lambda i=i: run(i))
-        times.append(t)
-        ps += res.psnr
-    return {"figure": f"variant: {label}", "s_per_selfie": statistics.median(times) / batch,
-            "selfies_per_min": 60 * batch / statistics.median(times), "first_run_s": warmup_s,
-            "psnr": statistics.mean(ps), "psnr_each": ps}
-
-
-def bench_variants(dev: torch.device, seeds: int, pick: str) -> list[Row]:
-    from unittest import mock
-
-    from engine import stylegan2
-
-    G = _generator(1024, dev)
-    lpips, identity = _losses(dev)
-    _, targets = _targets(G, list(range(max(seeds, 8))))
-    rows = []
-    chosen = [v for v in VARIANTS if not pick or any(p.strip() in v[0] for p in pick.split(";"))]
-    for label, kw, batch, patches in chosen:
-        try:
-            with mock.patch.multiple(stylegan2, **patches) if patches else contextlib.nullcontext():
-                rows.append(_variant(label, G, targets, lpips, identity, kw, batch, seeds))
-        except Exception as exc:  # one failed experiment must not cost the others their GPU time
-            rows.append({"figure": f"variant: {label}", "error": f"{type(exc).__name__}: {exc}"[:500]})
-        print(_fmt(rows[-1]), flush=True)
-    return rows
-
-
-# Kernel name patterns -> what they are, first match wins (cuDNN, ATen and Triton kernel names).
-_KERNEL_KINDS = [
-    ("Triton (compiled)", re.compile(r"^triton_", re.I)),
-    ("layout conversion (NCHW <-> NHWC)", re.compile(r"nchwToNhwc|nhwcToNchw|nchw2nhwc|nhwc2nchw", re.I)),
-    ("depthwise conv (the FIR blur)", re.compile(r"depthwise|dwconv", re.I)),
-    ("convolution / GEMM", re.compile(r"conv|gemm|xmma|cutlass|wgrad|dgrad|fprop|cudnn", re.I)),
-    ("reduction", re.compile(r"reduce|norm|softmax", re.I)),
-    ("elementwise", re.compile(r"elementwise|vectorized|unrolled", re.I)),
-    ("copy / memset", re.compile(r"copy|memcpy|memset|cat", re.I)),
-]
-
-
-def kernel_shares(times: dict[str, float]) -> dict[str, float]:
-    """Per kernel kind (``_KERNEL_KINDS``, else "other"), its percentage of the GPU time."""
-    total = sum(times.values()) or 1.0
-    shares: dict[str, float] = {}
-    for name, t in times.items():
-        kind = next((k for k, pattern in _KERNEL_KINDS if pattern.search(name)), "other")
-        shares[kind] = shares.get(kind, 0.0) + 100 * t / total
-    return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
-
-
-def bench_profile(dev: torch.device) -> list[Row]:
-    """Four eager inversion steps at 1024 px, B=1, as they are and through torch.compile: GPU time
-    per step and its share per kernel kind (the 20 costliest kernels are printed too)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    G = _generator(1024, dev)
-    lpips, identity = _losses(dev)
-    _, targets = _targets(G, [0])
-    rows: list[Row] = []
-    for label, compiled in (("eager", False), ("torch.compile", True)):
-        def steps(compiled: bool = compiled) -> None:
-            invert(G, targets, perceptual=lpips, identity=identity, steps=4, graph=False, compile=compiled)
-        try:
-            steps()  # autotuning, compiling
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                steps()
-        except Exception as exc:  # a failed compile must not cost the eager profile
-            rows.append({"figure": f"profile, {label}", "error": f"{type(exc).__name__}: {exc}"[:500]})
-            continue
-        events = prof.key_averages()
-        print(events.table(sort_by="device_time_total", row_limit=20, max_name_column_width=60))
-        times = {e.key: float(e.device_time_total) for e in events}
-        rows.append({"figure": f"profile, {label}: 4 steps + final render, B=1",
-                     "gpu_ms_per_step": sum(times.values()) / 1e3 / 4, "kernels": len(times),
-                     "share_pct": {k: round(v, 1) for k, v in kernel_shares(times).items()}})
-    return rows
-
-
 def _clip_b32(dev: torch.device) -> ClipModel:
     torch.manual_seed(3)
     model = clip.model.CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
@@ -481,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench.perf needs a CUDA GPU")
         return 2
+    from bench import experiments  # the sweep and the profile (they use this module's helpers)
+
     dev = torch.device("cuda")
     configure_cuda()
     only = set(args.only.split(","))
@@ -489,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn in (("generator", lambda: bench_generator(dev, report["ceilings"])),
                      ("inversion", lambda: bench_inversion(dev, args.seeds, args.baseline_seeds)),
                      ("edits", lambda: bench_edits(dev)), ("morph", lambda: bench_morph(dev)),
-                     ("variants", lambda: bench_variants(dev, args.seeds, args.variants)),
-                     ("profile", lambda: bench_profile(dev))):
+                     ("variants", lambda: experiments.bench_variants(dev, args.seeds, args.variants)),
+                     ("profile", lambda: experiments.bench_profile(dev))):
         if name in only:
             t0 = time.perf_counter()
             rows = fn()

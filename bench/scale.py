@@ -72,7 +72,7 @@ class BenchEngine(Engine):
         self.device, self.home = device, None
         self.perceptual, self.identity = _losses(device)
         self.detector = FaceDetector(device=str(device))
-        self.invert_steps, self.edit_steps = steps, 1
+        self.invert_steps, self.edit_steps, self.compile = steps, 1, device.type == "cuda"
         self._clip_name, self._clip, self.table_samples = "demo", None, 1
         photo = Image.fromarray(skimage.data.astronaut())
         self._alignment = align_face(photo, size=resolution, detector=self.detector).alignment

@@ -168,7 +168,7 @@ def _serve(args: argparse.Namespace) -> int:
     asyncio.run(serve(storage_url=config.storage_url, media_dir=str(config.media_dir),
                       model=e.model, device=args.device or e.device, batch_size=e.batch_size,
                       batch_wait_ms=e.batch_wait_ms, invert_steps=e.invert_steps,
-                      edit_steps=e.edit_steps, clip=e.clip,
+                      edit_steps=e.edit_steps, compile=e.compile, clip=e.clip,
                       direction_samples=e.direction_samples, worker_id=args.worker_id,
                       queue=backend, redis_url=redis_url, lease_s=q.lease_s,
                       redeliver_after_s=q.redeliver_after_s))

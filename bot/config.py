@@ -229,6 +229,7 @@ class EngineConfig:
     batch_wait_ms: int = _key(20, _int(0))
     invert_steps: int = _key(300, _int(1))
     edit_steps: int = _key(100, _int(1))
+    compile: bool = _key(True, _bool())
     clip: str = _key("auto", _str('"auto", "demo", "clip-vit-b32" or a file path', empty=False))
     direction_samples: int = _key(32, _int(1))
     embedded: bool = _key(True, _bool())

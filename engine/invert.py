@@ -70,7 +70,7 @@ def invert(
     *,
     perceptual: LPIPS,
     steps: int = DEFAULT_STEPS,
-    lr: float = 0.1,
+    lr: float = 0.2,
     mse_weight: float = 1.0,
     identity: IdentityLoss | None = None,
     identity_weight: float = 0.1,
@@ -81,7 +81,7 @@ def invert(
     graph: bool | None = None,
     bf16: bool | None = None,
     pad: bool | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
     progress: ProgressFn = no_progress,
 ) -> InversionResult:
     """Invert ``targets`` [B, 3, R, R] in [-1, 1] (R = G.resolution) into W+ latents.
@@ -92,7 +92,8 @@ def invert(
     in float32). Both default to on for CUDA devices (BENCHMARKS.md has the measured gains).
     ``pad``: run the batch padded to ``batch_bucket(B)`` rows (copies of the last target, results
     dropped), so that a GPU sees few batch sizes; default on for CUDA devices. ``compile``: the
-    step through ``torch.compile`` (``engine.optim.adam_steps``).
+    step through ``torch.compile`` (``engine.optim.adam_steps``; compiling takes 1-3 minutes per
+    batch size, once per process); default on for CUDA devices.
     ``progress(step, steps, {"loss": ..., "psnr": ...})`` is called every step on the CPU, every 10
     on a GPU (reading the figures waits for the GPU).
     """
@@ -145,7 +146,7 @@ def invert(
 
     adam_steps(params, loss_fn, steps=steps, lr=lr, post_step=_normalize(noise) if noise else None,
                on_step=on_step, report_every=10 if device.type == "cuda" else 1, graph=graph,
-               compile=compile)
+               compile=device.type == "cuda" if compile is None else compile)
 
     with torch.no_grad():
         final_noise = {k: v.detach() for k, v in noise.items()}

@@ -113,7 +113,8 @@ class Engine:
 
     def __init__(
         self, *, model: str = "auto", device: torch.device | str = "cpu", home: Path | None = None,
-        invert_steps: int = 300, edit_steps: int = 100, clip: str = "auto", table_samples: int = 32,
+        invert_steps: int = 300, edit_steps: int = 100, compile: bool = True, clip: str = "auto",
+        table_samples: int = 32,
     ) -> None:
         self.loaded: LoadedGenerator = load_generator(model, device=device, home=home)
         self.device = self.loaded.G.w_avg.device
@@ -122,6 +123,7 @@ class Engine:
         self.identity = load_identity(home=home, device=self.device)
         self.detector = FaceDetector(device=str(self.device))
         self.invert_steps, self.edit_steps = invert_steps, edit_steps
+        self.compile = compile and self.device.type == "cuda"  # `[engine] compile`: GPU only
         self._clip_name = clip
         self._clip: ClipModel | None = None
         self.table_samples = table_samples
@@ -133,7 +135,8 @@ class Engine:
     def warm_up(self, batch_size: int) -> list[int]:
         """On a GPU, run a few inversion steps at every batch size a batch of up to ``batch_size``
         is padded to (``batch_bucket``), so that no user's selfie waits for cuDNN to autotune a
-        new shape (about 20 s each at 1024 px). Edits warm up on first use. The sizes warmed."""
+        new shape (about 20 s each at 1024 px) or for the step to compile (2-3 minutes each). Edits
+        warm up on first use. The sizes warmed."""
         if self.device.type != "cuda":
             return []
         G = self.loaded.G
@@ -142,7 +145,7 @@ class Engine:
             target = G.synthesis(G.w_avg.reshape(1, 1, -1).repeat(1, G.num_ws, 1)).clamp(-1, 1)
         for n in sizes:  # eager steps, the graph's capture, a replay; contiguous like real targets
             invert(G, target.repeat(n, 1, 1, 1), perceptual=self.perceptual, identity=self.identity,
-                   steps=5)
+                   steps=5, compile=self.compile)
         return sizes
 
     @property
@@ -207,7 +210,7 @@ class Engine:
             targets = torch.cat([pil_to_tensor(face.image) for _, face in ready])
             steps = int(ready[0][0].payload.get("steps") or self.invert_steps)
             res = invert(G, targets.to(self.device), perceptual=self.perceptual, steps=steps,
-                         identity=self.identity, progress=progress)
+                         identity=self.identity, compile=self.compile, progress=progress)
             for i, (job, face) in enumerate(ready):
                 recon = tensor_to_pil(res.images[i])
                 quality = {"psnr": round(res.psnr[i], 3), "lpips": round(res.lpips[i], 5),

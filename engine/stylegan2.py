@@ -120,6 +120,25 @@ def _upsample2x(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return _blur(x, f, pad=(2, 1), gain=4.0)
 
 
+def _conv_up(x: torch.Tensor, weight: torch.Tensor, f: torch.Tensor | None, *, groups: int) -> torch.Tensor:
+    """conv2d_resample with up=2: a stride-2 transposed conv (weight: [I, O / groups, k, k]), then
+    the FIR filter. [B, I, H, W] -> [B, O, 2H, 2W]."""
+    assert f is not None
+    x = F.conv_transpose2d(x, weight, stride=2, groups=groups)
+    return _blur(x, f, pad=(1, 1), gain=4.0)
+
+
+def _conv_up_folded(x: torch.Tensor, weight: torch.Tensor, f: torch.Tensor | None, *,
+                    groups: int) -> torch.Tensor:
+    """``_conv_up`` with the FIR filter folded into the weights: one stride-2 transposed conv with
+    the k x k kernel blurred to (k+3) x (k+3), and no pass over the 2x larger output. More
+    arithmetic, less memory traffic: it pays for large batches (BENCHMARKS.md)."""
+    assert f is not None
+    n, o, k, _ = weight.shape
+    folded = _blur(weight.reshape(1, n * o, k, k), f, pad=(3, 3), gain=4.0)
+    return F.conv_transpose2d(x, folded.reshape(n, o, k + 3, k + 3), stride=2, padding=2, groups=groups)
+
+
 def _bias_act(
     x: torch.Tensor, b: torch.Tensor, *, lrelu: bool, clamp: float | None
 ) -> torch.Tensor:
@@ -177,10 +196,11 @@ class MappingNetwork(nn.Module):
 
 # Up to these batch sizes: per-sample weights in one grouped conv (no passes over activations).
 # When the styles need gradients (inversion, edits), the grouped conv also computes per-sample
-# weight gradients, which cost more than the extra passes from B=8 on (BENCHMARKS.md, on an H200:
-# a B=8 inversion 11% faster unfused, B=1 17% slower).
+# weight gradients, which cost more than the extra passes (BENCHMARKS.md, inversions on an H200:
+# compiled B=1 3.85 -> 3.33 s unfused; eager B=2, 4, 8 +20%, +9%, +11% selfies/min; only eager B=1,
+# not the default on a GPU, was faster fused).
 _FUSED_MAX_BATCH = 8
-_FUSED_MAX_BATCH_GRAD = 4
+_FUSED_MAX_BATCH_GRAD = 0
 
 
 def _modulated_conv(
@@ -191,11 +211,11 @@ def _modulated_conv(
 
     x: [B, I, H, W]; weight: [O, I, k, k]; styles: [B, I] -> [B, O, H', W'] (H' = 2H with ``up``:
     a stride-2 transposed conv, then the FIR filter, as NVIDIA's conv2d_resample does).
-    Small batches (up to 8 rendering, up to 4 while the styles need gradients) modulate the
-    weights per sample and run one grouped conv (NVIDIA's "fused" modconv): the activations are
-    read and written once. Larger batches scale the activations before and after one
-    shared-weight conv instead (cheaper than B copies of the weights, and no per-sample weight
-    gradients). Both are the same function.
+    Renders of up to 8 images modulate the weights per sample and run one grouped conv (NVIDIA's
+    "fused" modconv): the activations are read and written once. Larger batches, and any batch
+    whose styles need gradients, scale the activations before and after one shared-weight conv
+    instead (cheaper than B copies of the weights, no per-sample weight gradients), with the FIR
+    filter folded into its weights. Both are the same function.
     """
     b, i, h, w = x.shape
     o, k = weight.shape[0], weight.shape[-1]
@@ -208,7 +228,7 @@ def _modulated_conv(
         wt = (wt * gain).to(x.dtype)
         x = x.reshape(1, b * i, h, w)
         if up:
-            x = F.conv_transpose2d(x, wt.transpose(1, 2).reshape(b * i, o, k, k), stride=2, groups=b)
+            x = _conv_up(x, wt.transpose(1, 2).reshape(b * i, o, k, k), f, groups=b)
         else:
             x = F.conv2d(x, wt.reshape(b * o, i, k, k), padding=k // 2, groups=b)
         x = x.reshape(b, o, *x.shape[2:])
@@ -219,11 +239,8 @@ def _modulated_conv(
             coefs = coefs * (styles.square() @ wsq.t() + 1e-8).rsqrt()  # [B, O]
         x = x * styles.to(x.dtype).reshape(b, i, 1, 1)
         wt = weight.to(x.dtype)
-        x = F.conv_transpose2d(x, wt.transpose(0, 1), stride=2) if up else F.conv2d(x, wt, padding=k // 2)
+        x = _conv_up_folded(x, wt.transpose(0, 1), f, groups=1) if up else F.conv2d(x, wt, padding=k // 2)
         x = x * coefs.to(x.dtype).reshape(b, o, 1, 1)
-    if up:
-        assert f is not None
-        x = _blur(x, f, pad=(1, 1), gain=4.0)
     return x
 
 

@@ -260,7 +260,7 @@ class _ProgressRelay:
 
 async def serve(
     *, storage_url: str, media_dir: str, model: str, device: str, batch_size: int,
-    batch_wait_ms: int, invert_steps: int, edit_steps: int, clip: str,
+    batch_wait_ms: int, invert_steps: int, edit_steps: int, clip: str, compile: bool = True,
     direction_samples: int = 32, worker_id: str | None = None,
     lease_s: float = 15.0, queue: str = "local", redis_url: str = "", redeliver_after_s: float = 60.0,
     stop: asyncio.Event | None = None,
@@ -287,7 +287,7 @@ async def serve(
         async with open_queue(queue, sessions=sessions, redis_url=redis_url, consumer=settings.worker_id,
                               redeliver_after_s=redeliver_after_s) as jobs:
             engine = await asyncio.to_thread(Engine, model=model, device=dev, invert_steps=invert_steps,
-                                             edit_steps=edit_steps, clip=clip,
+                                             edit_steps=edit_steps, compile=compile, clip=clip,
                                              table_samples=direction_samples)
             warmed = await asyncio.to_thread(engine.warm_up, batch_size)
             if warmed:

@@ -70,7 +70,7 @@ def test_defaults_load_without_a_file(env: dict[str, str], home: Path) -> None:
     assert (config.web.host, config.web.port) == ("127.0.0.1", 8080)
     assert config.queue.backend == "local" and config.queue.max_attempts == 3
     assert (config.engine.model, config.engine.device, config.engine.batch_size) == ("auto", "auto", 8)
-    assert config.engine.embedded is True
+    assert config.engine.embedded is True and config.engine.compile is True
     assert config.limits.morph_max_frames == 120 and config.timeouts.directions == 7200
     assert config.data_dir == (home / "data").resolve()
 
@@ -142,6 +142,7 @@ def test_wrong_type_names_the_key_and_the_value(tmp_path: Path, env: dict[str, s
     ("[limits]\nmorph_max_frames = 1", "[limits] morph_max_frames must be an integer >= 2, got 1"),
     ("[timeouts]\nedit = 0", "[timeouts] edit must be an integer >= 1, got 0"),
     ("[engine]\nembedded = 1", "[engine] embedded must be true or false, got 1"),
+    ('[engine]\ncompile = "auto"', "[engine] compile must be true or false, got 'auto'"),
 ])
 def test_bad_values_are_refused_with_the_key(
     tmp_path: Path, env: dict[str, str], text: str, expected: str

@@ -113,9 +113,10 @@ def test_a_padded_batch_of_edits_gives_each_the_result_it_gets_alone(
     padded = edit_optimize(G, src, texts, encode=clip_model.encode_images, steps=6, pad=True)
     plain = edit_optimize(G, src, texts, encode=clip_model.encode_images, steps=6, pad=False)
     assert padded.latents.shape == src.shape and padded.images.shape == (3, 3, 64, 64)
-    assert torch.allclose(padded.latents, plain.latents, atol=1e-4)
+    # A mix-up between rows would move latents by ~1; float rounding between batch shapes ~1e-4.
+    assert float((padded.latents - plain.latents).abs().max()) < 2e-3
     assert all(len(row) == 3 for row in padded.clip_loss)
-    assert padded.clip_loss[-1] == pytest.approx(plain.clip_loss[-1], abs=1e-4)
+    assert padded.clip_loss[-1] == pytest.approx(plain.clip_loss[-1], abs=1e-3)
 
 
 def test_large_l2_weight_keeps_the_latent_close(G: Generator, clip_model: ClipModel) -> None:

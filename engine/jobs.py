@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,8 +145,11 @@ class Engine:
         with torch.no_grad():
             target = G.synthesis(G.w_avg.reshape(1, 1, -1).repeat(1, G.num_ws, 1)).clamp(-1, 1)
         for n in sizes:  # eager steps, the graph's capture, a replay; contiguous like real targets
+            log.info("warming up batch size %d%s", n, " (compiling: 2-3 minutes)" if self.compile else "")
+            start = time.perf_counter()
             invert(G, target.repeat(n, 1, 1, 1), perceptual=self.perceptual, identity=self.identity,
                    steps=5, compile=self.compile)
+            log.info("batch size %d ready in %.0f s", n, time.perf_counter() - start)
         return sizes
 
     @property

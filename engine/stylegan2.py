@@ -196,11 +196,11 @@ class MappingNetwork(nn.Module):
 
 # Up to these batch sizes: per-sample weights in one grouped conv (no passes over activations).
 # When the styles need gradients (inversion, edits), the grouped conv also computes per-sample
-# weight gradients, which cost more than the extra passes (BENCHMARKS.md, inversions on an H200:
-# compiled B=1 3.85 -> 3.33 s unfused; eager B=2, 4, 8 +20%, +9%, +11% selfies/min; only eager B=1,
-# not the default on a GPU, was faster fused).
+# weight gradients, which cost more than the extra passes except for a single eager sample
+# (BENCHMARKS.md, inversions on an H200: eager B=1 17% slower unfused; eager B=2, 4, 8 +20%, +9%,
+# +11% selfies/min unfused; compiled B=1 3.85 -> 3.33 s unfused). Under torch.compile: never fused.
 _FUSED_MAX_BATCH = 8
-_FUSED_MAX_BATCH_GRAD = 0
+_FUSED_MAX_BATCH_GRAD = 1
 
 
 def _modulated_conv(
@@ -211,17 +211,20 @@ def _modulated_conv(
 
     x: [B, I, H, W]; weight: [O, I, k, k]; styles: [B, I] -> [B, O, H', W'] (H' = 2H with ``up``:
     a stride-2 transposed conv, then the FIR filter, as NVIDIA's conv2d_resample does).
-    Renders of up to 8 images modulate the weights per sample and run one grouped conv (NVIDIA's
-    "fused" modconv): the activations are read and written once. Larger batches, and any batch
-    whose styles need gradients, scale the activations before and after one shared-weight conv
-    instead (cheaper than B copies of the weights, no per-sample weight gradients), with the FIR
-    filter folded into its weights. Both are the same function.
+    Renders of up to 8 images (and one eager sample whose styles need gradients) modulate the
+    weights per sample and run one grouped conv (NVIDIA's "fused" modconv): the activations are
+    read and written once. Larger batches, and compiled steps, scale the activations before and
+    after one shared-weight conv instead (cheaper than B copies of the weights, no per-sample
+    weight gradients), with the FIR filter folded into its weights. Both are the same function.
     """
     b, i, h, w = x.shape
     o, k = weight.shape[0], weight.shape[-1]
     styles = styles.to(torch.float32)
     needs_grad = torch.is_grad_enabled() and styles.requires_grad
-    if b <= (_FUSED_MAX_BATCH_GRAD if needs_grad else _FUSED_MAX_BATCH):
+    fused_max = _FUSED_MAX_BATCH
+    if needs_grad:
+        fused_max = 0 if torch.compiler.is_compiling() else _FUSED_MAX_BATCH_GRAD
+    if b <= fused_max:
         wt = weight[None] * styles.reshape(b, 1, i, 1, 1)  # [B, O, I, k, k]
         if demodulate:
             wt = wt * (wt.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt().reshape(b, o, 1, 1, 1)

@@ -12,15 +12,19 @@ captured.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
 
 __all__ = ["LossFn", "adam_steps", "batch_bucket", "lr_at", "pad_rows", "padded_size"]
 
 LossFn = Callable[[], torch.Tensor]  # per-sample loss [B] from the current parameters
 _WARMUP = 3  # eager steps before capture (also real steps): lets allocators and cuDNN settle
+log = logging.getLogger("stylebot.engine")
+_compile_failed = False  # torch.compile failed once in this process: later steps are not compiled
 
 
 def batch_bucket(n: int) -> int:
@@ -75,22 +79,37 @@ def adam_steps(
     ``compile``: run ``loss_fn`` through ``torch.compile`` (Inductor fuses the elementwise work
     between convolutions, forward and backward; it compiles once per batch shape, cached on disk,
     during the eager warm-up steps, so the CUDA graph captures the compiled kernels). Off by
-    default: BENCHMARKS.md says what it has been measured to buy.
+    default: BENCHMARKS.md says what it has been measured to buy. If compiling fails (Triton
+    needs a C compiler at run time, an operator may be unsupported), it is logged and this and
+    later steps in the process run uncompiled: slower, not broken.
     """
     if steps < 1:
         raise ValueError("steps must be >= 1")
     device = params[0].device
     use_graph = (device.type == "cuda") if graph is None else graph
     use_graph = use_graph and steps > _WARMUP + 1
-    if compile:
-        loss_fn = torch.compile(loss_fn, dynamic=False)
+    fns = [torch.compile(loss_fn, dynamic=False), loss_fn] if compile and not _compile_failed else [loss_fn]
     lr_now = torch.tensor(lr_at(0, steps, lr=lr, rampup=rampup), device=device)
     opt = torch.optim.Adam(params, lr=lr_now if use_graph else float(lr_now), capturable=use_graph)
 
-    def one_step() -> torch.Tensor:
+    def forward_backward() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.sum().backward()
+        loss = fns[0]()
+        loss.sum().backward()  # the compiled backward is compiled here, on its first call
+        return loss
+
+    def one_step() -> torch.Tensor:
+        global _compile_failed
+        try:
+            loss = forward_backward()
+        except BackendCompilerFailed as exc:
+            if len(fns) == 1:
+                raise
+            log.warning("torch.compile failed (%s); optimising uncompiled from now on",
+                        type(exc.inner_exception).__name__)
+            _compile_failed = True
+            fns.pop(0)
+            loss = forward_backward()
         opt.step()
         if post_step is not None:
             with torch.no_grad():

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import pytest
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
 
+from engine import optim
 from engine.invert import invert, psnr
 from engine.models import build_demo_generator
 from engine.optim import batch_bucket, lr_at
@@ -87,6 +92,34 @@ def test_a_compiled_step_gives_the_inversion_an_eager_step_gives(
     assert len(compiled_fns) == 1
     assert torch.allclose(compiled.latents, eager.latents, atol=1e-2)
     assert compiled.psnr == pytest.approx(eager.psnr, abs=0.01)
+
+
+def test_when_compiling_fails_the_inversion_runs_uncompiled(
+    G: Generator, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A GPU machine without a C compiler for Triton (or an operator Inductor cannot compile):
+    the selfie is still inverted, as it is uncompiled, the failure is logged once, and later
+    inversions in the process do not try again."""
+    attempts: list[object] = []
+
+    def broken(fn: object, **kwargs: object) -> Callable[[], torch.Tensor]:
+        attempts.append(fn)
+
+        def run() -> torch.Tensor:
+            raise BackendCompilerFailed(broken, RuntimeError("no C compiler"), None)
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(optim, "_compile_failed", False)
+    targets = _targets(G, 1, seed=8)
+    eager = invert(G, targets, perceptual=demo_lpips(), steps=6)
+    with caplog.at_level(logging.WARNING, logger="stylebot.engine"):
+        first = invert(G, targets, perceptual=demo_lpips(), steps=6, compile=True)
+        again = invert(G, targets, perceptual=demo_lpips(), steps=6, compile=True)
+    assert torch.equal(first.latents, eager.latents) and torch.equal(again.latents, eager.latents)
+    assert len(attempts) == 1
+    assert [r.message for r in caplog.records] == [
+        "torch.compile failed (RuntimeError); optimising uncompiled from now on"]
 
 
 def test_noise_optimisation_keeps_noise_normalised(G: Generator) -> None:

@@ -260,7 +260,7 @@ class _ProgressRelay:
 
 async def serve(
     *, storage_url: str, media_dir: str, model: str, device: str, batch_size: int,
-    batch_wait_ms: int, invert_steps: int, edit_steps: int, clip: str, compile: bool = True,
+    batch_wait_ms: int, invert_steps: int, edit_steps: int, clip: str, compile: bool,
     direction_samples: int = 32, worker_id: str | None = None,
     lease_s: float = 15.0, queue: str = "local", redis_url: str = "", redeliver_after_s: float = 60.0,
     stop: asyncio.Event | None = None,

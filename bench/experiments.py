@@ -7,13 +7,14 @@ from __future__ import annotations
 import contextlib
 import re
 import statistics
+from collections.abc import Iterator
 from typing import Any
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
-from bench.perf import Row, _fmt, _generator, _losses, _sync_time, _targets
+from bench.perf import Row, _generator, _losses, _sync_time, _targets
 from engine import stylegan2
 from engine.identity import IdentityLoss
 from engine.invert import invert
@@ -87,22 +88,20 @@ def _variant(label: str, G: Generator, targets: torch.Tensor, lpips: LPIPS, iden
             "psnr": statistics.mean(ps), "psnr_each": ps}
 
 
-def bench_variants(dev: torch.device, seeds: int, pick: str) -> list[Row]:
+def bench_variants(dev: torch.device, seeds: int, pick: str) -> Iterator[Row]:
     # In the order picked (the costly ones, e.g. compiling, last), each variant once.
     picks = [p.strip() for p in pick.split(";")] if pick else [""]
     chosen = list({v[0]: v for p in picks for v in VARIANTS if p in v[0]}.values())
     G = _generator(1024, dev)
     lpips, identity = _losses(dev)
     _, targets = _targets(G, list(range(max([seeds] + [batch for _, _, batch, _ in chosen]))))
-    rows = []
     for label, kw, batch, patches in chosen:
         try:
             with mock.patch.multiple(stylegan2, **patches) if patches else contextlib.nullcontext():
-                rows.append(_variant(label, G, targets, lpips, identity, kw, batch, seeds))
+                row = _variant(label, G, targets, lpips, identity, kw, batch, seeds)
         except Exception as exc:  # one failed experiment must not cost the others their GPU time
-            rows.append({"figure": f"variant: {label}", "error": f"{type(exc).__name__}: {exc}"[:500]})
-        print(_fmt(rows[-1]), flush=True)
-    return rows
+            row = {"figure": f"variant: {label}", "error": f"{type(exc).__name__}: {exc}"[:500]}
+        yield row
 
 
 # Kernel name patterns -> what they are, first match wins (cuDNN, ATen and Triton kernel names).
@@ -127,7 +126,7 @@ def kernel_shares(times: dict[str, float]) -> dict[str, float]:
     return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
 
 
-def bench_profile(dev: torch.device) -> list[Row]:
+def bench_profile(dev: torch.device) -> Iterator[Row]:
     """Four eager inversion steps at 1024 px, B=1, as they are and through torch.compile: GPU time
     per step and its share per kernel kind (the 20 costliest kernels are printed too)."""
     from torch.profiler import ProfilerActivity, profile
@@ -135,7 +134,6 @@ def bench_profile(dev: torch.device) -> list[Row]:
     G = _generator(1024, dev)
     lpips, identity = _losses(dev)
     _, targets = _targets(G, [0])
-    rows: list[Row] = []
     for label, compiled in (("eager", False), ("torch.compile", True)):
         def steps(compiled: bool = compiled) -> None:
             invert(G, targets, perceptual=lpips, identity=identity, steps=4, graph=False, compile=compiled)
@@ -144,12 +142,11 @@ def bench_profile(dev: torch.device) -> list[Row]:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 steps()
         except Exception as exc:  # a failed compile must not cost the eager profile
-            rows.append({"figure": f"profile, {label}", "error": f"{type(exc).__name__}: {exc}"[:500]})
+            yield {"figure": f"profile, {label}", "error": f"{type(exc).__name__}: {exc}"[:500]}
             continue
         events = prof.key_averages()
         print(events.table(sort_by="device_time_total", row_limit=20, max_name_column_width=60))
         times = {e.key: float(e.device_time_total) for e in events}
-        rows.append({"figure": f"profile, {label}: 4 steps + final render, B=1",
-                     "gpu_ms_per_step": sum(times.values()) / 1e3 / 4, "kernels": len(times),
-                     "share_pct": {k: round(v, 1) for k, v in kernel_shares(times).items()}})
-    return rows
+        yield {"figure": f"profile, {label}: 4 steps + final render, B=1",
+               "gpu_ms_per_step": sum(times.values()) / 1e3 / 4, "kernels": len(times),
+               "share_pct": {k: round(v, 1) for k, v in kernel_shares(times).items()}}

@@ -8,7 +8,8 @@ generator forward vs the floor, the baseline method (Image2StyleGAN-style: W+ fr
 lr 0.02, 1,500 steps, MSE + VGG16 features at 256 px), our inversion (the product's
 ``engine.invert.invert`` with its defaults), batched throughput, both edit methods, a 32-frame
 512 px morph encoded to MP4, the channel-relevance table build (timed per layer on a slice and
-extrapolated) and peak GPU memory for each. Prints a table last; writes ``perf.json`` to --out.
+extrapolated) and peak GPU memory for each. Prints each row as it is measured and the table last;
+``perf.json`` in --out is rewritten after every row.
 Networks with random weights stand in for the pretrained ones (same shapes, same cost).
 """
 
@@ -20,7 +21,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +122,7 @@ def _forward_cost(G: Generator) -> tuple[float, float]:
     return float(counter.get_total_flops()), float(weights + acts[0])
 
 
-def bench_generator(dev: torch.device, ceil: Row) -> list[Row]:
-    rows = []
+def bench_generator(dev: torch.device, ceil: Row) -> Iterator[Row]:
     for res in (1024, 256):
         G = _generator(res, dev)
         flops, nbytes = _forward_cost(G)
@@ -132,11 +132,10 @@ def bench_generator(dev: torch.device, ceil: Row) -> list[Row]:
             torch.cuda.reset_peak_memory_stats()
             with torch.no_grad():
                 ms = _event_ms(lambda ws=ws, G=G: G.synthesis(ws))
-            rows.append({"figure": f"generator forward {res}px B={b}", "ms_per_img": ms / b,
-                         "floor_ms_per_img": floor_ms, "gflop_per_img": flops / 1e9,
-                         "mbytes_per_img": nbytes / 1e6, "peak_gib": _peak_gib()})
+            yield {"figure": f"generator forward {res}px B={b}", "ms_per_img": ms / b,
+                   "floor_ms_per_img": floor_ms, "gflop_per_img": flops / 1e9,
+                   "mbytes_per_img": nbytes / 1e6, "peak_gib": _peak_gib()}
         del G
-    return rows
 
 
 class _VGGFeatures(nn.Module):
@@ -204,11 +203,10 @@ def _losses(dev: torch.device) -> tuple[LPIPS, IdentityLoss]:
     return lpips, identity
 
 
-def bench_inversion(dev: torch.device, seeds: int, baseline_seeds: int) -> list[Row]:
+def bench_inversion(dev: torch.device, seeds: int, baseline_seeds: int) -> Iterator[Row]:
     G = _generator(1024, dev)
     lpips, identity = _losses(dev)
     _, targets = _targets(G, list(range(seeds)))
-    rows: list[Row] = []
 
     vgg = _VGGFeatures().to(dev)
     torch.cuda.reset_peak_memory_stats()
@@ -217,7 +215,7 @@ def bench_inversion(dev: torch.device, seeds: int, baseline_seeds: int) -> list[
             "s_per_selfie": statistics.median(c[-1][1] for c in curves),
             "psnr": statistics.mean(c[-1][2] for c in curves), "peak_gib": _peak_gib(),
             "curve_each": curves}
-    rows.append(base)
+    yield base
 
     def ours(batch: torch.Tensor, **kw: Any) -> Any:
         return invert(G, batch, perceptual=lpips, identity=identity, **kw)
@@ -232,23 +230,22 @@ def bench_inversion(dev: torch.device, seeds: int, baseline_seeds: int) -> list[
         ps.append(res.psnr[0])
     p50 = statistics.median(times)
     same = statistics.mean(ps[:baseline_seeds])
-    rows.append({"figure": f"our inversion ({DEFAULT_STEPS} steps) B=1", "s_per_selfie": p50,
-                 "s_each": times, "psnr": statistics.mean(ps), "psnr_each": ps,
-                 "psnr_on_baseline_seeds": same, "first_run_s": first_s, "peak_gib": _peak_gib()})
-    rows.append({"figure": "speed-up vs baseline (1500 steps)", "x": base["s_per_selfie"] / p50,
-                 "psnr_delta_db": same - base["psnr"]})
+    yield {"figure": f"our inversion ({DEFAULT_STEPS} steps) B=1", "s_per_selfie": p50,
+           "s_each": times, "psnr": statistics.mean(ps), "psnr_each": ps,
+           "psnr_on_baseline_seeds": same, "first_run_s": first_s, "peak_gib": _peak_gib()}
+    yield {"figure": "speed-up vs baseline (1500 steps)", "x": base["s_per_selfie"] / p50,
+           "psnr_delta_db": same - base["psnr"]}
     # The baseline's own time to reach our PSNR (its curve, same seeds): speed-up at equal PSNR.
     reach = [next((s for _, s, q in c if q >= ps[i]), float("nan")) for i, c in enumerate(curves)]
-    rows.append({"figure": "speed-up vs baseline at equal PSNR",
-                 "baseline_s_to_our_psnr": statistics.mean(reach), "x": statistics.mean(reach) / p50})
+    yield {"figure": "speed-up vs baseline at equal PSNR",
+           "baseline_s_to_our_psnr": statistics.mean(reach), "x": statistics.mean(reach) / p50}
     for b in (4, 8):
         batch = targets[:b] if b <= seeds else targets.repeat((b + seeds - 1) // seeds, 1, 1, 1)[:b]
         first_s, _ = _sync_time(lambda batch=batch: ours(batch, steps=8))
         torch.cuda.reset_peak_memory_stats()
         t, res = _sync_time(lambda batch=batch: ours(batch))
-        rows.append({"figure": f"throughput, batched B={b}", "selfies_per_min": 60 * b / t,
-                     "psnr": statistics.mean(res.psnr), "first_run_s": first_s, "peak_gib": _peak_gib()})
-    return rows
+        yield {"figure": f"throughput, batched B={b}", "selfies_per_min": 60 * b / t,
+               "psnr": statistics.mean(res.psnr), "first_run_s": first_s, "peak_gib": _peak_gib()}
 
 
 def _clip_b32(dev: torch.device) -> ClipModel:
@@ -259,7 +256,7 @@ def _clip_b32(dev: torch.device) -> ClipModel:
     return ClipModel(model=model, name="ViT-B/32 (random)", is_demo=True, model_key="bench", device=dev)
 
 
-def bench_edits(dev: torch.device) -> list[Row]:
+def bench_edits(dev: torch.device) -> Iterator[Row]:
     G = _generator(1024, dev)
     cm = _clip_b32(dev)
     _, identity = _losses(dev)
@@ -279,19 +276,18 @@ def bench_edits(dev: torch.device) -> list[Row]:
         return render_global_edit(G, ws, delta, strength=4.0)
 
     torch.cuda.reset_peak_memory_stats()
-    rows = [{"figure": "edit, global directions", "ms": _event_ms(global_edit, iters=10),
-             "peak_gib": _peak_gib()}]
+    yield {"figure": "edit, global directions", "ms": _event_ms(global_edit, iters=10),
+           "peak_gib": _peak_gib()}
     text = cm.text_embedding("a smiling face")[None].to(dev)
     edit_optimize(G, ws, text, encode=cm.encode_images, steps=8, identity=identity)  # warm-up
     torch.cuda.reset_peak_memory_stats()
     t, _ = _sync_time(lambda: edit_optimize(G, ws, text, encode=cm.encode_images, identity=identity))
-    rows.append({"figure": f"edit, latent optimisation ({DEFAULT_EDIT_STEPS} steps)", "s": t,
-                 "peak_gib": _peak_gib()})
-    rows += _table_estimate(G, cm)
-    return rows
+    yield {"figure": f"edit, latent optimisation ({DEFAULT_EDIT_STEPS} steps)", "s": t,
+           "peak_gib": _peak_gib()}
+    yield _table_estimate(G, cm)
 
 
-def _table_estimate(G: Generator, cm: ClipModel, samples: int = 32, batch_size: int = 64) -> list[Row]:
+def _table_estimate(G: Generator, cm: ClipModel, samples: int = 32, batch_size: int = 64) -> Row:
     """The channel table build (engine.directions) for this generator, timed one chunk per layer:
     each chunk renders 2 x samples images from the layer on and CLIP-encodes them."""
     syn = G.synthesis
@@ -315,11 +311,11 @@ def _table_estimate(G: Generator, cm: ClipModel, samples: int = 32, batch_size: 
 
             ms = _event_ms(chunk, iters=3, warmup=1)
         total_s += ms / 1e3 * styles[layer].shape[1] / per_chunk
-    return [{"figure": f"channel table build, 1024px, {samples} samples (extrapolated)",
-             "minutes": total_s / 60, "peak_gib": _peak_gib()}]
+    return {"figure": f"channel table build, 1024px, {samples} samples (extrapolated)",
+            "minutes": total_s / 60, "peak_gib": _peak_gib()}
 
 
-def bench_morph(dev: torch.device) -> list[Row]:
+def bench_morph(dev: torch.device) -> Iterator[Row]:
     G = _generator(512, dev)
     ws, _ = _targets(G, [7, 8])
 
@@ -331,11 +327,11 @@ def bench_morph(dev: torch.device) -> list[Row]:
     morph()
     torch.cuda.reset_peak_memory_stats()
     runs = [_sync_time(morph)[0] for _ in range(3)]
-    return [{"figure": "morph, 32 frames at 512 px, MP4", "s": statistics.median(runs),
-             "peak_gib": _peak_gib()}]
+    yield {"figure": "morph, 32 frames at 512 px, MP4", "s": statistics.median(runs),
+           "peak_gib": _peak_gib()}
 
 
-_SECTIONS = {"generator", "inversion", "edits", "morph"}  # also: variants (the sweep), profile
+_SECTIONS = ("generator", "inversion", "edits", "morph")  # the table; also: variants (the sweep), profile
 
 
 def _fmt(row: Row) -> str:
@@ -347,12 +343,17 @@ def _fmt(row: Row) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--only", default=",".join(sorted(_SECTIONS)))
+    ap.add_argument("--only", default=",".join(_SECTIONS), help="sections, run in this order: "
+                    + ", ".join(_SECTIONS + ("variants", "profile")))
     ap.add_argument("--seeds", type=int, default=5, help="selfies for our p50")
     ap.add_argument("--baseline-seeds", type=int, default=2)
     ap.add_argument("--variants", default="", help="with --only variants: those whose label contains "
                     "one of these ';'-separated strings (default: all)")
     args = ap.parse_args(argv)
+    only = [name.strip() for name in args.only.split(",")]
+    unknown = [name for name in only if name not in _SECTIONS + ("variants", "profile")]
+    if unknown:
+        ap.error(f"unknown sections: {', '.join(unknown)}")
     if not torch.cuda.is_available():
         print("bench.perf needs a CUDA GPU")
         return 2
@@ -360,23 +361,23 @@ def main(argv: list[str] | None = None) -> int:
 
     dev = torch.device("cuda")
     configure_cuda()
-    only = set(args.only.split(","))
     card = torch.cuda.get_device_name(dev)
     report: Row = {"card": card, "torch": torch.__version__, "ceilings": _ceilings(dev), "rows": []}
-    for name, fn in (("generator", lambda: bench_generator(dev, report["ceilings"])),
-                     ("inversion", lambda: bench_inversion(dev, args.seeds, args.baseline_seeds)),
-                     ("edits", lambda: bench_edits(dev)), ("morph", lambda: bench_morph(dev)),
-                     ("variants", lambda: experiments.bench_variants(dev, args.seeds, args.variants)),
-                     ("profile", lambda: experiments.bench_profile(dev))):
-        if name in only:
-            t0 = time.perf_counter()
-            rows = fn()
-            report["rows"] += rows
-            print("\n".join(_fmt(row) for row in rows), flush=True)
-            print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
-            torch.cuda.empty_cache()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "perf.json").write_text(json.dumps(report, indent=1))
+    sections: dict[str, Callable[[], Iterator[Row]]] = {
+        "generator": lambda: bench_generator(dev, report["ceilings"]),
+        "inversion": lambda: bench_inversion(dev, args.seeds, args.baseline_seeds),
+        "edits": lambda: bench_edits(dev), "morph": lambda: bench_morph(dev),
+        "variants": lambda: experiments.bench_variants(dev, args.seeds, args.variants),
+        "profile": lambda: experiments.bench_profile(dev)}
+    for name in only:
+        t0 = time.perf_counter()
+        for row in sections[name]():  # each row printed and saved as it comes: a cut-short run keeps them
+            report["rows"].append(row)
+            print(_fmt(row), flush=True)
+            (Path(args.out) / "perf.json").write_text(json.dumps(report, indent=1))
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
+        torch.cuda.empty_cache()
     print(f"card: {card}, torch {torch.__version__}")
     print("ceilings: " + ", ".join(f"{k} {v:.4g}" for k, v in report["ceilings"].items()))
     for row in report["rows"]:

@@ -34,6 +34,26 @@ def _blur_pooled(x: torch.Tensor, f: torch.Tensor, *, pad: tuple[int, int], gain
     return x * gain
 
 
+def _conv_up_then_blur(x: torch.Tensor, weight: torch.Tensor, *, groups: int) -> torch.Tensor:
+    """``engine.stylegan2._conv_up_folded``'s signature, unfolded: transposed conv, then the blur."""
+    return stylegan2._conv_up(x, weight, stylegan2._fir_filter(x.device), groups=groups)
+
+
+def _conv_up_folded_depthwise(x: torch.Tensor, weight: torch.Tensor, *, groups: int) -> torch.Tensor:
+    """``engine.stylegan2._conv_up_folded`` as it was until 2026-11-29: the kernel blurred by a
+    depthwise conv over its O x I channels."""
+    n, o, k, _ = weight.shape
+    f = stylegan2._fir_filter(x.device)
+    folded = stylegan2._blur(weight.reshape(1, n * o, k, k), f, pad=(3, 3), gain=4.0)
+    return F.conv_transpose2d(x, folded.reshape(n, o, k + 3, k + 3), stride=2, padding=2, groups=groups)
+
+
+def _conv_up_fused_folded(x: torch.Tensor, weight: torch.Tensor, f: torch.Tensor | None, *,
+                          groups: int) -> torch.Tensor:
+    """``engine.stylegan2._conv_up``'s signature, folded (for the fused path)."""
+    return stylegan2._conv_up_folded(x, weight, groups=groups)
+
+
 _NEVER_FUSED = {"_FUSED_MAX_BATCH": 0, "_FUSED_MAX_BATCH_GRAD": 0}
 
 # (label, invert keyword arguments, batch size, engine.stylegan2 names replaced while it runs):
@@ -49,7 +69,7 @@ VARIANTS: list[tuple[str, dict[str, Any], int, dict[str, Any]]] = [
     ("300 steps, modconv never fused", {"steps": 300}, 1, _NEVER_FUSED),
     ("300 steps, B=8 (modconv not fused when optimising)", {"steps": 300}, 8, {}),
     ("300 steps, B=8, unfused, FIR blur after the transposed conv", {"steps": 300}, 8,
-     {"_conv_up_folded": stylegan2._conv_up}),
+     {"_conv_up_folded": _conv_up_then_blur}),
     ("300 steps, B=8, modconv fused", {"steps": 300}, 8, {"_FUSED_MAX_BATCH_GRAD": 8}),
     ("300 steps, B=4, modconv fused", {"steps": 300}, 4, {"_FUSED_MAX_BATCH_GRAD": 4}),
     ("300 steps, B=4 (modconv not fused when optimising)", {"steps": 300}, 4, {}),
@@ -60,11 +80,15 @@ VARIANTS: list[tuple[str, dict[str, Any], int, dict[str, Any]]] = [
     ("300 steps, FIR blur as average pools", {"steps": 300}, 1, {"_blur": _blur_pooled}),
     ("300 steps, B=8, FIR blur as average pools", {"steps": 300}, 8, {"_blur": _blur_pooled}),
     ("300 steps, FIR blur folded into the transposed conv", {"steps": 300}, 1,
-     {"_conv_up": stylegan2._conv_up_folded}),
+     {"_conv_up": _conv_up_fused_folded}),
     ("300 steps, B=2, modconv fused", {"steps": 300}, 2, {"_FUSED_MAX_BATCH_GRAD": 2}),
     ("300 steps, B=2, modconv never fused", {"steps": 300}, 2, _NEVER_FUSED),
     ("300 steps, B=4, torch.compile", {"steps": 300, "compile": True}, 4, {}),
     ("300 steps, lr 0.3", {"steps": 300, "lr": 0.3}, 1, {}),
+    ("300 steps, torch.compile, kernel blurred by a depthwise conv (before 2026-11-29)",
+     {"steps": 300, "compile": True}, 1, {"_conv_up_folded": _conv_up_folded_depthwise}),
+    ("300 steps, B=8, torch.compile, kernel blurred by a depthwise conv (before 2026-11-29)",
+     {"steps": 300, "compile": True}, 8, {"_conv_up_folded": _conv_up_folded_depthwise}),
     ("300 steps, lr 0.1 (the default before lr 0.2)", {"steps": 300, "lr": 0.1}, 1, {}),
     ("400 steps", {"steps": 400}, 1, {}),
 ]

@@ -36,6 +36,7 @@ SynthesisState = tuple[torch.Tensor | None, torch.Tensor | None]
 
 _LRELU_GAIN = math.sqrt(2.0)
 _FIR = (1.0, 3.0, 3.0, 1.0)
+_FIR_UP = tuple(2.0 * t / sum(_FIR) for t in _FIR)  # the 1-D filter at gain 2 per axis (4 in 2-D)
 
 
 @dataclass(frozen=True)
@@ -115,14 +116,13 @@ def _blur(x: torch.Tensor, f: torch.Tensor, *, pad: tuple[int, int], gain: float
 def _upsample2x(x: torch.Tensor) -> torch.Tensor:
     """upfirdn2d.upsample2d with the FIR filter (gain 4), [B,C,H,W] -> 2x, in polyphase form: per
     axis, output 2i is taps 0 and 2 of the filter on inputs i-1 and i, output 2i+1 taps 1 and 3 on
-    inputs i and i+1 (zeros beyond the edges), as zero-insertion then the filter would give. Only
-    elementwise work, which torch.compile fuses: the zero-inserted depthwise conv it replaces was
-    29% of a compiled inversion step's GPU time on the skip images (BENCHMARKS.md)."""
-    g = [2.0 * t / sum(_FIR) for t in _FIR]  # the 1-D filter at gain 2 (4 over both axes)
+    inputs i and i+1 (zeros beyond the edges), as zero-insertion then the filter would give.
+    Elementwise work only (torch.compile fuses it), for the 3-channel skip images."""
     for dim in (-1, -2):
         n = x.shape[dim]
         padded = F.pad(x, [1, 1] if dim == -1 else [0, 0, 1, 1])
         before, here, after = (padded.narrow(dim, i, n) for i in range(3))
+        g = _FIR_UP
         x = torch.stack([g[0] * before + g[2] * here, g[1] * here + g[3] * after], dim=dim)
         x = x.flatten(dim - 1, dim)  # [..., n, 2, ...] -> [..., 2n, ...]
     return x
@@ -136,15 +136,18 @@ def _conv_up(x: torch.Tensor, weight: torch.Tensor, f: torch.Tensor | None, *, g
     return _blur(x, f, pad=(1, 1), gain=4.0)
 
 
-def _conv_up_folded(x: torch.Tensor, weight: torch.Tensor, f: torch.Tensor | None, *,
-                    groups: int) -> torch.Tensor:
+def _conv_up_folded(x: torch.Tensor, weight: torch.Tensor, *, groups: int) -> torch.Tensor:
     """``_conv_up`` with the FIR filter folded into the weights: one stride-2 transposed conv with
     the k x k kernel blurred to (k+3) x (k+3), and no pass over the 2x larger output. More
-    arithmetic, less memory traffic: it pays for large batches (BENCHMARKS.md)."""
-    assert f is not None
-    n, o, k, _ = weight.shape
-    folded = _blur(weight.reshape(1, n * o, k, k), f, pad=(3, 3), gain=4.0)
-    return F.conv_transpose2d(x, folded.reshape(n, o, k + 3, k + 3), stride=2, padding=2, groups=groups)
+    arithmetic, less memory traffic: it pays for large batches (BENCHMARKS.md). The kernel is
+    blurred by elementwise sums of shifted copies, one axis at a time (as a depthwise conv over
+    O x I channels it took 29% of a compiled inversion step's GPU time)."""
+    k = weight.shape[-1]
+    for dim in (-1, -2):  # tap j of the (flipped) filter on the kernel shifted by 3 - j
+        padded = F.pad(weight, [3, 3] if dim == -1 else [0, 0, 3, 3])
+        taps = [t * padded.narrow(dim, 3 - j, k + 3) for j, t in enumerate(_FIR_UP)]
+        weight = sum(taps[1:], taps[0])
+    return F.conv_transpose2d(x, weight, stride=2, padding=2, groups=groups)
 
 
 def _bias_act(
@@ -250,7 +253,7 @@ def _modulated_conv(
             coefs = coefs * (styles.square() @ wsq.t() + 1e-8).rsqrt()  # [B, O]
         x = x * styles.to(x.dtype).reshape(b, i, 1, 1)
         wt = weight.to(x.dtype)
-        x = _conv_up_folded(x, wt.transpose(0, 1), f, groups=1) if up else F.conv2d(x, wt, padding=k // 2)
+        x = _conv_up_folded(x, wt.transpose(0, 1), groups=1) if up else F.conv2d(x, wt, padding=k // 2)
         x = x * coefs.to(x.dtype).reshape(b, o, 1, 1)
     return x
 

@@ -75,6 +75,7 @@ VARIANTS: list[tuple[str, dict[str, Any], int, dict[str, Any]]] = [
     ("300 steps, B=4 (modconv not fused when optimising)", {"steps": 300}, 4, {}),
     ("300 steps, torch.compile (product on CUDA)", {"steps": 300, "compile": True}, 1, {}),
     ("400 steps, torch.compile", {"steps": 400, "compile": True}, 1, {}),
+    ("600 steps, torch.compile", {"steps": 600, "compile": True}, 1, {}),
     ("300 steps, B=8, torch.compile", {"steps": 300, "compile": True}, 8, {}),
     ("300 steps, B=16, torch.compile", {"steps": 300, "compile": True}, 16, {}),
     ("300 steps, FIR blur as average pools", {"steps": 300}, 1, {"_blur": _blur_pooled}),

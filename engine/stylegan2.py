@@ -36,7 +36,8 @@ SynthesisState = tuple[torch.Tensor | None, torch.Tensor | None]
 
 _LRELU_GAIN = math.sqrt(2.0)
 _FIR = (1.0, 3.0, 3.0, 1.0)
-_FIR_UP = tuple(2.0 * t / sum(_FIR) for t in _FIR)  # the 1-D filter at gain 2 per axis (4 in 2-D)
+# The 1-D filter at gain 2 per axis (4 in 2-D); symmetric, so convolution and correlation agree.
+_FIR_UP = tuple(2.0 * t / sum(_FIR) for t in _FIR)
 
 
 @dataclass(frozen=True)
@@ -118,11 +119,11 @@ def _upsample2x(x: torch.Tensor) -> torch.Tensor:
     axis, output 2i is taps 0 and 2 of the filter on inputs i-1 and i, output 2i+1 taps 1 and 3 on
     inputs i and i+1 (zeros beyond the edges), as zero-insertion then the filter would give.
     Elementwise work only (torch.compile fuses it), for the 3-channel skip images."""
+    g = _FIR_UP
     for dim in (-1, -2):
         n = x.shape[dim]
         padded = F.pad(x, [1, 1] if dim == -1 else [0, 0, 1, 1])
         before, here, after = (padded.narrow(dim, i, n) for i in range(3))
-        g = _FIR_UP
         x = torch.stack([g[0] * before + g[2] * here, g[1] * here + g[3] * after], dim=dim)
         x = x.flatten(dim - 1, dim)  # [..., n, 2, ...] -> [..., 2n, ...]
     return x
@@ -143,7 +144,7 @@ def _conv_up_folded(x: torch.Tensor, weight: torch.Tensor, *, groups: int) -> to
     blurred by elementwise sums of shifted copies, one axis at a time (as a depthwise conv over
     O x I channels it took 29% of a compiled inversion step's GPU time)."""
     k = weight.shape[-1]
-    for dim in (-1, -2):  # tap j of the (flipped) filter on the kernel shifted by 3 - j
+    for dim in (-1, -2):  # tap j of the filter on the kernel shifted by 3 - j
         padded = F.pad(weight, [3, 3] if dim == -1 else [0, 0, 3, 3])
         taps = [t * padded.narrow(dim, 3 - j, k + 3) for j, t in enumerate(_FIR_UP)]
         weight = sum(taps[1:], taps[0])

@@ -331,7 +331,8 @@ def bench_morph(dev: torch.device) -> Iterator[Row]:
            "peak_gib": _peak_gib()}
 
 
-_SECTIONS = ("generator", "inversion", "edits", "morph")  # the table; also: variants (the sweep), profile
+_SECTIONS = ("generator", "inversion", "edits", "morph")  # the table
+_EXPERIMENTS = ("variants", "profile")  # the sweep and the kernel profile (bench/experiments.py)
 
 
 def _fmt(row: Row) -> str:
@@ -344,14 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--only", default=",".join(_SECTIONS), help="sections, run in this order: "
-                    + ", ".join(_SECTIONS + ("variants", "profile")))
+                    + ", ".join(_SECTIONS + _EXPERIMENTS))
     ap.add_argument("--seeds", type=int, default=5, help="selfies for our p50")
     ap.add_argument("--baseline-seeds", type=int, default=2)
     ap.add_argument("--variants", default="", help="with --only variants: those whose label contains "
                     "one of these ';'-separated strings (default: all)")
     args = ap.parse_args(argv)
     only = [name.strip() for name in args.only.split(",")]
-    unknown = [name for name in only if name not in _SECTIONS + ("variants", "profile")]
+    unknown = [name for name in only if name not in _SECTIONS + _EXPERIMENTS]
     if unknown:
         ap.error(f"unknown sections: {', '.join(unknown)}")
     if not torch.cuda.is_available():

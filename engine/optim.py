@@ -88,27 +88,28 @@ def adam_steps(
     device = params[0].device
     use_graph = (device.type == "cuda") if graph is None else graph
     use_graph = use_graph and steps > _WARMUP + 1
-    fns = [torch.compile(loss_fn, dynamic=False), loss_fn] if compile and not _compile_failed else [loss_fn]
+    step_fn = torch.compile(loss_fn, dynamic=False) if compile and not _compile_failed else loss_fn
     lr_now = torch.tensor(lr_at(0, steps, lr=lr, rampup=rampup), device=device)
     opt = torch.optim.Adam(params, lr=lr_now if use_graph else float(lr_now), capturable=use_graph)
 
     def forward_backward() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        loss = fns[0]()
+        loss = step_fn()
         loss.sum().backward()  # the compiled backward is compiled here, on its first call
         return loss
 
     def one_step() -> torch.Tensor:
         global _compile_failed
+        nonlocal step_fn
         try:
             loss = forward_backward()
         except BackendCompilerFailed as exc:
-            if len(fns) == 1:
+            if step_fn is loss_fn:
                 raise
             log.warning("torch.compile failed (%s); optimising uncompiled from now on",
                         type(exc.inner_exception).__name__)
             _compile_failed = True
-            fns.pop(0)
+            step_fn = loss_fn
             loss = forward_backward()
         opt.step()
         if post_step is not None:

@@ -90,6 +90,9 @@ VARIANTS: list[tuple[str, dict[str, Any], int, dict[str, Any]]] = [
      {"steps": 300, "compile": True}, 1, {"_conv_up_folded": _conv_up_folded_depthwise}),
     ("300 steps, B=8, torch.compile, kernel blurred by a depthwise conv (before 2026-11-29)",
      {"steps": 300, "compile": True}, 8, {"_conv_up_folded": _conv_up_folded_depthwise}),
+    ("300 steps, eager, no CUDA graph", {"steps": 300, "graph": False}, 1, {}),
+    ("300 steps, eager, no CUDA graph, skip image upsampled in polyphase form (2026-11-29 to 30)",
+     {"steps": 300, "graph": False}, 1, {"_upsample2x": stylegan2._upsample2x_polyphase}),
     ("300 steps, lr 0.1 (the default before lr 0.2)", {"steps": 300, "lr": 0.1}, 1, {}),
     ("400 steps", {"steps": 400}, 1, {}),
 ]

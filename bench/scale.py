@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in (ap, w):
         p.add_argument("--res", type=int, default=1024)
         p.add_argument("--steps", type=int, default=300)
-        p.add_argument("--batch", type=int, default=8)
+        p.add_argument("--batch", type=int, default=16)
     ap.add_argument("--devices", default="cuda:0,cuda:1", help="one worker per entry")
     ap.add_argument("--jobs", type=int, default=32)
     ap.add_argument("--targets", type=int, default=8, help="distinct target images")

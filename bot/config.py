@@ -225,7 +225,7 @@ class QueueConfig:
 class EngineConfig:
     model: str = _key("auto", _str('"auto", "demo", a weights name or a file path', empty=False))
     device: str = _key("auto", _str('"auto", "cpu", "cuda" or "cuda:N"', _DEVICE, empty=False))
-    batch_size: int = _key(8, _int(1))
+    batch_size: int = _key(16, _int(1))
     batch_wait_ms: int = _key(20, _int(0))
     invert_steps: int = _key(300, _int(1))
     edit_steps: int = _key(100, _int(1))

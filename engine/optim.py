@@ -32,7 +32,7 @@ def batch_bucket(n: int) -> int:
 
     Every new batch size costs a worker about 20 s the first time (cuDNN autotuning of every
     convolution, forward and backward, at 1024 px on an H200), and partial batches come in every
-    size; padded to 1, 2, 4 or 8 there are four sizes, warmed up when the worker starts.
+    size; padded to powers of two there are five up to 16, warmed up when the worker starts.
     """
     return 1 << max(n - 1, 0).bit_length()
 

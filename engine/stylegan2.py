@@ -115,10 +115,26 @@ def _blur(x: torch.Tensor, f: torch.Tensor, *, pad: tuple[int, int], gain: float
 
 
 def _upsample2x(x: torch.Tensor) -> torch.Tensor:
-    """upfirdn2d.upsample2d with the FIR filter (gain 4), [B,C,H,W] -> 2x, in polyphase form: per
-    axis, output 2i is taps 0 and 2 of the filter on inputs i-1 and i, output 2i+1 taps 1 and 3 on
-    inputs i and i+1 (zeros beyond the edges), as zero-insertion then the filter would give.
-    Elementwise work only (torch.compile fuses it), for the 3-channel skip images."""
+    """upfirdn2d.upsample2d with the FIR filter (gain 4), [B,C,H,W] -> 2x, for the 3-channel skip
+    images. Eager on a GPU, where each kernel launch costs more than its work: zero-insertion then
+    the filter as a depthwise conv (two launches); compiled or on the CPU: ``_upsample2x_polyphase``
+    (elementwise, fused when compiled; 10x faster on the CPU; 7% slower per eager GPU step)."""
+    if not x.is_cuda or torch.compiler.is_compiling():
+        return _upsample2x_polyphase(x)
+    return _upsample2x_zero_insert(x)
+
+
+def _upsample2x_zero_insert(x: torch.Tensor) -> torch.Tensor:
+    """``_upsample2x`` as upfirdn2d computes it: zeros between the pixels, then the filter."""
+    b, c, h, w = x.shape
+    x = F.pad(x.reshape(b, c, h, 1, w, 1), [0, 1, 0, 0, 0, 1]).reshape(b, c, h * 2, w * 2)
+    return _blur(x, _fir_filter(x.device), pad=(2, 1), gain=4.0)
+
+
+def _upsample2x_polyphase(x: torch.Tensor) -> torch.Tensor:
+    """``_upsample2x_zero_insert`` in polyphase form: per axis, output 2i is taps 0 and 2 of the
+    filter on inputs i-1 and i, output 2i+1 taps 1 and 3 on inputs i and i+1 (zeros beyond the
+    edges), as zero-insertion then the filter would give."""
     g = _FIR_UP
     for dim in (-1, -2):
         n = x.shape[dim]

@@ -45,7 +45,7 @@ def default_worker_id(device: str) -> str:
 @dataclass(frozen=True)
 class WorkerSettings:
     worker_id: str
-    batch_size: int = 8
+    batch_size: int = 16
     batch_wait_ms: int = 20
     lease_s: float = 15.0
     poll_s: float = 0.1  # how long one wait for work lasts (the stop flag is checked between)

@@ -55,6 +55,17 @@ def test_nvidia_layout_matches_official_render(fixtures_dir: Path) -> None:
     assert float((ref["img_const"] - ref["img_none"]).abs().max()) > 1e-2
 
 
+def test_the_gpus_eager_upsampling_matches_official_render_too(
+    fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eager on a GPU the skip images are upsampled by zero-insertion and a conv (fewer kernel
+    launches), elsewhere in polyphase form: both give the official picture."""
+    G = build_generator(load_checkpoint(fixtures_dir / "nvidia_g64_state.safetensors"))
+    ref = _ref(fixtures_dir, "nvidia")
+    monkeypatch.setattr(stylegan2, "_upsample2x", stylegan2._upsample2x_zero_insert)
+    assert _render_diff(G, ref, "const") <= TOL
+
+
 def test_rosinality_layout_matches_official_render(fixtures_dir: Path) -> None:
     G = build_generator(load_checkpoint(fixtures_dir / "rosinality_g64_state.safetensors"))
     ref = _ref(fixtures_dir, "rosinality")

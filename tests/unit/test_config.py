@@ -69,7 +69,7 @@ def test_defaults_load_without_a_file(env: dict[str, str], home: Path) -> None:
     assert config.discord.api_base == "https://discord.com/api/v10" and config.discord.gateway_url == ""
     assert (config.web.host, config.web.port) == ("127.0.0.1", 8080)
     assert config.queue.backend == "local" and config.queue.max_attempts == 3
-    assert (config.engine.model, config.engine.device, config.engine.batch_size) == ("auto", "auto", 8)
+    assert (config.engine.model, config.engine.device, config.engine.batch_size) == ("auto", "auto", 16)
     assert config.engine.embedded is True and config.engine.compile is True
     assert config.limits.morph_max_frames == 120 and config.timeouts.directions == 7200
     assert config.data_dir == (home / "data").resolve()

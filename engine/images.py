@@ -1,12 +1,20 @@
-"""Conversions between PIL images, uint8 arrays and generator tensors in [-1, 1]."""
+"""Conversions between PIL images, uint8 arrays and generator tensors in [-1, 1], and image work
+spread over threads."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["pil_to_tensor", "tensor_to_pil", "tensor_to_uint8"]
+__all__ = ["map_in_threads", "pil_to_tensor", "tensor_to_pil", "tensor_to_uint8"]
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -26,3 +34,13 @@ def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     if image.ndim == 3:
         image = image.unsqueeze(0)
     return Image.fromarray(tensor_to_uint8(image)[0])
+
+
+def map_in_threads(fn: Callable[[_T], _R], items: Sequence[_T], *, max_threads: int) -> list[_R]:
+    """``fn`` over ``items`` on up to ``max_threads`` threads, results in order. For image work
+    where Pillow, zlib and numpy release the GIL; one item, or one thread, runs inline."""
+    threads = min(len(items), max_threads)
+    if threads <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, items))

@@ -14,10 +14,9 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ from engine.directions import load_or_build_table, text_to_style_delta
 from engine.edit import edit_optimize, render_global_edit
 from engine.errors import EngineError
 from engine.identity import load_identity
-from engine.images import pil_to_tensor, tensor_to_pil
+from engine.images import map_in_threads, pil_to_tensor, tensor_to_pil
 from engine.invert import invert
 from engine.models import LoadedGenerator, load_generator
 from engine.morph import mix_latents, morph_latents, render_frames
@@ -103,19 +102,9 @@ def split_on_failure(handler: Handler, inputs: list[JobInput], progress: Progres
             + split_on_failure(handler, inputs[half:], progress))
 
 
-_T = TypeVar("_T")
-_R = TypeVar("_R")
-_POST_THREADS = min(8, os.cpu_count() or 1)
-
-
-def _in_parallel(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
-    """``fn`` over ``items`` on up to 8 threads, results in order. For a batch's result images:
-    converting, resizing and PNG-encoding them (Pillow and zlib release the GIL) took ~0.2 s per
-    selfie on one core, while the GPU waited for the next batch."""
-    if len(items) <= 1 or _POST_THREADS == 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(min(len(items), _POST_THREADS), thread_name_prefix="encode") as pool:
-        return list(pool.map(fn, items))
+# Threads that convert, resize and PNG-encode a batch's result images: ~0.2 s per 1024 px selfie
+# on one core, which the GPU spent waiting for the next batch.
+_RESULT_THREADS = min(8, os.cpu_count() or 1)
 
 
 def _png(img: Image.Image) -> bytes:
@@ -248,7 +237,8 @@ class Engine:
                     face=FaceOut(latent=res.latents[i].numpy(), alignment=face.alignment.to_json(),
                                  quality=quality))
 
-            outcomes.update((o.job_id, o) for o in _in_parallel(outcome, range(len(ready))))
+            done = map_in_threads(outcome, range(len(ready)), max_threads=_RESULT_THREADS)
+            outcomes.update((o.job_id, o) for o in done)
         return [outcomes[job.job_id] for job in inputs]
 
     # --- edit: text -> edited face, pasted back -------------------------------------------
@@ -303,7 +293,8 @@ class Engine:
             return self._edit_outcome(good[i][0], before[i], res.images[i].to(self.device),
                                       {"steps": self.edit_steps})
 
-        outcomes.update((o.job_id, o) for o in _in_parallel(outcome, range(len(good))))
+        done = map_in_threads(outcome, range(len(good)), max_threads=_RESULT_THREADS)
+        outcomes.update((o.job_id, o) for o in done)
         return outcomes
 
     def _edit_outcome(self, job: JobInput, before: torch.Tensor, after: torch.Tensor,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +33,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from engine.align import Alignment, warp_points
+from engine.images import map_in_threads
 
 __all__ = [
     "DEFAULT_ERODE",
@@ -136,13 +136,11 @@ def paste_back(
         return (x0 + c0, top), warped, alpha
 
     # Pillow and numpy release the GIL in these loops, so strips run in parallel.
-    tops = range(y0, y1, _STRIP)
-    with ThreadPoolExecutor(max_workers=min(len(tops), _MAX_THREADS)) as pool:
-        for done in pool.map(strip, tops):
-            if done is not None:
-                # 8-bit composite: exact where alpha is 0 (photo) or 255 (face).
-                corner, warped, alpha = done
-                out.paste(warped, corner, alpha)
+    for done in map_in_threads(strip, range(y0, y1, _STRIP), max_threads=_MAX_THREADS):
+        if done is not None:
+            # 8-bit composite: exact where alpha is 0 (photo) or 255 (face).
+            corner, warped, alpha = done
+            out.paste(warped, corner, alpha)
     return out
 
 

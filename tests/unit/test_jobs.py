@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from engine.align import align_face, load_photo
-from engine.jobs import Engine, JobInput, JobOutcome, split_on_failure
+from engine.jobs import Engine, JobInput, JobOutcome, _jpeg, split_on_failure
 from engine.progress import ProgressFn, no_progress
 
 
@@ -73,9 +73,3 @@ def test_each_selfie_in_a_batch_gets_its_own_results_back(astronaut: Image.Image
         recon = np.asarray(Image.open(io.BytesIO(o.files["reconstruction_key"][0]))).astype(np.float64)
         mse = np.mean(((recon - own.astype(np.float64)) / 127.5) ** 2)
         assert abs(10 * np.log10(4 / mse) - o.result["psnr"]) < 0.5  # PSNR on [-1, 1] images
-
-
-def _jpeg(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=95)
-    return buf.getvalue()

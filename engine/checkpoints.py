@@ -6,6 +6,8 @@ Supported inputs:
   networks are "persistent classes" rebuilt by ``torch_utils.persistence._reconstruct_persistent_obj``
   from a ``meta`` dict that carries the class source code. We never run that code: a restricted
   unpickler maps the few globals a weights pickle needs to safe stand-ins and refuses the rest.
+  The whole training snapshot is read (``G``, ``D``, ``G_ema``, ...) and ``G_ema`` is used; the
+  numpy float scalars the official modules keep are rebuilt from their bytes (numeric only).
 * rosinality ``.pt`` (``g_ema`` state dict), read with ``torch.load(weights_only=True)``.
 * ``.safetensors``: ours (config JSON in the metadata, NVIDIA parameter names), or a plain
   NVIDIA- or rosinality-layout state dict.
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -79,6 +82,42 @@ class _EasyDict(dict[str, Any]):
     """Stand-in for dnnlib.EasyDict (a dict with attribute access): data only."""
 
 
+# numpy scalars the official modules keep in their __dict__ (``act_gain = np.sqrt(2)``) are pickled
+# as numpy.dtype(code, align, copy) + BUILD(state) and multiarray.scalar(dtype, raw bytes).
+_NUMERIC_DTYPE = re.compile(r"(b1|[iu][1248]|f[248]|c(8|16))")
+
+
+class _NumpyDtype:
+    """Stand-in for ``numpy.dtype`` as pickled: numeric kinds only (no object or record dtypes)."""
+
+    def __init__(self, code: Any, align: Any = False, copy: Any = True) -> None:
+        if not isinstance(code, str) or not _NUMERIC_DTYPE.fullmatch(code):
+            raise CheckpointError(f"refusing to load this .pkl: it holds a numpy value of type "
+                                  f"{str(code)[:20]!r}, which a weights file does not need")
+        self.code, self.byteorder = code, "="
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, byteorder, subarray, names, fields, elsize, alignment, flags): a plain numeric
+        # dtype has no subarray, names or fields.
+        if (not isinstance(state, tuple) or len(state) < 5 or state[1] not in ("<", ">", "|", "=")
+                or any(part is not None for part in state[2:5])):
+            raise CheckpointError("refusing to load this .pkl: it holds a malformed numpy dtype")
+        self.byteorder = state[1]
+
+    def to_numpy(self) -> np.dtype:
+        return np.dtype(("" if self.byteorder in "|=" else self.byteorder) + self.code)
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    """Safe ``numpy.core.multiarray.scalar``: one number read from its raw bytes."""
+    if not isinstance(dtype, _NumpyDtype) or not isinstance(data, bytes):
+        raise CheckpointError("refusing to load this .pkl: it holds a numpy scalar that is not a number")
+    values = np.frombuffer(data, dtype=dtype.to_numpy())
+    if values.size != 1:
+        raise CheckpointError("this .pkl holds a malformed numpy scalar")
+    return values[0]
+
+
 def _load_storage_bytes(data: bytes) -> Any:
     # torch pickles a storage as the bytes of a legacy torch.save; read them weights-only.
     return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
@@ -101,6 +140,9 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _load_storage_bytes,
+    ("numpy", "dtype"): _NumpyDtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,  # written by numpy 1.x (NVIDIA's pickles)
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,  # written by numpy 2.x
     **{("torch", name): value for name, value in _torch_dtypes().items()},
 }
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import pickle
+import pickletools
+import re
 import sys
 import types
 from collections import OrderedDict
@@ -81,6 +84,38 @@ def test_rosinality_pt_file_loads_the_same(fixtures_dir: Path, tmp_path: Path) -
     G = build_generator(load_checkpoint(path))
     assert _render_diff(G, _ref(fixtures_dir, "rosinality"), "const") <= TOL
     assert torch.equal(G.w_avg, torch.zeros(64))
+
+
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_a_rosinality_training_checkpoint_loads_its_g_ema(
+    fixtures_dir: Path, tmp_path: Path, zipfile: bool
+) -> None:
+    """rosinality's train.py saves g, d, g_ema, both optimizers' states, its argparse Namespace and
+    ada_aug_p in one dict (torch.save; the zip format since torch 1.6, the legacy one before)."""
+    state = load_file(fixtures_dir / "rosinality_g64_state.safetensors")
+    g = {k: torch.nn.Parameter(v.clone()) for k, v in state.items() if not k.startswith("noises.")}
+    g_optim = torch.optim.Adam(list(g.values()), lr=0.002, betas=(0.0, 0.99))
+    sum(p.square().sum() for p in g.values()).backward()
+    g_optim.step()
+    d = torch.nn.Conv2d(3, 8, 3)
+    d_optim = torch.optim.Adam(d.parameters(), lr=0.002, betas=(0.0, 0.99))
+    parser = argparse.ArgumentParser(description="StyleGAN2 trainer")
+    parser.add_argument("path", type=str)
+    parser.add_argument("--iter", type=int, default=800000)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--r1", type=float, default=10)
+    parser.add_argument("--augment", action="store_true")
+    parser.add_argument("--ckpt", type=str, default=None)
+    args = parser.parse_args(["lmdb/ffhq", "--size", "64", "--augment"])
+    args.latent, args.n_mlp, args.start_iter, args.distributed = 512, 8, 0, False
+    g_ema = OrderedDict(state)  # Module.state_dict(): an OrderedDict carrying _metadata
+    g_ema._metadata = OrderedDict((k.rsplit(".", 1)[0], {"version": 1}) for k in state)  # type: ignore[attr-defined]
+    path = tmp_path / "010000.pt"
+    torch.save({"g": {k: v.detach() for k, v in g.items()}, "d": d.state_dict(), "g_ema": g_ema,
+                "g_optim": g_optim.state_dict(), "d_optim": d_optim.state_dict(), "args": args,
+                "ada_aug_p": 0.12}, path, _use_new_zipfile_serialization=zipfile)
+    G = build_generator(load_checkpoint(path))
+    assert _render_diff(G, _ref(fixtures_dir, "rosinality"), "const") <= TOL
 
 
 # --- An official-shape .pkl, built here the way torch_utils.persistence pickles networks. ---
@@ -170,6 +205,65 @@ def test_official_pickle_loads_through_restricted_unpickler(
     G = build_generator(ckpt)
     assert _render_diff(G, _ref(fixtures_dir, "nvidia"), "const") <= TOL
     assert "pwned" not in capfd.readouterr().out
+
+
+# --- The pickles NVIDIA's own code wrote (../shared/fixtures/README.md). ---
+
+OFFICIAL_PICKLES = ["nvidia_official_g64_numpy1.pkl", "nvidia_official_g64_numpy2.pkl"]
+
+
+@pytest.mark.parametrize("name", OFFICIAL_PICKLES)
+def test_pickles_written_by_the_official_code_load_and_render_its_picture(
+    fixtures_dir: Path, name: str
+) -> None:
+    """numpy 1.x and 2.x spellings of the numpy scalars every official module keeps."""
+    ckpt = load_checkpoint(fixtures_dir / name)
+    assert ckpt.source_format == "nvidia-pkl"
+    # G_ema is the generator used: the same weights as the state-dict fixture, key for key.
+    expected = load_file(fixtures_dir / "nvidia_g64_state.safetensors")
+    assert set(ckpt.state) == set(expected)
+    G = build_generator(ckpt)
+    assert _render_diff(G, _ref(fixtures_dir, "nvidia"), "const") <= TOL
+
+
+def _swap_strings(data: bytes, swaps: dict[str, str]) -> bytes:
+    """The same pickle with the first string op holding each key replaced (frames dropped: the
+    lengths change, and protocol 4 readers accept unframed data)."""
+    ops = list(pickletools.genops(data))
+    out, pending = bytearray(), dict(swaps)
+    for i, (op, arg, pos) in enumerate(ops):
+        end = ops[i + 1][2] if i + 1 < len(ops) else len(data)
+        if op.name == "FRAME":
+            continue
+        if op.name == "SHORT_BINUNICODE" and arg in pending:
+            new = pending.pop(arg).encode()
+            out += b"\x8c" + bytes([len(new)]) + new
+        else:
+            out += data[pos:end]
+    assert not pending, f"not found in the pickle: {pending}"
+    return bytes(out)
+
+
+@pytest.mark.parametrize(("swaps", "message"), [
+    ({"numpy.core.multiarray": "os", "scalar": "system"}, "refers to os.system"),
+    ({"f8": "O8"}, "numpy value of type 'O8'"),  # an object-dtype scalar would unpickle a pointer
+    ({"torch.storage": "builtins", "_load_from_bytes": "exec"}, "refers to builtins.exec"),
+])
+def test_an_official_pickle_with_a_swapped_global_is_refused(
+    fixtures_dir: Path, tmp_path: Path, swaps: dict[str, str], message: str
+) -> None:
+    path = tmp_path / "ffhq.pkl"
+    path.write_bytes(_swap_strings((fixtures_dir / OFFICIAL_PICKLES[0]).read_bytes(), swaps))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_checkpoint(path)
+
+
+def test_the_mutation_helper_keeps_an_unchanged_pickle_loadable(fixtures_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "ffhq.pkl"
+    data = (fixtures_dir / OFFICIAL_PICKLES[0]).read_bytes()
+    path.write_bytes(_swap_strings(data, {"f8": "f8"}))
+    original = load_checkpoint(fixtures_dir / OFFICIAL_PICKLES[0])
+    assert load_checkpoint(path).state.keys() == original.state.keys()
 
 
 class _RunsCode:

@@ -59,7 +59,7 @@ def _random_vgg16_state(seed: int) -> dict[str, torch.Tensor]:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=g)
                 assert m.bias is not None
                 m.bias.uniform_(-0.01, 0.01, generator=g)
-    state = {f"features.{k}": v for k, v in features.state_dict().items()}
+    state = features.state_dict(prefix="features.")  # an OrderedDict with _metadata, as published
     state["classifier.6.bias"] = torch.zeros(1000)
     return state
 
@@ -67,7 +67,8 @@ def _random_vgg16_state(seed: int) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def vgg_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("vgg") / VGG_FILE
-    torch.save(_random_vgg16_state(seed=1), path)
+    # torchvision's vgg16-397923af.pth predates torch 1.6: the legacy (non-zip) serialisation.
+    torch.save(_random_vgg16_state(seed=1), path, _use_new_zipfile_serialization=False)
     return path
 
 
@@ -249,7 +250,8 @@ def test_load_identity_reads_a_facenet_state_dict(tmp_path: Path) -> None:
     state["logits.weight"] = torch.zeros(8631, 512)
     state["logits.bias"] = torch.zeros(8631)
     (tmp_path / "weights").mkdir()
-    torch.save(state, tmp_path / "weights" / FACENET_FILE)
+    # As facenet-pytorch's 2019 release file: the model's state_dict(), legacy serialisation.
+    torch.save(state, tmp_path / "weights" / FACENET_FILE, _use_new_zipfile_serialization=False)
 
     idl = load_identity(home=tmp_path)
     assert isinstance(idl, IdentityLoss)

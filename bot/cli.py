@@ -169,7 +169,8 @@ def _serve(args: argparse.Namespace) -> int:
                       model=e.model, device=args.device or e.device, batch_size=e.batch_size,
                       batch_wait_ms=e.batch_wait_ms, invert_steps=e.invert_steps,
                       edit_steps=e.edit_steps, compile=e.compile, clip=e.clip,
-                      direction_samples=e.direction_samples, worker_id=args.worker_id,
+                      direction_samples=e.direction_samples, build_directions=e.build_directions,
+                      worker_id=args.worker_id,
                       queue=backend, redis_url=redis_url, lease_s=q.lease_s,
                       redeliver_after_s=q.redeliver_after_s))
     return 0

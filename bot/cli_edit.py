@@ -10,7 +10,14 @@ from bot.cli_engine import Bar, load_model, output_path, say
 from engine.align import Alignment, load_photo
 from engine.clip_model import ClipModel, load_clip
 from engine.directions import ChannelTable, load_or_build_table, text_to_style_delta
-from engine.edit import DEFAULT_EDIT_STEPS, edit_optimize, render_global_edit
+from engine.edit import (
+    DEFAULT_EDIT_STEPS,
+    GLOBAL_STRENGTH,
+    OPTIMIZE_STRENGTH,
+    edit_optimize,
+    optimize_l2_weight,
+    render_global_edit,
+)
 from engine.errors import EngineError
 from engine.identity import load_identity
 from engine.images import tensor_to_pil
@@ -20,8 +27,6 @@ from engine.pasteback import paste_back
 from engine.weights import stylebot_home
 
 __all__ = ["directions", "edit", "neutral_prompt"]
-
-DEFAULT_STRENGTH = 4.0
 
 
 def neutral_prompt(loaded: LoadedGenerator) -> str:
@@ -75,11 +80,11 @@ def edit(args: argparse.Namespace) -> int:
         table = _table_for(args, loaded, clip_model, samples=args.samples)
         delta, kept = text_to_style_delta(table, clip_model.text_direction(text, neutral),
                                           beta=args.beta)
-        strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+        strength = GLOBAL_STRENGTH if args.strength is None else args.strength
         images = render_global_edit(G, ws, delta, strength=strength)
         say(f"global edit: {kept} style channels, strength {strength:g}, beta {args.beta:g}")
     else:
-        strength = 1.0 if args.strength is None else args.strength
+        strength = OPTIMIZE_STRENGTH if args.strength is None else args.strength
         if strength <= 0:
             raise EngineError("--strength must be positive for --method optimize")
         identity = load_identity(device=G.w_avg.device)  # None unless facenet weights are cached
@@ -88,7 +93,8 @@ def edit(args: argparse.Namespace) -> int:
             result = edit_optimize(G, ws, clip_model.text_embedding(text)[None],
                                    encode=clip_model.encode_images,
                                    steps=args.steps or DEFAULT_EDIT_STEPS,
-                                   l2_weight=0.008 / strength, identity=identity, progress=bar)
+                                   l2_weight=optimize_l2_weight(strength), identity=identity,
+                                   progress=bar)
         finally:
             bar.close()
         images = result.images

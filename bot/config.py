@@ -232,6 +232,7 @@ class EngineConfig:
     compile: bool = _key(True, _bool())
     clip: str = _key("auto", _str('"auto", "demo", "clip-vit-b32" or a file path', empty=False))
     direction_samples: int = _key(32, _int(1))
+    build_directions: bool = _key(True, _bool())
     embedded: bool = _key(True, _bool())
 
 

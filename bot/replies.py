@@ -244,6 +244,15 @@ def _demo_note(result: dict[str, Any]) -> str:
             if result.get("is_demo") else "")
 
 
+def _slow_edit_note(result: dict[str, Any]) -> str:
+    """An edit asked to be fast ran the optimisation method: the fast-edit table is being built."""
+    if "table_progress" not in result:
+        return ""
+    done = result["table_progress"]
+    how_far = "" if done is None else f", {int(done * 100)}% done"
+    return f"\n(Fast edits are still being prepared{how_far}; this one used the slower method.)"
+
+
 def final_reply(job: Job, media: MediaStore) -> Reply:
     """The message that ends a job: its pictures, or why it failed."""
     edit_of = (job.reply_to or {}).get("progress_ref")
@@ -260,7 +269,7 @@ def final_reply(job: Job, media: MediaStore) -> Reply:
         items = (Media(media.path(r["panel_key"]), "photo", caption),)
     elif job.kind == "edit":
         items = (Media(media.path(r["before_after_key"]), "photo",
-                       f"Before / after: {r.get('text', '')}{note}"),)
+                       f"Before / after: {r.get('text', '')}{note}{_slow_edit_note(r)}"),)
         if r.get("pasted_key"):
             items += (Media(media.path(r["pasted_key"]), "photo", "In your photo"),)
     elif job.kind == "morph":

@@ -3,26 +3,48 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from engine.directions import apply_style_delta
+from engine.errors import EngineError
 from engine.identity import IdentityLoss
 from engine.optim import adam_steps, pad_rows, padded_size
 from engine.progress import ProgressFn, no_progress
 from engine.stylegan2 import Generator, NoiseMode
 
-__all__ = ["DEFAULT_EDIT_STEPS", "OptimizeResult", "edit_optimize", "render_global_edit"]
+__all__ = [
+    "DEFAULT_EDIT_STEPS",
+    "GLOBAL_STRENGTH",
+    "OPTIMIZE_STRENGTH",
+    "OptimizeResult",
+    "edit_optimize",
+    "optimize_l2_weight",
+    "render_global_edit",
+]
 
 # 100 steps: StyleCLIP's optimisation uses 300 at lr 0.1; with the warm-up + cosine schedule
 # the CLIP loss has flattened by ~80-100 steps on our runs, and 100 steps keep an edit within
 # the interactive budget (<= 3 s on one H100 at 1024 px, see BENCHMARKS.md / the GPU issue).
 DEFAULT_EDIT_STEPS = 100
 
+# Default strengths: a global edit's alpha (negative reverses it), and the optimisation's, which
+# divides its L2 weight.
+GLOBAL_STRENGTH = 4.0
+OPTIMIZE_STRENGTH = 1.0
+_L2_WEIGHT = 0.008  # at strength 1: keeps the face recognisable while the CLIP loss moves it
+
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def optimize_l2_weight(strength: float) -> float:
+    """The L2 weight that gives an optimisation edit ``strength`` (> 0; larger moves further)."""
+    if not strength > 0:
+        raise EngineError("the strength of an optimisation edit must be positive")
+    return _L2_WEIGHT / strength
 
 
 @dataclass
@@ -41,7 +63,7 @@ def edit_optimize(
     encode: ImageEncoder,
     steps: int = DEFAULT_EDIT_STEPS,
     lr: float = 0.1,
-    l2_weight: float = 0.008,
+    l2_weight: float | Sequence[float] = _L2_WEIGHT,
     identity: IdentityLoss | None = None,
     identity_weight: float = 0.005,
     noise_mode: NoiseMode = "const",
@@ -53,7 +75,8 @@ def edit_optimize(
 
     Loss per edit: CLIP cosine distance to its text + ``l2_weight`` * ||w - w_src||^2 (+ the
     identity loss to the source render when given). Larger ``l2_weight`` keeps the result
-    closer to the source (weaker edit); smaller lets it move further. ``pad``: as for
+    closer to the source (weaker edit); smaller lets it move further; one per edit, or one for
+    all. ``pad``: as for
     :func:`engine.invert.invert` (copies of the last edit up to ``batch_bucket(B)``; CUDA default).
     """
     if source.ndim != 3 or source.shape[1:] != (G.num_ws, G.w_dim):
@@ -65,8 +88,9 @@ def edit_optimize(
     src = source.to(device, torch.float32)
     texts = F.normalize(text_embeddings.to(device, torch.float32), dim=-1)
     b = src.shape[0]
+    l2 = torch.as_tensor(l2_weight, dtype=torch.float32).to(device).expand(b).contiguous()  # [B]
     n = padded_size(b, device, pad)
-    src, texts = pad_rows(src, n), pad_rows(texts, n)
+    src, texts, l2 = pad_rows(src, n), pad_rows(texts, n), pad_rows(l2, n)
     ws = src.clone().requires_grad_(True)
     identity_to = None
     if identity is not None:
@@ -78,7 +102,7 @@ def edit_optimize(
         images = G.synthesis(ws, noise_mode=noise_mode)
         clip_loss = 1.0 - (encode(images) * texts).sum(-1)  # [B]
         last["clip"] = clip_loss.detach()
-        loss = clip_loss + l2_weight * (ws - src).square().sum(dim=[1, 2])
+        loss = clip_loss + l2 * (ws - src).square().sum(dim=[1, 2])
         if identity_to is not None:
             loss = loss + identity_weight * identity_to(images)
         return loss

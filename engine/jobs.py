@@ -24,8 +24,14 @@ from PIL import Image
 
 from engine.align import AlignedFace, Alignment, FaceDetector, align_face, load_photo
 from engine.clip_model import ClipModel, load_clip
-from engine.directions import load_or_build_table, text_to_style_delta
-from engine.edit import edit_optimize, render_global_edit
+from engine.directions import ChannelTable, TableKeeper, text_to_style_delta
+from engine.edit import (
+    GLOBAL_STRENGTH,
+    OPTIMIZE_STRENGTH,
+    edit_optimize,
+    optimize_l2_weight,
+    render_global_edit,
+)
 from engine.errors import EngineError
 from engine.identity import load_identity
 from engine.images import map_in_threads, pil_to_tensor, tensor_to_pil
@@ -121,7 +127,7 @@ class Engine:
     def __init__(
         self, *, model: str = "auto", device: torch.device | str = "cpu", home: Path | None = None,
         invert_steps: int = 300, edit_steps: int = 100, compile: bool = True, clip: str = "auto",
-        table_samples: int = 32,
+        table_samples: int = 32, build_table_when_idle: bool = True,
     ) -> None:
         self.loaded: LoadedGenerator = load_generator(model, device=device, home=home)
         self.device = self.loaded.G.w_avg.device
@@ -134,6 +140,8 @@ class Engine:
         self._clip_name = clip
         self._clip: ClipModel | None = None
         self.table_samples = table_samples
+        self.build_table_when_idle = build_table_when_idle
+        self._keeper: TableKeeper | None = None
 
     @property
     def model_id(self) -> str:
@@ -163,6 +171,24 @@ class Engine:
         if self._clip is None:  # loaded on first edit: invert-only workers never pay for it
             self._clip = load_clip(self._clip_name, device=self.device, home=self.home)
         return self._clip
+
+    @property
+    def table(self) -> TableKeeper:
+        """The global-direction table for (this generator, this CLIP)."""
+        if self._keeper is None:
+            self._keeper = TableKeeper(self.loaded.G, self.clip.encode_images,
+                                       model_hash=self.loaded.content_hash, clip_key=self.clip.model_key,
+                                       home=self._home(), samples=self.table_samples)
+        return self._keeper
+
+    def idle_work(self) -> bool:
+        """Between jobs: one chunk of a missing direction table (a job waits for one chunk at
+        most). False when there is nothing to do, so the caller may wait for jobs."""
+        return self.build_table_when_idle and self.table.build_step()
+
+    def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.close()
 
     def _labels(self) -> dict[str, Any]:
         return {"model_label": self.loaded.label, "is_demo": self.loaded.is_demo}
@@ -218,8 +244,7 @@ class Engine:
                 outcomes[job.job_id] = JobOutcome.failed(job.job_id, exc)
         if ready:
             targets = torch.cat([pil_to_tensor(face.image) for _, face in ready])
-            steps = int(ready[0][0].payload.get("steps") or self.invert_steps)
-            res = invert(G, targets.to(self.device), perceptual=self.perceptual, steps=steps,
+            res = invert(G, targets.to(self.device), perceptual=self.perceptual, steps=self.invert_steps,
                          identity=self.identity, compile=self.compile, progress=progress)
 
             def outcome(i: int) -> JobOutcome:
@@ -244,13 +269,19 @@ class Engine:
     # --- edit: text -> edited face, pasted back -------------------------------------------
 
     def _edit(self, inputs: Sequence[JobInput], progress: ProgressFn) -> list[JobOutcome]:
+        """Global-direction edits while the table is ready, else (and for "optimize" jobs) the
+        optimisation method, each job at its own strength."""
         outcomes: dict[str, JobOutcome] = {}
-        optimize = [j for j in inputs if j.payload.get("method") == "optimize"]
+        table = self.table.ready() if any(self._is_global(j) for j in inputs) else None
+        optimize: list[tuple[JobInput, float]] = []
         for job in inputs:
-            if job in optimize:
-                continue
             try:
-                outcomes[job.job_id] = self._edit_global(job)
+                if not self._is_global(job):
+                    optimize.append((job, float(job.payload.get("strength", OPTIMIZE_STRENGTH))))
+                elif table is not None:
+                    outcomes[job.job_id] = self._edit_global(job, table)
+                else:
+                    optimize.append((job, self._fallback_strength(job)))
             except EngineError as exc:
                 outcomes[job.job_id] = JobOutcome.failed(job.job_id, exc)
         if optimize:
@@ -258,40 +289,55 @@ class Engine:
         progress(1, 1, {})
         return [outcomes[job.job_id] for job in inputs]
 
-    def _edit_global(self, job: JobInput) -> JobOutcome:
+    @staticmethod
+    def _is_global(job: JobInput) -> bool:
+        return job.payload.get("method") != "optimize"
+
+    @staticmethod
+    def _fallback_strength(job: JobInput) -> float:
+        """The optimisation strength standing in for a global edit's (its default maps to 1)."""
+        strength = float(job.payload.get("strength", GLOBAL_STRENGTH))
+        if strength < 0:
+            raise EngineError("reversed edits (a negative strength) need the fast edits, which are "
+                              "still being prepared; please try again later")
+        return max(0.1, strength / GLOBAL_STRENGTH)
+
+    def _edit_global(self, job: JobInput, table: ChannelTable) -> JobOutcome:
         ws = self._latent(job, "face")[None]
-        table, _ = load_or_build_table(
-            self.loaded.G, self.clip.encode_images, model_hash=self.loaded.content_hash,
-            clip_key=self.clip.model_key, home=self._home(), samples=self.table_samples)
         text = str(job.payload["text"])
         direction = self.clip.text_direction(text, str(job.payload.get("neutral") or self._neutral()))
         delta, kept = text_to_style_delta(table, direction, beta=float(job.payload.get("beta", 0.1)))
-        strength = float(job.payload.get("strength", 4.0))
+        strength = float(job.payload.get("strength", GLOBAL_STRENGTH))
         before = render_global_edit(self.loaded.G, ws, delta, strength=0.0)
         after = render_global_edit(self.loaded.G, ws, delta, strength=strength)
-        return self._edit_outcome(job, before[0], after[0], {"channels": kept, "strength": strength})
+        return self._edit_outcome(job, before[0], after[0],
+                                  {"method": "global", "channels": kept, "strength": strength})
 
-    def _edit_optimize(self, jobs: Sequence[JobInput], progress: ProgressFn) -> dict[str, JobOutcome]:
+    def _edit_optimize(self, jobs: Sequence[tuple[JobInput, float]],
+                       progress: ProgressFn) -> dict[str, JobOutcome]:
         good, outcomes = [], {}
-        for job in jobs:
+        for job, strength in jobs:
             try:
-                good.append((job, self._latent(job, "face")))
+                good.append((job, self._latent(job, "face"), optimize_l2_weight(strength)))
             except EngineError as exc:
                 outcomes[job.job_id] = JobOutcome.failed(job.job_id, exc)
         if not good:
             return outcomes
-        source = torch.stack([ws for _, ws in good])
-        texts = torch.stack([self.clip.text_embedding(str(j.payload["text"])) for j, _ in good])
-        strength = max(0.1, float(good[0][0].payload.get("strength", 1.0)))
+        source = torch.stack([ws for _, ws, _ in good])
+        texts = torch.stack([self.clip.text_embedding(str(j.payload["text"])) for j, _, _ in good])
         res = edit_optimize(self.loaded.G, source, texts, encode=self.clip.encode_images,
-                            steps=self.edit_steps, l2_weight=0.008 / strength,
+                            steps=self.edit_steps, l2_weight=[l2 for _, _, l2 in good],
                             identity=self.identity, progress=progress)
         with torch.no_grad():
             before = self.loaded.G.synthesis(source).clamp(-1, 1)
+        building = self.table.progress
 
         def outcome(i: int) -> JobOutcome:
-            return self._edit_outcome(good[i][0], before[i], res.images[i].to(self.device),
-                                      {"steps": self.edit_steps})
+            job = good[i][0]
+            info: dict[str, Any] = {"method": "optimize", "steps": self.edit_steps}
+            if self._is_global(job):  # asked for a fast edit: say why it was not one
+                info["table_progress"] = building
+            return self._edit_outcome(job, before[i], res.images[i].to(self.device), info)
 
         done = map_in_threads(outcome, range(len(good)), max_threads=_RESULT_THREADS)
         outcomes.update((o.job_id, o) for o in done)

@@ -68,6 +68,7 @@ class Worker:
         log.info("engine worker %s ready (%s)", self.settings.worker_id, self.engine.loaded.label)
         await self._recover()
         next_sweep = next_media_sweep = next_resend = 0.0
+        idle_work = True  # the engine may have work of its own for idle time (a table to build)
         while not stop.is_set():
             if time.monotonic() >= next_sweep:  # leases expire on the lease_s scale, not per poll
                 await self._requeue_expired()
@@ -78,16 +79,28 @@ class Worker:
             jobs = await self.queue.take(
                 worker=self.settings.worker_id, kinds=JOB_KINDS, limit=self.settings.batch_size,
                 lease_s=self.settings.lease_s, gather_s=self.settings.batch_wait_ms / 1000,
-                wait_s=self.settings.poll_s)
+                wait_s=0.0 if idle_work else self.settings.poll_s)
             if jobs:
                 await self._run_batch(jobs)
-            elif time.monotonic() >= next_resend:  # idle: jobs nobody told us about?
+                idle_work = True
+                continue
+            if time.monotonic() >= next_resend:  # idle: jobs nobody told us about?
                 resent = await self.queue.resend_waiting(older_than_s=self.settings.resend_after_s)
                 if resent:
                     log.info("resent %d waiting job(s) to the queue", resent)
                 next_resend = time.monotonic() + self.settings.resend_after_s
+            if idle_work:  # one chunk, then the queue is looked at again
+                idle_work = await self._idle_work()
         async with self.sessions.begin() as s:
             await repo.release_jobs(s, worker=self.settings.worker_id)
+        self.engine.close()
+
+    async def _idle_work(self) -> bool:
+        try:
+            return await asyncio.to_thread(self.engine.idle_work)
+        except Exception:  # idle work must never stop the worker serving jobs
+            log.exception("idle work failed; it is not retried until after the next job")
+            return False
 
     async def _recover(self) -> None:
         """Jobs this worker id still holds were left by its previous process (it was killed)."""
@@ -261,7 +274,7 @@ class _ProgressRelay:
 async def serve(
     *, storage_url: str, media_dir: str, model: str, device: str, batch_size: int,
     batch_wait_ms: int, invert_steps: int, edit_steps: int, clip: str, compile: bool,
-    direction_samples: int = 32, worker_id: str | None = None,
+    direction_samples: int = 32, build_directions: bool = True, worker_id: str | None = None,
     lease_s: float = 15.0, queue: str = "local", redis_url: str = "", redeliver_after_s: float = 60.0,
     stop: asyncio.Event | None = None,
 ) -> None:
@@ -288,7 +301,8 @@ async def serve(
                               redeliver_after_s=redeliver_after_s) as jobs:
             engine = await asyncio.to_thread(Engine, model=model, device=dev, invert_steps=invert_steps,
                                              edit_steps=edit_steps, compile=compile, clip=clip,
-                                             table_samples=direction_samples)
+                                             table_samples=direction_samples,
+                                             build_table_when_idle=build_directions)
             warmed = await asyncio.to_thread(engine.warm_up, batch_size)
             if warmed:
                 log.info("warmed up batch sizes %s", warmed)

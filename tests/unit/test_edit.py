@@ -129,18 +129,50 @@ def test_large_l2_weight_keeps_the_latent_close(G: Generator, clip_model: ClipMo
     assert dist_tied < 0.25 * dist_free, (dist_tied, dist_free)
 
 
-def test_resumed_build_reuses_finished_layers(
+def test_an_interrupted_build_resumes_after_its_last_saved_chunk(
     G: Generator, clip_model: ClipModel, tmp_path: Path
 ) -> None:
-    from engine.directions import build_channel_table
+    from engine.directions import TableBuild, build_channel_table
 
+    whole = build_channel_table(G, clip_model.encode_images, model_hash="m", clip_key="c", samples=1)
     work = tmp_path / "work"
-    first = build_channel_table(G, clip_model.encode_images, model_hash="m", clip_key="c",
-                                samples=1, work_dir=work)
-    (work / f"{first.layers[-1]}.npy").unlink()  # as if interrupted during the last layer
-    resumed: list[bool] = []
-    again = build_channel_table(G, clip_model.encode_images, model_hash="m", clip_key="c",
-                                samples=1, work_dir=work,
-                                progress=lambda s, t, i: resumed.append(bool(i.get("resumed"))))
-    assert sum(resumed) == len(first.layers) - 1
-    assert torch.allclose(again.directions, first.directions, atol=1e-5)
+
+    def build() -> TableBuild:  # 32 channels a chunk: 64 images of one sample, minus and plus
+        return TableBuild(G, clip_model.encode_images, model_hash="m", clip_key="c", samples=1,
+                          batch_size=64, work_dir=work)
+
+    first = build()
+    while first.done < first.sizes[0] + 64:  # the first layer and two chunks of the second
+        first.step()
+    assert (work / f"{first.layers[0]}.npy").exists()  # a finished layer's chunks are merged
+    resumed = build()  # another process, later
+    assert resumed.done == first.sizes[0] + 64 and resumed.layer == first.layers[1]
+    steps = 0
+    while not resumed.finished:
+        resumed.step()
+        steps += 1
+    left = [resumed.sizes[1] - 64, *resumed.sizes[2:]]
+    assert steps == sum(-(-size // 32) for size in left)  # nothing measured twice
+    assert torch.allclose(resumed.table().directions, whole.directions, atol=1e-5)
+
+
+def test_one_process_builds_a_table_while_others_wait_for_it(
+    G: Generator, clip_model: ClipModel, tmp_path: Path
+) -> None:
+    from engine.directions import TableKeeper
+
+    def keeper() -> TableKeeper:
+        return TableKeeper(G, clip_model.encode_images, model_hash="m" * 16, clip_key="c",
+                           home=tmp_path, samples=1)
+
+    builder, other = keeper(), keeper()
+    assert builder.build_step() and builder.progress == 0.0
+    assert not other.build_step() and other.ready() is None  # the lock is held: nothing to do
+    with pytest.raises(EngineError, match="another process is building"):
+        load_or_build_table(G, clip_model.encode_images, model_hash="m" * 16, clip_key="c",
+                            home=tmp_path, samples=1)
+    while builder.build_step():
+        pass
+    table = other.ready()
+    assert table is not None and torch.equal(table.directions, builder.ready().directions)
+    assert not list(tmp_path.glob("directions/*.partial"))  # the chunks are gone once it is saved

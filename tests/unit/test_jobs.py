@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from engine.align import align_face, load_photo
+from engine.images import tensor_to_pil
 from engine.jobs import Engine, JobInput, JobOutcome, _jpeg, split_on_failure
 from engine.progress import ProgressFn, no_progress
 
@@ -73,3 +74,67 @@ def test_each_selfie_in_a_batch_gets_its_own_results_back(astronaut: Image.Image
         recon = np.asarray(Image.open(io.BytesIO(o.files["reconstruction_key"][0]))).astype(np.float64)
         mse = np.mean(((recon - own.astype(np.float64)) / 127.5) ** 2)
         assert abs(10 * np.log10(4 / mse) - o.result["psnr"]) < 0.5  # PSNR on [-1, 1] images
+        # The latent stored for this user is the one that rendered their reconstruction.
+        assert o.face is not None
+        with torch.no_grad():
+            latent = torch.from_numpy(o.face.latent)[None]
+            render = np.asarray(tensor_to_pil(engine.loaded.G.synthesis(latent)[0])).astype(np.float64)
+        assert np.abs(render - recon).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def edit_engine() -> Engine:
+    return Engine(model="demo", device="cpu", edit_steps=8, clip="demo", table_samples=1)
+
+
+def _edit_job(job_id: str, latent: np.ndarray, **payload: object) -> JobInput:
+    return JobInput(job_id=job_id, kind="edit", payload={"text": "smiling face", **payload},
+                    latents={"face": latent})
+
+
+def _face_png(outcome: JobOutcome) -> np.ndarray:
+    assert outcome.error is None, outcome.error
+    return np.asarray(Image.open(io.BytesIO(outcome.files["face_key"][0]))).astype(np.float64)
+
+
+def _latent(engine: Engine, seed: int) -> np.ndarray:
+    G = engine.loaded.G
+    with torch.no_grad():
+        z = torch.randn(1, G.cfg.z_dim, generator=torch.Generator().manual_seed(seed))
+        return G.mapping(z, truncation_psi=0.7)[0].numpy()
+
+
+def test_batched_optimisation_edits_each_keep_their_own_strength(edit_engine: Engine) -> None:
+    """One user's strength never changes another's result: each edit of a batch comes out as it
+    does alone."""
+    face = _latent(edit_engine, 1)
+    weak = _edit_job("weak", face, method="optimize", strength=0.2)
+    strong = _edit_job("strong", face, method="optimize", strength=8.0)
+    together = edit_engine.run_batch("edit", [weak, strong])
+    alone = [edit_engine.run_batch("edit", [job])[0] for job in (weak, strong)]
+    for batched, single in zip(together, alone, strict=True):
+        assert np.abs(_face_png(batched) - _face_png(single)).max() <= 2
+    assert np.abs(_face_png(together[0]) - _face_png(together[1])).mean() > 1
+
+
+def test_edits_use_the_optimisation_until_the_table_is_built_between_jobs(
+    edit_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    face = _latent(edit_engine, 2)
+    (first,) = edit_engine.run_batch("edit", [_edit_job("e1", face, strength=4.0)])
+    assert first.error is None and first.result["method"] == "optimize"
+    assert first.result["table_progress"] is None  # not started yet
+    (reversed_,) = edit_engine.run_batch("edit", [_edit_job("e2", face, strength=-3.0)])
+    assert reversed_.error is not None and "negative strength" in reversed_.error
+    caplog.set_level("INFO", logger="stylebot.engine")
+    chunks = 0
+    while edit_engine.idle_work():
+        chunks += 1
+        if chunks == 2:  # part-way: an edit now says how far the table is
+            (mid,) = edit_engine.run_batch("edit", [_edit_job("e3", face)])
+            assert 0 < mid.result["table_progress"] < 1
+    assert chunks > 2 and edit_engine.table.ready() is not None
+    assert "direction table ready" in caplog.text and "direction table for fast edits: 50%" in caplog.text
+    (fast,) = edit_engine.run_batch("edit", [_edit_job("e4", face, strength=-3.0)])
+    assert fast.error is None and fast.result["method"] == "global" and "table_progress" not in fast.result
+    assert not edit_engine.idle_work()  # nothing left to do between jobs

@@ -175,3 +175,49 @@ async def test_morph_edit_and_refusals(
         engine.wait(timeout=60)
     kinds = {m.kind for r in inbox.finals() for m in r.media}
     assert "video" in kinds and "photo" in kinds
+
+
+async def test_while_the_direction_table_builds_nobody_waits_for_it(
+    world: tuple[Config, Path, Service, Inbox], astronaut: Image.Image, tmp_path: Path
+) -> None:
+    """A fresh install: the engine builds the fast-edit table between jobs. The first /edit is
+    answered by the optimisation method at once, saying so, and a selfie sent meanwhile waits
+    for one chunk of the build at most."""
+    config, path, service, inbox = world
+    path.write_text(CONFIG.format(steps=20))
+    log = tmp_path / "engine.log"
+    home = tmp_path / "home"
+    env = {**os.environ, "STYLEBOT_HOME": str(home), "PYTHONWARNINGS": "ignore"}
+    with log.open("wb") as out:
+        engine = subprocess.Popen([sys.executable, "-m", "bot", "engine", "--config", str(path),
+                                   "--worker-id", "test-worker"], env=env, stderr=out)
+    try:
+        await service.handle(Selfie(origin=_origin("ann"), photo=_selfie_bytes(astronaut, 0)))
+        await _wait_for(service, inbox, 1, timeout=180)
+        for _ in range(300):  # the engine is idle now: it starts on the table
+            if "building the direction table" in log.read_text():
+                break
+            await asyncio.sleep(0.2)
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        await service.handle(Edit(origin=_origin("ann"), text="smiling face"))
+        await _wait_for(service, inbox, 2, timeout=90)
+        assert loop.time() - sent < 90
+        edit = inbox.finals()[-1]
+        assert "Fast edits are still being prepared" in edit.text and "% done" in edit.text
+        await asyncio.sleep(2)  # the engine is back to building
+        await service.handle(Selfie(origin=_origin("bob"), photo=_selfie_bytes(astronaut, 5)))
+        await _wait_for(service, inbox, 3, timeout=180)
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        engine.wait(timeout=60)
+    async with service.sessions() as s:
+        jobs = (await s.execute(select(Job).order_by(Job.created_at))).scalars().all()
+    assert [j.kind for j in jobs] == ["invert", "edit", "invert"]
+    assert all(j.status == "done" for j in jobs)
+    assert jobs[1].result is not None and jobs[1].result["method"] == "optimize"
+    for job in jobs[1:]:  # claimed within one chunk of the build (plus the batch wait and a poll)
+        assert job.started_at is not None
+        assert (job.started_at - job.created_at).total_seconds() < 5
+    assert not list(home.glob("directions/*.safetensors"))  # the table was still being built
+    assert list(home.glob("directions/*.partial/*.npy"))  # ... and its chunks are saved

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import statistics
 from collections.abc import Iterator
@@ -34,16 +35,22 @@ def _blur_pooled(x: torch.Tensor, f: torch.Tensor, *, pad: tuple[int, int], gain
     return x * gain
 
 
+@functools.cache
+def _fir_filter(device: torch.device) -> torch.Tensor:
+    """One filter per device, made before any CUDA graph capture (which forbids host copies)."""
+    return stylegan2._fir_filter(device)
+
+
 def _conv_up_then_blur(x: torch.Tensor, weight: torch.Tensor, *, groups: int) -> torch.Tensor:
     """``engine.stylegan2._conv_up_folded``'s signature, unfolded: transposed conv, then the blur."""
-    return stylegan2._conv_up(x, weight, stylegan2._fir_filter(x.device), groups=groups)
+    return stylegan2._conv_up(x, weight, _fir_filter(x.device), groups=groups)
 
 
 def _conv_up_folded_depthwise(x: torch.Tensor, weight: torch.Tensor, *, groups: int) -> torch.Tensor:
     """``engine.stylegan2._conv_up_folded`` as it was until 2026-11-29: the kernel blurred by a
     depthwise conv over its O x I channels."""
     n, o, k, _ = weight.shape
-    f = stylegan2._fir_filter(x.device)
+    f = _fir_filter(x.device)
     folded = stylegan2._blur(weight.reshape(1, n * o, k, k), f, pad=(3, 3), gain=4.0)
     return F.conv_transpose2d(x, folded.reshape(n, o, k + 3, k + 3), stride=2, padding=2, groups=groups)
 
@@ -92,7 +99,7 @@ VARIANTS: list[tuple[str, dict[str, Any], int, dict[str, Any]]] = [
      {"steps": 300, "compile": True}, 8, {"_conv_up_folded": _conv_up_folded_depthwise}),
     ("300 steps, eager, no CUDA graph", {"steps": 300, "graph": False}, 1, {}),
     ("300 steps, eager, no CUDA graph, skip image upsampled in polyphase form (2026-11-29 to 30)",
-     {"steps": 300, "graph": False}, 1, {"_upsample2x": stylegan2._upsample2x_polyphase}),
+     {"steps": 300, "graph": False}, 1, {"_upsample2x": lambda x, f: stylegan2._upsample2x_polyphase(x)}),
     ("300 steps, lr 0.1 (the default before lr 0.2)", {"steps": 300, "lr": 0.1}, 1, {}),
     ("400 steps", {"steps": 400}, 1, {}),
 ]

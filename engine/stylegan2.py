@@ -114,21 +114,23 @@ def _blur(x: torch.Tensor, f: torch.Tensor, *, pad: tuple[int, int], gain: float
     return F.conv2d(x, w, groups=c)
 
 
-def _upsample2x(x: torch.Tensor) -> torch.Tensor:
-    """upfirdn2d.upsample2d with the FIR filter (gain 4), [B,C,H,W] -> 2x, for the 3-channel skip
-    images. Eager on a GPU, where each kernel launch costs more than its work: zero-insertion then
-    the filter as a depthwise conv (two launches); compiled or on the CPU: ``_upsample2x_polyphase``
-    (elementwise, fused when compiled; 10x faster on the CPU; 7% slower per eager GPU step)."""
+def _upsample2x(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """upfirdn2d.upsample2d with the FIR filter ``f`` (gain 4), [B,C,H,W] -> 2x, for the 3-channel
+    skip images. Eager on a GPU, where each kernel launch costs more than its work: zero-insertion
+    then the filter as a depthwise conv (two launches); compiled or on the CPU:
+    ``_upsample2x_polyphase`` (elementwise, fused when compiled; faster on the CPU, slower per
+    eager GPU step: BENCHMARKS.md). ``f`` is a buffer on x's device: no tensor may be created from
+    host data here, inside a CUDA graph's capture."""
     if not x.is_cuda or torch.compiler.is_compiling():
         return _upsample2x_polyphase(x)
-    return _upsample2x_zero_insert(x)
+    return _upsample2x_zero_insert(x, f)
 
 
-def _upsample2x_zero_insert(x: torch.Tensor) -> torch.Tensor:
+def _upsample2x_zero_insert(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """``_upsample2x`` as upfirdn2d computes it: zeros between the pixels, then the filter."""
     b, c, h, w = x.shape
     x = F.pad(x.reshape(b, c, h, 1, w, 1), [0, 1, 0, 0, 0, 1]).reshape(b, c, h * 2, w * 2)
-    return _blur(x, _fir_filter(x.device), pad=(2, 1), gain=4.0)
+    return _blur(x, f, pad=(2, 1), gain=4.0)
 
 
 def _upsample2x_polyphase(x: torch.Tensor) -> torch.Tensor:
@@ -357,12 +359,15 @@ class SynthesisBlock(nn.Module):
 
 
 class SynthesisNetwork(nn.Module):
+    skip_filter: torch.Tensor
+
     def __init__(self, cfg: GeneratorConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.block_resolutions = cfg.block_resolutions
         for res in self.block_resolutions:
             setattr(self, f"b{res}", SynthesisBlock(cfg, res))
+        self.register_buffer("skip_filter", _fir_filter(), persistent=False)  # [4, 4]
         # Which ws index feeds each layer (NVIDIA's w_idx bookkeeping).
         self.layer_ws: dict[str, int] = {}
         w_idx = 0
@@ -414,7 +419,7 @@ class SynthesisNetwork(nn.Module):
             block: SynthesisBlock = getattr(self, block_name)
             if kind == "torgb":
                 if img is not None:
-                    img = _upsample2x(img)
+                    img = _upsample2x(img, self.skip_filter)
                 assert x is not None
                 y = block.torgb(x, styles[name])
                 img = y if img is None else img + y

@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -141,30 +142,81 @@ class Engine:
         self._clip: ClipModel | None = None
         self.table_samples = table_samples
         self.build_table_when_idle = build_table_when_idle
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        """What the engine learns while it runs (subclasses that load differently call this)."""
         self._keeper: TableKeeper | None = None
+        self._eager_ready: set[int] = set()  # batch sizes warmed up uncompiled
+        self._compiled: set[int] = set()  # ... and compiled
+        self._warming: threading.Thread | None = None
+        self._stopping = False
 
     @property
     def model_id(self) -> str:
         return self.loaded.model_id
 
-    def warm_up(self, batch_size: int) -> list[int]:
-        """On a GPU, run a few inversion steps at every batch size a batch of up to ``batch_size``
-        is padded to (``batch_bucket``), so that no user's selfie waits for cuDNN to autotune a
-        new shape (about 20 s each at 1024 px) or for the step to compile (2-3 minutes each). Edits
-        warm up on first use. The sizes warmed."""
+    def warm_up(self, batch_size: int) -> None:
+        """On a GPU, before the worker takes jobs: a few uncompiled inversion steps at batch size 1
+        (cuDNN tunes its kernels for every new shape; no user waits for that). Then, in a
+        background thread while jobs are served, the same for every other size a batch of up to
+        ``batch_size`` is padded to (``batch_bucket``), then each size compiled (minutes each: the
+        step runs uncompiled until its size is ready). :meth:`ready_batch_size` says how many
+        jobs a batch may take meanwhile. Edits tune themselves on first use."""
         if self.device.type != "cuda":
-            return []
-        G = self.loaded.G
+            return
         sizes = sorted({batch_bucket(n) for n in range(1, batch_size + 1)})
+        self._warm(1, compile=False)
+        self._eager_ready.add(1)
+        if len(sizes) > 1 or self.compile:
+            self._warming = threading.Thread(target=self._warm_in_background, args=(sizes,),
+                                             name="warm-up", daemon=True)
+            self._warming.start()
+
+    def ready_batch_size(self, limit: int) -> int:
+        """The most jobs one batch may take now: ``limit``, or while sizes are still warming up
+        on a GPU the largest size warmed so far."""
+        if self.device.type != "cuda":
+            return limit
+        return max((n for n in self._eager_ready if n <= limit), default=1)
+
+    def wait_for_warm_up(self, timeout: float | None = None) -> bool:
+        """Block until the background warm-up has finished; True if it has."""
+        if self._warming is not None:
+            self._warming.join(timeout)
+            return not self._warming.is_alive()
+        return True
+
+    def _warm_in_background(self, sizes: list[int]) -> None:
+        start = time.perf_counter()
+        try:
+            for n in sizes:
+                if n not in self._eager_ready:
+                    self._warm(n, compile=False)
+                    self._eager_ready.add(n)
+            if self.compile:
+                for n in sizes:
+                    self._warm(n, compile=True)
+                    self._compiled.add(n)
+        except Exception:  # serving goes on with the sizes that are ready
+            log.exception("warm-up stopped; jobs are served at the sizes already warmed")
+            return
+        log.info("warm-up finished in %.0f s: batch sizes %s%s", time.perf_counter() - start,
+                 sizes, ", compiled" if self.compile else "")
+
+    def _warm(self, n: int, *, compile: bool) -> None:
+        """Eager steps, the graph's capture, a replay (targets contiguous like real ones)."""
+        if self._stopping:
+            raise EngineError("the engine is stopping")
+        G = self.loaded.G
+        log.info("warming up batch size %d%s", n, " compiled (2-3 minutes)" if compile else "")
+        start = time.perf_counter()
         with torch.no_grad():
             target = G.synthesis(G.w_avg.reshape(1, 1, -1).repeat(1, G.num_ws, 1)).clamp(-1, 1)
-        for n in sizes:  # eager steps, the graph's capture, a replay; contiguous like real targets
-            log.info("warming up batch size %d%s", n, " (compiling: 2-3 minutes)" if self.compile else "")
-            start = time.perf_counter()
-            invert(G, target.repeat(n, 1, 1, 1), perceptual=self.perceptual, identity=self.identity,
-                   steps=5, compile=self.compile)
-            log.info("batch size %d ready in %.0f s", n, time.perf_counter() - start)
-        return sizes
+        invert(G, target.repeat(n, 1, 1, 1), perceptual=self.perceptual, identity=self.identity,
+               steps=5, compile=compile)
+        log.info("batch size %d ready%s in %.0f s", n, " compiled" if compile else "",
+                 time.perf_counter() - start)
 
     @property
     def clip(self) -> ClipModel:
@@ -187,6 +239,7 @@ class Engine:
         return self.build_table_when_idle and self.table.build_step()
 
     def close(self) -> None:
+        self._stopping = True  # the background warm-up stops before its next size
         if self._keeper is not None:
             self._keeper.close()
 
@@ -244,8 +297,9 @@ class Engine:
                 outcomes[job.job_id] = JobOutcome.failed(job.job_id, exc)
         if ready:
             targets = torch.cat([pil_to_tensor(face.image) for _, face in ready])
+            compiled = batch_bucket(len(ready)) in self._compiled  # else it would compile now
             res = invert(G, targets.to(self.device), perceptual=self.perceptual, steps=self.invert_steps,
-                         identity=self.identity, compile=self.compile, progress=progress)
+                         identity=self.identity, compile=self.compile and compiled, progress=progress)
 
             def outcome(i: int) -> JobOutcome:
                 job, face = ready[i]

@@ -27,6 +27,17 @@ log = logging.getLogger("stylebot.engine")
 _compile_failed = False  # torch.compile failed once in this process: later steps are not compiled
 
 
+_RECOMPILE_LIMIT = 64
+
+
+def _allow_recompiles() -> None:
+    """Each padded batch size compiles graphs of its own for the same step function. Past
+    dynamo's default limit (8 per function: the fifth batch size, seen on an H200) it would
+    silently run the step uncompiled."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
+
+
 def batch_bucket(n: int) -> int:
     """The batch size a batch of ``n`` runs at on a GPU: the next power of two.
 
@@ -88,6 +99,8 @@ def adam_steps(
     device = params[0].device
     use_graph = (device.type == "cuda") if graph is None else graph
     use_graph = use_graph and steps > _WARMUP + 1
+    if compile:
+        _allow_recompiles()
     step_fn = torch.compile(loss_fn, dynamic=False) if compile and not _compile_failed else loss_fn
     lr_now = torch.tensor(lr_at(0, steps, lr=lr, rampup=rampup), device=device)
     opt = torch.optim.Adam(params, lr=lr_now if use_graph else float(lr_now), capturable=use_graph)
@@ -142,7 +155,9 @@ def adam_steps(
         g = torch.cuda.CUDAGraph()
         lr_now.fill_(lr_at(_WARMUP, steps, lr=lr, rampup=rampup))
         opt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(g):
+        # thread_local: another thread may use the GPU meanwhile (a worker compiles the next batch
+        # size in the background while it serves).
+        with torch.cuda.graph(g, capture_error_mode="thread_local"):
             loss = one_step()  # captured, not run: the first replay below is step _WARMUP
         for step in range(_WARMUP, steps):
             lr_now.fill_(lr_at(step, steps, lr=lr, rampup=rampup))

@@ -77,7 +77,8 @@ class Worker:
                 await self._sweep_media()
                 next_media_sweep = time.monotonic() + self.settings.media_sweep_s
             jobs = await self.queue.take(
-                worker=self.settings.worker_id, kinds=JOB_KINDS, limit=self.settings.batch_size,
+                worker=self.settings.worker_id, kinds=JOB_KINDS,
+                limit=self.engine.ready_batch_size(self.settings.batch_size),
                 lease_s=self.settings.lease_s, gather_s=self.settings.batch_wait_ms / 1000,
                 wait_s=0.0 if idle_work else self.settings.poll_s)
             if jobs:
@@ -303,9 +304,7 @@ async def serve(
                                              edit_steps=edit_steps, compile=compile, clip=clip,
                                              table_samples=direction_samples,
                                              build_table_when_idle=build_directions)
-            warmed = await asyncio.to_thread(engine.warm_up, batch_size)
-            if warmed:
-                log.info("warmed up batch sizes %s", warmed)
+            await asyncio.to_thread(engine.warm_up, batch_size)
             worker = Worker(engine, sessions=sessions, queue=jobs, media=MediaStore(Path(media_dir)),
                             settings=settings)
             await worker.run(stop)

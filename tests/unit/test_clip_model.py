@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import copy
 import os
 import pickle
 import warnings
@@ -18,6 +17,7 @@ import skimage.data
 import torch
 import torch.nn.functional as F
 
+from bench.stand_ins import save_clip_torchscript
 from engine import weights
 
 # clip comes from engine.clip_model, which imports it with the pkg_resources deprecation warning
@@ -56,34 +56,13 @@ def _same_embeddings(a: ClipModel, b: ClipModel, *, atol: float = 1e-5) -> None:
     torch.testing.assert_close(a.encode_text(texts), b.encode_text(texts), atol=atol, rtol=0)
 
 
-def _save_torchscript(model: torch.nn.Module, path: Path, *, half: bool = False) -> None:
-    """Trace a CLIP into a real TorchScript archive laid out like OpenAI's released files.
-
-    We trace the CLIP module itself (its forward(image, text)), so the archive's module tree
-    and parameter names are CLIP's own (visual.conv1.weight, ...). Like OpenAI's files it also
-    carries input_resolution / context_length / vocab_size as buffers; ``half`` stores the
-    weights as float16, as ViT-B-32.pt does.
-    """
-    net = copy.deepcopy(model)
-    del net.context_length, net.vocab_size  # plain ints on clip's CLIP; buffers in OpenAI's files
-    for name, value in (("input_resolution", 64), ("context_length", 77), ("vocab_size", 49408)):
-        net.register_buffer(name, torch.tensor(value))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"`torch\.jit\.trace(_method)?` is deprecated", FutureWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks frozen into the trace
-        traced = torch.jit.trace(net, (torch.zeros(1, 3, 64, 64), clip.tokenize(["a face"])))
-    if half:
-        traced.half()
-    traced.save(str(path))
-
-
 @pytest.fixture(scope="module")
 def torchscript_files(demo: ClipModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The demo CLIP as TorchScript archives: {"float32": path, "float16": path}."""
     folder = tmp_path_factory.mktemp("ts")
     files = {"float32": folder / "tiny-clip-ts.pt", "float16": folder / "tiny-clip-ts-half.pt"}
     for dtype, path in files.items():
-        _save_torchscript(demo.model, path, half=dtype == "float16")
+        save_clip_torchscript(demo.model, path, input_resolution=64, half=dtype == "float16")
     return files
 
 

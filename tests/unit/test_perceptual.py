@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
-from torch import nn
 
+from bench.stand_ins import random_facenet_state, random_vgg16_state
 from engine.errors import CheckpointError
 from engine.identity import IdentityLoss, demo_identity, load_identity
 from engine.perceptual import (
@@ -42,33 +41,11 @@ def _noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _random_vgg16_state(seed: int) -> dict[str, torch.Tensor]:
-    """A torchvision-vgg16-shaped state dict with random trunk weights.
-
-    The model is built on the meta device and only ``features`` is materialised: initialising
-    the 120M-parameter classifier on CPU would cost seconds and the loader ignores it anyway
-    (one small classifier key stays in to show that).
-    """
-    with torch.device("meta"):
-        vgg = torchvision.models.vgg16(weights=None)
-    features = vgg.features.to_empty(device="cpu")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in features:
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=g)
-                assert m.bias is not None
-                m.bias.uniform_(-0.01, 0.01, generator=g)
-    state = features.state_dict(prefix="features.")  # an OrderedDict with _metadata, as published
-    state["classifier.6.bias"] = torch.zeros(1000)
-    return state
-
-
 @pytest.fixture(scope="module")
 def vgg_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("vgg") / VGG_FILE
     # torchvision's vgg16-397923af.pth predates torch 1.6: the legacy (non-zip) serialisation.
-    torch.save(_random_vgg16_state(seed=1), path, _use_new_zipfile_serialization=False)
+    torch.save(random_vgg16_state(seed=1), path, _use_new_zipfile_serialization=False)
     return path
 
 
@@ -242,13 +219,7 @@ def test_load_identity_is_optional(tmp_path: Path) -> None:
 
 
 def test_load_identity_reads_a_facenet_state_dict(tmp_path: Path) -> None:
-    from facenet_pytorch import InceptionResnetV1
-
-    torch.manual_seed(0)
-    state = InceptionResnetV1(pretrained=None, classify=False).state_dict()
-    # The published file carries the VGGFace2 classifier too; it must be dropped.
-    state["logits.weight"] = torch.zeros(8631, 512)
-    state["logits.bias"] = torch.zeros(8631)
+    state = random_facenet_state(seed=0)  # with the VGGFace2 classifier, which must be dropped
     (tmp_path / "weights").mkdir()
     # As facenet-pytorch's 2019 release file: the model's state_dict(), legacy serialisation.
     torch.save(state, tmp_path / "weights" / FACENET_FILE, _use_new_zipfile_serialization=False)

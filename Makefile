@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint soak bench clean browser services
+.PHONY: run test lint soak bench gpu-smoke clean browser services
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,6 +42,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.gpu_check ../shared/fixtures
 	$(BIN)/python -m bench.perf --out bench/results/latest
+
+# GPU smoke: every engine operation on CUDA through the real worker (run on a GPU machine after
+# every engine change; not part of `make test`). OFFICIAL: a clone of NVlabs/stylegan2-ada-pytorch.
+OFFICIAL ?= ../stylegan2-ada-pytorch
+gpu-smoke: $(STAMP)
+	$(BIN)/python -m bench.gpu_smoke --official-code $(OFFICIAL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

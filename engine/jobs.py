@@ -308,7 +308,8 @@ class Engine:
                            "steps": res.steps, "seconds": round(res.seconds, 3)}
                 return JobOutcome(
                     job.job_id,
-                    result={**quality, **self._labels(), "note": face.note, "batch": len(ready)},
+                    result={**quality, **self._labels(), "note": face.note, "batch": len(ready),
+                            "compiled": self.compile and compiled},
                     files={"aligned_key": (_png(face.image), ".png"),
                            "reconstruction_key": (_png(recon), ".png"),
                            "panel_key": (_png(side_by_side([face.image, recon],

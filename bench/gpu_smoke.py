@@ -67,12 +67,14 @@ class Smoke:
 
 
 def _commit() -> str:
+    if commit := os.environ.get("STYLEBOT_COMMIT"):  # the GPU machine's tree may lack our .git
+        return commit
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                              text=True, check=True, cwd=Path(__file__).parent)
         return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):  # the GPU machine gets a tree without .git
-        return os.environ.get("STYLEBOT_COMMIT", "unknown")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _prepare_weights(home: Path, official_code: Path, resolution: int) -> float:

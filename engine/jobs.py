@@ -8,13 +8,14 @@ failing batch is split and retried (also on CUDA out-of-memory).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,12 @@ class Engine:
         self._compiled: set[int] = set()  # ... and compiled
         self._warming: threading.Thread | None = None
         self._stopping = False
+        # One thread at a time on the GPU: a CUDA graph captured while another thread launches
+        # work on the default stream is invalidated (seen on an H200). Jobs go first: the warm-up
+        # takes the GPU for its next size only when no batch is waiting.
+        self._gpu = threading.Condition()
+        self._gpu_busy = False
+        self._batches_waiting = 0
 
     @property
     def model_id(self) -> str:
@@ -161,8 +168,9 @@ class Engine:
         (cuDNN tunes its kernels for every new shape; no user waits for that). Then, in a
         background thread while jobs are served, the same for every other size a batch of up to
         ``batch_size`` is padded to (``batch_bucket``), then each size compiled (minutes each: the
-        step runs uncompiled until its size is ready). :meth:`ready_batch_size` says how many
-        jobs a batch may take meanwhile. Edits tune themselves on first use."""
+        step runs uncompiled until its size is ready). One size is warmed at a time, when no batch
+        waits (a batch that comes meanwhile waits for that size). :meth:`ready_batch_size` says
+        how many jobs a batch may take. Edits tune themselves on first use."""
         if self.device.type != "cuda":
             return
         sizes = sorted({batch_bucket(n) for n in range(1, batch_size + 1)})
@@ -187,16 +195,33 @@ class Engine:
             return not self._warming.is_alive()
         return True
 
+    @contextlib.contextmanager
+    def _on_gpu(self, *, job: bool) -> Iterator[None]:
+        """Hold the GPU; a warm-up step (``job`` False) also waits until no batch is waiting."""
+        with self._gpu:
+            self._batches_waiting += job
+            self._gpu.wait_for(lambda: not self._gpu_busy and (job or not self._batches_waiting))
+            self._batches_waiting -= job
+            self._gpu_busy = True
+        try:
+            yield
+        finally:
+            with self._gpu:
+                self._gpu_busy = False
+                self._gpu.notify_all()
+
     def _warm_in_background(self, sizes: list[int]) -> None:
         start = time.perf_counter()
         try:
             for n in sizes:
                 if n not in self._eager_ready:
-                    self._warm(n, compile=False)
+                    with self._on_gpu(job=False):
+                        self._warm(n, compile=False)
                     self._eager_ready.add(n)
             if self.compile:
                 for n in sizes:
-                    self._warm(n, compile=True)
+                    with self._on_gpu(job=False):
+                        self._warm(n, compile=True)
                     self._compiled.add(n)
         except Exception:  # serving goes on with the sizes that are ready
             log.exception("warm-up stopped; jobs are served at the sizes already warmed")
@@ -236,7 +261,10 @@ class Engine:
     def idle_work(self) -> bool:
         """Between jobs: one chunk of a missing direction table (a job waits for one chunk at
         most). False when there is nothing to do, so the caller may wait for jobs."""
-        return self.build_table_when_idle and self.table.build_step()
+        if not self.build_table_when_idle:
+            return False
+        with self._on_gpu(job=True):
+            return self.table.build_step()
 
     def close(self) -> None:
         self._stopping = True  # the background warm-up stops before its next size
@@ -254,7 +282,8 @@ class Engine:
             "invert": self._invert, "edit": self._edit, "morph": self._each(self._morph),
             "mix": self._each(self._mix),
         }[kind]
-        return split_on_failure(handler, list(inputs), progress)
+        with self._on_gpu(job=True):
+            return split_on_failure(handler, list(inputs), progress)
 
     @staticmethod
     def _each(fn: Callable[[JobInput], JobOutcome]) -> Callable[[Sequence[JobInput], ProgressFn],

@@ -58,12 +58,16 @@ class Check:
 @dataclass
 class Smoke:
     home: Path
+    out: Path
     checks: list[Check] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
 
     def record(self, name: str, ok: bool, seconds: float, detail: str) -> None:
         self.checks.append(Check(name, ok, seconds, detail))
-        print(f"{'PASS' if ok else 'FAIL'} {name} ({seconds:.1f} s): {detail}", flush=True)
+        line = f"{'PASS' if ok else 'FAIL'} {name} ({seconds:.1f} s): {detail}"
+        print(line, flush=True)
+        with (self.out / "checks.txt").open("a") as f:  # kept if the run is cut off
+            f.write(line + "\n")
 
 
 def _commit() -> str:
@@ -413,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name() if args.device == "cuda" else "the CPU"
     print(f"gpu smoke at commit {_commit()} on {card} (torch {torch.__version__})", flush=True)
     home = args.work.resolve()
-    smoke = Smoke(home)
+    smoke = Smoke(home, args.out)
     took = _prepare_weights(home, args.official_code.resolve(), args.resolution)
     smoke.record("weights written", True, took,
                  f"NVIDIA snapshot {args.resolution} px, CLIP/VGG16/FaceNet stand-ins in {home / 'weights'}")

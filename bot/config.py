@@ -34,6 +34,7 @@ __all__ = [
     "BotConfig",
     "Config",
     "ConfigError",
+    "DeliveryConfig",
     "DiscordConfig",
     "EngineConfig",
     "LimitsConfig",
@@ -189,6 +190,7 @@ class DiscordConfig:
     api_base: str = _key("https://discord.com/api/v10", _str("an http(s) URL", _HTTP, empty=False))
     gateway_url: str = _key("", _str('a ws(s) URL or "" (ask the API)', _WS))
     max_upload_mb: int = _key(10, _int(1))
+    message_content: bool = _key(False, _bool())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,6 +200,15 @@ class WebConfig:
     port: int = _key(8080, _int(1, 65535))
     access_token: str = _key("", _str(), secret=True)
     max_upload_mb: int = _key(10, _int(1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliveryConfig:
+    """Replies a platform cannot take now (rate limits, outages) are tried again per chat."""
+
+    attempts: int = _key(10, _int(1))
+    first_retry_s: int = _key(2, _int(1))
+    max_retry_s: int = _key(600, _int(1))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,6 +272,7 @@ _SECTIONS: dict[str, type] = {
     "telegram": TelegramConfig,
     "discord": DiscordConfig,
     "web": WebConfig,
+    "delivery": DeliveryConfig,
     "storage": StorageConfig,
     "queue": QueueConfig,
     "engine": EngineConfig,
@@ -289,6 +301,7 @@ class Config:
     telegram: TelegramConfig = field(default_factory=TelegramConfig)
     discord: DiscordConfig = field(default_factory=DiscordConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

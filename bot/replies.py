@@ -18,6 +18,7 @@ from storage.models import Face, Job
 __all__ = [
     "BUSY",
     "CHAT_JOBS_OPEN",
+    "DONE",
     "FORGET_CONFIRM",
     "FORGOTTEN",
     "HELP",
@@ -72,6 +73,7 @@ NO_OWN_FACE = "I don't have your face yet. Send me a selfie first."
 FORGET_CONFIRM = ("This erases your saved faces, photos, results and settings, for good. "
                   "Send /forget yes to confirm.")
 FORGOTTEN = "Done: I have erased everything I kept about you."
+DONE = "Done."  # a progress message, once the result went out beside it
 
 _IMAGE_MAGIC = {b"\xff\xd8\xff": ".jpg", b"\x89PNG\r\n\x1a\n": ".png", b"GIF87a": ".gif",
                 b"GIF89a": ".gif", b"BM": ".bmp", b"II*\x00": ".tif", b"MM\x00*": ".tif"}

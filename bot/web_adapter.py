@@ -209,7 +209,7 @@ class WebAdapter:
                 photo = self._check_photo(post) if selfie else None
                 cmd = parse(text, origin=origin, photo=photo, reply_target=None, bot_username=None)
             except Refusal as refusal:
-                await service.say(origin, str(refusal))
+                await service.say(origin, str(refusal), private=True)
                 return
             if cmd is None:
                 await service.say(origin, NOT_A_COMMAND)
@@ -218,7 +218,7 @@ class WebAdapter:
         except Exception:  # no traceback for users: a friendly line, the details in the log
             log.exception("web chat: could not handle a message")
             with contextlib.suppress(Exception):
-                await service.say(origin, OOPS)
+                await service.say(origin, OOPS, private=True)
 
     def _check_photo(self, post: _Post) -> bytes:
         assert post.photo is not None

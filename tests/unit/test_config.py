@@ -14,6 +14,7 @@ from bot.config import (
     BotConfig,
     Config,
     ConfigError,
+    DeliveryConfig,
     DiscordConfig,
     EngineConfig,
     LimitsConfig,
@@ -29,8 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "config.toml"
 SECTIONS = {
     "bot": BotConfig, "telegram": TelegramConfig, "discord": DiscordConfig, "web": WebConfig,
-    "storage": StorageConfig, "queue": QueueConfig, "engine": EngineConfig, "limits": LimitsConfig,
-    "timeouts": TimeoutsConfig,
+    "delivery": DeliveryConfig, "storage": StorageConfig, "queue": QueueConfig, "engine": EngineConfig,
+    "limits": LimitsConfig, "timeouts": TimeoutsConfig,
 }
 
 

@@ -106,14 +106,15 @@ class ReplyPump:
 
     async def dispatch(self, stop: asyncio.Event | None) -> None:
         """A task for each lane with a reply due or a progress edit to show, unless it has one."""
+        busy = set(self._lanes)  # what these lanes read may be outdated by what they send now
         async with self.sessions() as s:
             running = await repo.jobs_in_progress(s)
-            due = await repo.replies_due(s, busy=list(self._lanes))
+            due = await repo.replies_due(s, busy=busy)
         now = self.clock()
         progress: defaultdict[int, list[Job]] = defaultdict(list)
         for job in running:
             lane = repo.lane_of(job)
-            if lane not in self._lanes and self._quiet_until.get(lane, 0.0) <= now and self._moved(job):
+            if lane not in busy and self._quiet_until.get(lane, 0.0) <= now and self._moved(job):
                 progress[lane].append(job)
         for lane in {repo.lane_of(job) for job in due} | set(progress):
             task = asyncio.create_task(self._serve_lane(lane, progress.get(lane, []), stop))

@@ -40,6 +40,7 @@ __all__ = [
     "frames_range",
     "no_consent",
     "no_face_for",
+    "personal_in_a_channel",
     "photo_suffix",
     "privacy_text",
     "queued",
@@ -207,6 +208,12 @@ def unknown_person(who: str, platform: str) -> str:
         return (f"I don't know {who} yet. On Telegram I only know people who have talked to me "
                 "or in a chat I'm in; ask them to send /start or a selfie.")
     return f"I don't know {who} yet. Ask them to send me a selfie."
+
+
+def personal_in_a_channel(command: str) -> str:
+    """A personal command (``/me``, ``/privacy``, ``/forget``) written in a Discord server channel."""
+    return (f"Only you should see that answer: use the slash command /{command} here (its answer is "
+            "shown to you alone), or send it to me in a direct message.")
 
 
 def same_face(kind: str) -> str:

@@ -93,6 +93,7 @@ class FakeDiscord:
         self.api_base = f"{self.base}/api/v10"
         self.gateway_url = f"ws://127.0.0.1:{self.port}/gateway"
         self.commands: list[dict[str, Any]] = []
+        self.registrations = 0  # times the bot registered its slash commands
         self.callbacks: list[dict[str, Any]] = []  # interaction callbacks: id, token, body
         self.messages: list[Sent] = []
         self.identify: dict[str, Any] | None = None
@@ -324,6 +325,7 @@ class FakeDiscord:
     async def _put_commands(self, request: web.Request) -> web.Response:
         self._auth(request)
         body = await request.json()
+        self.registrations += 1
         self.commands = [{**c, "id": self._id(), "application_id": APP_ID, "version": "1"} for c in body]
         await self._touch()
         return _json(self.commands)

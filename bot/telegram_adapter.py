@@ -162,14 +162,19 @@ class TelegramAdapter:
             .build()
         )
         self._service: Service | None = None
+        self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
+        self.app.add_error_handler(self._on_error)
 
     # --- receiving ---------------------------------------------------------------------------
 
     async def run(self, service: Service, stop: asyncio.Event) -> None:
-        """Poll for updates until ``stop`` is set, then stop polling and close the HTTP client."""
+        """Poll for updates until ``stop`` is set, then stop polling and close the HTTP client.
+
+        It may run again after it failed (the filters on the loggers are put back for that)."""
         self._service = service
-        self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
-        self.app.add_error_handler(self._on_error)
+        for name in _LOGGERS:
+            logging.getLogger(name).addFilter(self._redact)
+        logging.getLogger(_RATE_LIMITER_LOG).addFilter(_not_a_passed_on_429)
         try:
             async with self.app:  # initialize (getMe) ... shutdown
                 await self.app.bot.set_my_commands(

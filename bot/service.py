@@ -94,6 +94,11 @@ class Service:
             log.warning("could not answer a %s command: %s", origin.platform, exc.reason)
             return None
 
+    async def usernames(self, platform: str) -> list[str]:
+        """The names people have on ``platform`` (the web chat checks new ones against them)."""
+        async with self.sessions() as s:
+            return await repo.usernames(s, platform=platform)
+
     async def _user_and_chat(self, s: AsyncSession, origin: Origin) -> tuple[User, int]:
         user = await repo.get_or_create_user(
             s, platform=origin.platform, platform_user_id=origin.user_id,

@@ -55,6 +55,7 @@ from storage.repo.people import (
     get_user,
     is_member,
     set_privacy,
+    usernames,
 )
 
 __all__ = [
@@ -101,4 +102,5 @@ __all__ = [
     "set_reply_ref",
     "share_face",
     "shared_in_chat",
+    "usernames",
 ]

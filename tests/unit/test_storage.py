@@ -80,6 +80,14 @@ async def test_username_lookup_ignores_case_and_at_and_follows_renames(sessions:
         assert (again.id, again.username, again.display_name) == (bob, "alice_x", "B")
 
 
+async def test_usernames_are_listed_per_platform(sessions: Sessions) -> None:
+    async with sessions.begin() as s:
+        for platform, uid, name in (("web", "alice", "Alice"), ("web", "bob", "bob"), ("web", "x", None),
+                                    ("telegram", "1", "carol")):
+            await repo.get_or_create_user(s, platform=platform, platform_user_id=uid, username=name)
+        assert sorted(await repo.usernames(s, platform="web")) == ["Alice", "bob"]
+
+
 async def test_privacy_accepts_the_three_policies_and_rejects_junk(sessions: Sessions) -> None:
     async with sessions.begin() as s:
         uid = await user(s, "1")

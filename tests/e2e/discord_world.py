@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from log_privacy import LogCapture
+from service_on_disk import migrated
 
 from bot.config import load_config
 from bot.service import Service
-from storage.db import make_engine, make_sessionmaker, upgrade
 from storage.media import MediaStore
 from storage.queue import LocalQueue
 
@@ -84,9 +84,8 @@ async def running_world(tmp: Path, logs: LogCapture, *, config_text: str = CONFI
     path.write_text(config_text.format(api=fake.api_base, gateway=fake.gateway_url))
     home = tmp / "home"
     config = load_config(path, env={"STYLEBOT_HOME": str(home), "DISCORD_BOT_TOKEN": TOKEN})
-    await upgrade(config.storage_url)
-    db = make_engine(config.storage_url)
-    sessions = make_sessionmaker(db)
+    storage = contextlib.AsyncExitStack()
+    sessions = await storage.enter_async_context(migrated(config))
     adapter = DiscordAdapter(config)
     service = Service(sessions=sessions, queue=LocalQueue(sessions), media=MediaStore(config.media_dir),
                       config=config, deliver=adapter.deliver)
@@ -114,6 +113,6 @@ async def running_world(tmp: Path, logs: LogCapture, *, config_text: str = CONFI
         if process is not None:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
-        await db.dispose()
+        await storage.aclose()
         if own_fake:
             await fake.stop()

@@ -14,18 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from service_on_disk import service_on_disk
 from sqlalchemy import select, update
 
 import storage.repo as repo
 from bot.commands import Reply
-from bot.config import load_config
 from bot.delivery import TryLater, Undeliverable
 from bot.replies import DONE
 from bot.service import Service
-from storage.db import make_engine, make_sessionmaker, upgrade
-from storage.media import MediaStore
 from storage.models import Job, utcnow
-from storage.queue import LocalQueue
 
 BLOCKED = "Forbidden: bot was blocked by the user"
 
@@ -54,16 +51,10 @@ class Platform:
 
 @pytest.fixture
 async def pump(tmp_path: Path) -> AsyncIterator[tuple[Service, Platform]]:
-    cfg = tmp_path / "config.toml"
-    cfg.write_text("[delivery]\nattempts = 3\nfirst_retry_s = 2\n")
-    config = load_config(cfg, env={"STYLEBOT_HOME": str(tmp_path / "home")})
-    await upgrade(config.storage_url)
-    db = make_engine(config.storage_url)
-    sessions = make_sessionmaker(db)
     platform = Platform()
-    yield Service(sessions=sessions, queue=LocalQueue(sessions), media=MediaStore(config.media_dir),
-                  config=config, deliver=platform.deliver), platform
-    await db.dispose()
+    config = "[delivery]\nattempts = 3\nfirst_retry_s = 2\n"
+    async with service_on_disk(tmp_path, config, platform.deliver) as service:
+        yield service, platform
 
 
 async def _job(service: Service, chat: str, *, result: bool = False, progress_ref: int | None = None,

@@ -73,14 +73,23 @@ def test_across_filesystems_data_is_copied_then_the_old_dir_removed(
     assert _contents(new) == files and not old.exists()
 
 
+def _dies_in(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, dying: object,
+             old: Path, new: Path) -> None:
+    """A start whose move dies in ``owner.name`` (``dying`` stands in for it and raises Crash)."""
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, dying)
+    with pytest.raises(Crash):
+        move_old_data(old, new)
+    monkeypatch.setattr(owner, name, real)
+
+
 @pytest.mark.parametrize("copied", range(5))
 def test_a_copy_cut_short_is_made_again_on_the_next_start(
     dirs: tuple[Path, Path, dict[str, bytes]], monkeypatch: pytest.MonkeyPatch, copied: int
 ) -> None:
     old, new, files = dirs
     _other_filesystem(monkeypatch, old)
-    copy = data_dir._copy_file
-    done: list[str] = []
+    copy, done = data_dir._copy_file, []
 
     def dies_after_some(src: str, dst: str) -> None:
         if len(done) == copied:
@@ -89,14 +98,10 @@ def test_a_copy_cut_short_is_made_again_on_the_next_start(
         copy(src, dst)
         done.append(src)
 
-    monkeypatch.setattr(data_dir, "_copy_file", dies_after_some)
-    with pytest.raises(Crash):
-        move_old_data(old, new)
+    _dies_in(monkeypatch, data_dir, "_copy_file", dies_after_some, old, new)
     assert _contents(old) == files and not new.exists()  # the data is where it was, whole
-    monkeypatch.setattr(data_dir, "_copy_file", copy)
     assert move_old_data(old, new)
-    assert _contents(new) == files and not old.exists()
-    assert not list(new.parent.glob(".*.moving"))
+    assert _contents(new) == files and not old.exists() and not list(new.parent.glob(".*.moving"))
 
 
 @pytest.mark.parametrize("removed", [0, 2, 4])
@@ -108,17 +113,14 @@ def test_a_removal_cut_short_is_finished_on_the_next_start(
     rmtree = shutil.rmtree
 
     def dies_while_removing(path: str | os.PathLike[str], *args: object, **kwargs: object) -> None:
-        if Path(path) == old:
-            for victim in sorted(p for p in old.rglob("*") if p.is_file())[:removed]:
-                victim.unlink()
-            raise Crash
-        rmtree(path, *args, **kwargs)  # type: ignore[arg-type]
+        if Path(path) != old:
+            return rmtree(path, *args, **kwargs)  # type: ignore[arg-type]
+        for victim in sorted(p for p in old.rglob("*") if p.is_file())[:removed]:
+            victim.unlink()
+        raise Crash
 
-    monkeypatch.setattr(shutil, "rmtree", dies_while_removing)
-    with pytest.raises(Crash):
-        move_old_data(old, new)
+    _dies_in(monkeypatch, shutil, "rmtree", dies_while_removing, old, new)
     assert _contents(new) == {**files, MARKER: str(old).encode()}  # the copy is whole and in place
-    monkeypatch.setattr(shutil, "rmtree", rmtree)
     assert move_old_data(old, new)
     assert _contents(new) == files and not old.exists()
 

@@ -28,6 +28,7 @@ from .fake_telegram import (
     BLOCKED,
     CHAT_NOT_FOUND,
     DEACTIVATED,
+    KICKED,
     SERVER_ERROR,
     Call,
     FakeTelegram,
@@ -98,11 +99,11 @@ async def test_sixty_blocked_chats_hold_up_nobody_and_cost_one_line_each(
     tg = world.tg
     normal = _users(7000, 5, "N")
     usual = await _seconds_to_result(tg, await _selfies(tg, normal, 0))
-    # Ten users blocked the bot before their selfie's note could go out; fifty right after it.
+    # Ten chats were gone before their selfie's note could go out; fifty right after it.
     gone = _users(6000, 60, "B")
-    reasons = [BLOCKED, DEACTIVATED, CHAT_NOT_FOUND]
+    reasons = [BLOCKED, DEACTIVATED, KICKED, CHAT_NOT_FOUND]
     for i, user in enumerate(gone):
-        tg.refuse(reasons[i % 3], chat=dm(user), after=0 if i < 10 else 1)
+        tg.refuse(reasons[i % 4], chat=dm(user), after=0 if i < 10 else 1)
     log_from = len(logs.lines)
     for first in range(0, 60, 10):  # in tens: the point is their replies, not a burst of uploads
         sent = await _selfies(tg, gone[first:first + 10], 1)
@@ -129,6 +130,7 @@ async def test_sixty_blocked_chats_hold_up_nobody_and_cost_one_line_each(
     assert len(jobs) == 60 and {j.reply_outcome for j in jobs} == {"undeliverable"}
     assert {j.reply_error for j in jobs} == {"telegram: Forbidden: bot was blocked by the user",
                                              "telegram: Forbidden: user is deactivated",
+                                             "telegram: Forbidden: bot was kicked from the group chat",
                                              "telegram: Chat not found"}
     lines = logs.lines[log_from:]
     undeliverable = [m for line in lines if (m := re.search(r"job (\w+): reply not deliverable", line))]

@@ -32,7 +32,7 @@ __all__ = ["Adapter", "configured_adapters", "engine_command", "run"]
 
 log = logging.getLogger("stylebot")
 
-_PUMP_GRACE_S = 10.0  # how long a stop waits for the reply pump to finish what it is sending
+_STOP_GRACE_S = 10.0  # how long a stop waits for the reply pump and the adapters to finish
 _RESTART_FIRST_S = 1.0  # a failed adapter is started again after this, then twice as long each time
 _RESTART_MAX_S = 300.0
 _STEADY_S = 60.0  # an adapter that ran this long before failing starts again after the first wait
@@ -137,8 +137,10 @@ async def run(config: Config, *, config_path: Path | None = None,
             log.error("%s stopped: %s", tasks[task], exc if exc is not None else "it returned early")
         stop.set()
         # The reply pump ends by itself after the reply it is sending, so that reply is marked as
-        # sent (cancelled in between, it would go out again after a restart).
-        await asyncio.wait([pump], timeout=_PUMP_GRACE_S)
+        # sent (cancelled in between, it would go out again after a restart); adapters close their
+        # connections. The engine process is stopped below.
+        ending = [task for task, what in tasks.items() if what != "the engine process"]
+        await asyncio.wait(ending, timeout=_STOP_GRACE_S)
         for task in tasks:
             task.cancel()
         await asyncio.gather(stopping, *tasks, return_exceptions=True)

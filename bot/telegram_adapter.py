@@ -16,6 +16,7 @@ The bot token is never logged: a filter redacts it from the HTTP client's and PT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -56,6 +57,7 @@ _MB = 1024 * 1024
 _TEXT_MAX = 4096  # Telegram's limits, in characters
 _CAPTION_MAX = 1024
 _UPDATES_PER_CHAT = 8  # one chat's messages handled at a time; the rest of that chat's wait
+_DRAIN_S = 10.0  # on stop, how long the replies being sent may take before the client closes
 _UPDATES_IN_ALL = 4096  # every waiting update is held in memory (a few kB each)
 _LOGGERS = ("httpx", "httpcore", "telegram", "telegram.ext", "telegram.Bot", "telegram.ext.Updater",
             "telegram.ext.Application", "telegram.ext.ExtBot", "telegram.request",
@@ -149,7 +151,9 @@ class TelegramAdapter:
         self._max_download = tg.max_download_mb * _MB
         self._poll_timeout = poll_timeout
         self._redact = _Redact(config.telegram_token)
-        for name in _LOGGERS:  # before build(): PTB logs its API URLs, token inside, at DEBUG
+        # Before build(), and for good: PTB and httpx log API URLs, token inside, even for a request
+        # that ends after the adapter stopped.
+        for name in _LOGGERS:
             logging.getLogger(name).addFilter(self._redact)
         logging.getLogger(_RATE_LIMITER_LOG).addFilter(_not_a_passed_on_429)
         self.app = (
@@ -164,38 +168,37 @@ class TelegramAdapter:
         self._service: Service | None = None
         self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
         self.app.add_error_handler(self._on_error)
+        self._open = False  # replies go out only while the Bot API client is open
+        self._sending = 0
+        self._idle = asyncio.Event()  # no reply being sent: the client may close
+        self._idle.set()
 
     # --- receiving ---------------------------------------------------------------------------
 
     async def run(self, service: Service, stop: asyncio.Event) -> None:
-        """Poll for updates until ``stop`` is set, then stop polling and close the HTTP client.
-
-        It may run again after it failed (the filters on the loggers are put back for that)."""
+        """Poll for updates until ``stop`` is set, then stop polling and close the HTTP client once
+        the replies being sent are out (it may run again after it failed)."""
         self._service = service
-        for name in _LOGGERS:
-            logging.getLogger(name).addFilter(self._redact)
-        logging.getLogger(_RATE_LIMITER_LOG).addFilter(_not_a_passed_on_429)
-        try:
-            async with self.app:  # initialize (getMe) ... shutdown
+        updater = self.app.updater
+        assert updater is not None  # the builder makes one
+        async with self.app:  # initialize (getMe) ... shutdown
+            self._open = True
+            try:
                 await self.app.bot.set_my_commands(
                     [BotCommand(name, _clip(text, 256)) for name, text in COMMANDS.items()])
-                updater = self.app.updater
-                assert updater is not None  # the builder makes one
                 await updater.start_polling(timeout=self._poll_timeout, allowed_updates=["message"],
                                             error_callback=self._on_poll_error)
                 await self.app.start()
                 log.info("telegram: polling as @%s", self.app.bot.username)
-                try:
-                    await stop.wait()
-                finally:
-                    if updater.running:
-                        await updater.stop()
-                    if self.app.running:
-                        await self.app.stop()
-        finally:
-            for name in _LOGGERS:
-                logging.getLogger(name).removeFilter(self._redact)
-            logging.getLogger(_RATE_LIMITER_LOG).removeFilter(_not_a_passed_on_429)
+                await stop.wait()
+            finally:
+                self._open = False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), _DRAIN_S)
+                if updater.running:
+                    await updater.stop()
+                if self.app.running:
+                    await self.app.stop()
 
     def _on_poll_error(self, exc: TelegramError) -> None:
         log.warning("telegram: polling failed (%s); retrying", type(exc).__name__)
@@ -308,10 +311,18 @@ class TelegramAdapter:
 
         A result with pictures is always a new message (a text message cannot become a photo):
         the service then edits the progress message on its own."""
+        if not self._open:
+            raise TryLater("telegram: not connected")
+        self._sending += 1
+        self._idle.clear()
         try:
             return await self._deliver(reply)
         except TelegramError as exc:
             raise _outcome(exc) from None
+        finally:
+            self._sending -= 1
+            if not self._sending:
+                self._idle.set()
 
     async def _deliver(self, reply: Reply) -> dict[str, Any] | None:
         chat_id = reply.reply_to["chat_id"]

@@ -118,6 +118,7 @@ class FakeTelegram:
         self.calls: list[Call] = []
         self.refused: list[Call] = []
         self._rules: list[_Rule] = []
+        self.slow: dict[str, float] = {}  # method -> seconds it takes to answer
         self.files: dict[str, bytes] = {}  # file_id -> bytes (what getFile / download serve)
         self.messages: dict[tuple[int, int], dict[str, Any]] = {}  # (chat, id) -> message JSON
         self._updates: list[dict[str, Any]] = []
@@ -289,6 +290,8 @@ class FakeTelegram:
             return web.json_response(body, status=refusal.status)
         if method != "getUpdates":
             self.calls.append(call)
+        if method in self.slow:
+            await asyncio.sleep(self.slow[method])
         handler = getattr(self, "_m_" + method, None)
         if handler is None:
             return web.json_response({"ok": False, "error_code": 404, "description": "Not Found"},

@@ -14,14 +14,20 @@ import re
 import statistics
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
 from log_privacy import LogCapture, capturing_logs
+from service_on_disk import service_on_disk
 from sqlalchemy import select
 
+from bot.commands import Reply
+from bot.config import load_config
+from bot.delivery import TryLater
 from bot.replies import DONE
+from bot.telegram_adapter import TelegramAdapter
 from storage.models import Job
 
 from .fake_telegram import (
@@ -35,9 +41,11 @@ from .fake_telegram import (
     FakeUser,
     too_many_requests,
 )
-from .telegram_world import CONFIG, World, astronaut, dm, replying_to, running_world
+from .telegram_world import CONFIG, TOKEN, World, astronaut, dm, replying_to, running_world
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+ALICE = FakeUser(id=7300, first_name="Alice")
 
 REFUSALS_CONFIG = CONFIG.replace("invert_steps = 20", "invert_steps = 2").replace(
     "batch_size = 4", "batch_size = 8").replace(
@@ -176,3 +184,29 @@ async def test_a_429_on_the_photo_waits_as_asked_and_a_500_is_retried(world: Wor
     [photo] = _answers(tg, messages[0], "sendPhoto")
     assert photo.at - refused.at >= 3.0  # Telegram said "retry after 3"
     assert [c.refused for c in tg.refused_to(dm(broken))] == [500, 500]
+
+
+async def test_a_reply_being_sent_when_the_bot_stops_goes_out_whole(tmp_path: Path) -> None:
+    tg = FakeTelegram(TOKEN)
+    await tg.start()
+    tg.slow["sendMessage"] = 1.0
+    text = CONFIG.format(base_url=tg.base_url, base_file_url=tg.base_file_url)
+    (tmp_path / "config.toml").write_text(text)
+    config = load_config(tmp_path / "config.toml",
+                         env={"STYLEBOT_HOME": str(tmp_path / "home"), "TELEGRAM_BOT_TOKEN": TOKEN})
+    adapter = TelegramAdapter(config, poll_timeout=1)
+    stop = asyncio.Event()
+    try:
+        async with service_on_disk(tmp_path, text, adapter.deliver) as service:
+            running = asyncio.create_task(adapter.run(service, stop))
+            await tg.wait_for("setMyCommands", timeout=20)
+            to = {"platform": "telegram", "chat_id": ALICE.id}
+            sending = asyncio.create_task(adapter.deliver(Reply(reply_to=to, text="Your result")))
+            await tg.wait_for("sendMessage", timeout=10)
+            stop.set()  # while Telegram is still answering
+            assert await sending == {"chat_id": ALICE.id, "message_id": tg.calls[-1].result["message_id"]}
+            await asyncio.wait_for(running, 20)
+            with pytest.raises(TryLater):  # stopped: a reply now waits for the next start
+                await adapter.deliver(Reply(reply_to=to, text="Too late"))
+    finally:
+        await tg.stop()

@@ -4,6 +4,10 @@ Storage (migrated to head), the media store, the engine as a child process (embe
 the service and whichever chat adapters are configured. SIGINT/SIGTERM stop everything
 cleanly: the engine hands back jobs it has not finished (they stay durable in the database and
 run again on the next start), the service stops after its current reply.
+
+An adapter that fails (its platform unreachable, a port taken) is started again after a wait that
+doubles up to five minutes, saying so in one line each time; the other adapters and the engine
+go on meanwhile.
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ __all__ = ["Adapter", "configured_adapters", "engine_command", "run"]
 
 log = logging.getLogger("stylebot")
 
-_PUMP_GRACE_S = 10.0  # how long a stop waits for the reply pump to finish what it is sending
+_STOP_GRACE_S = 10.0  # how long a stop waits for the reply pump and the adapters to finish
+_RESTART_FIRST_S = 1.0  # a failed adapter is started again after this, then twice as long each time
+_RESTART_MAX_S = 300.0
+_STEADY_S = 60.0  # an adapter that ran this long before failing starts again after the first wait
 
 
 class Adapter(Protocol):
@@ -92,8 +99,8 @@ async def _log_only(reply: Reply) -> dict[str, str] | None:
 
 async def run(config: Config, *, config_path: Path | None = None,
               adapters: Sequence[Adapter] = (), stop: asyncio.Event | None = None) -> int:
-    """Serve until SIGINT/SIGTERM or ``stop``: 0. When a part fails (an adapter cannot connect or
-    listen, the engine process dies), everything stops and it returns 1."""
+    """Serve until SIGINT/SIGTERM or ``stop``: 0. When the engine process dies or the reply pump
+    fails, everything stops and it returns 1; a failing adapter is started again instead."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -116,8 +123,9 @@ async def run(config: Config, *, config_path: Path | None = None,
             log.warning("no chat adapter is configured yet: jobs are processed, replies are logged")
         pump = asyncio.create_task(service.run(stop))
         tasks = {pump: "the service"}
-        tasks |= {asyncio.create_task(adapter.run(service, stop)): f"the {adapter.platform} adapter"
-                  for adapter in adapters}
+        for adapter in adapters:
+            kept = asyncio.create_task(_keep_running(adapter, service, stop))
+            tasks[kept] = f"the {adapter.platform} adapter"
         if child is not None:
             tasks[asyncio.create_task(_watch_engine(child))] = "the engine process"
         stopping = asyncio.create_task(stop.wait())
@@ -129,8 +137,10 @@ async def run(config: Config, *, config_path: Path | None = None,
             log.error("%s stopped: %s", tasks[task], exc if exc is not None else "it returned early")
         stop.set()
         # The reply pump ends by itself after the reply it is sending, so that reply is marked as
-        # sent (cancelled in between, it would go out again after a restart).
-        await asyncio.wait([pump], timeout=_PUMP_GRACE_S)
+        # sent (cancelled in between, it would go out again after a restart); adapters close their
+        # connections. The engine process is stopped below.
+        ending = [task for task, what in tasks.items() if what != "the engine process"]
+        await asyncio.wait(ending, timeout=_STOP_GRACE_S)
         for task in tasks:
             task.cancel()
         await asyncio.gather(stopping, *tasks, return_exceptions=True)
@@ -145,6 +155,27 @@ async def run(config: Config, *, config_path: Path | None = None,
         await stack.aclose()
         await db.dispose()
         log.info("stopped")
+
+
+async def _keep_running(adapter: Adapter, service: Service, stop: asyncio.Event) -> None:
+    """Run ``adapter`` until ``stop``, starting it again (and saying so) whenever it fails."""
+    loop = asyncio.get_running_loop()
+    wait = _RESTART_FIRST_S
+    while not stop.is_set():
+        started = loop.time()
+        try:
+            await adapter.run(service, stop)
+            reason = "it returned early"
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+        if stop.is_set():
+            return
+        if loop.time() - started >= _STEADY_S:
+            wait = _RESTART_FIRST_S
+        log.error("the %s adapter stopped: %s; starting it again in %g s", adapter.platform, reason, wait)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), wait)
+        wait = min(wait * 2, _RESTART_MAX_S)
 
 
 async def _watch_engine(child: asyncio.subprocess.Process) -> None:

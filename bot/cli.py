@@ -155,6 +155,10 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=max(level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("stylebot").setLevel(level)
+    if config.old_data_dir is not None:  # before anything opens the database
+        from bot.data_dir import move_old_data
+
+        move_old_data(config.old_data_dir, config.data_dir)
     if args.command == "run":
         from bot.app import configured_adapters
         from bot.app import run as run_bot

@@ -121,10 +121,16 @@ class Media:
 
 @dataclass(frozen=True)
 class Reply:
-    """A message for an adapter to send (or, with ``edit_of``, to edit in place)."""
+    """A message for an adapter to send (or, with ``edit_of``, to edit in place).
+
+    ``edit_of``: the progress message to update, as the adapter gave it; when it cannot be edited
+    any more the reply goes out as a new message, unless ``edit_only`` (then nothing is sent).
+    ``private``: only the person who asked should see it (ephemeral where the platform has that)."""
 
     reply_to: dict[str, Any]
     text: str
     media: tuple[Media, ...] = ()
-    edit_of: dict[str, Any] | None = None  # the progress message to update, as the adapter gave it
+    edit_of: dict[str, Any] | None = None
     final: bool = True
+    edit_only: bool = False
+    private: bool = False

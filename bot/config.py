@@ -8,9 +8,12 @@ Secrets never come from the shipped file and never appear in ``repr()``/``str()`
 ``TELEGRAM_BOT_TOKEN``, ``DISCORD_BOT_TOKEN`` and ``STYLEBOT_WEB_TOKEN`` (which wins over
 ``[web] access_token``) are read from the environment.
 
-Paths: ``STYLEBOT_HOME`` (default ``~/.cache/stylebot``) holds ``data/`` unless ``[bot] data_dir`` is
-set; a relative ``data_dir`` is taken from the config file's directory; a relative ``media_dir`` is
-under ``data_dir``. Resolved paths are absolute.
+Paths: users' data (database, media) lives in ``[bot] data_dir``, by default the platform's data dir
+(``~/.local/share/stylebot``, from platformdirs), or ``$STYLEBOT_HOME/data`` when ``STYLEBOT_HOME`` is
+set; downloads (weights, direction tables) stay in the cache dir (``$STYLEBOT_HOME``, default
+``~/.cache/stylebot``). A relative ``data_dir`` is taken from the config file's directory; a relative
+``media_dir`` is under ``data_dir``. Resolved paths are absolute. ``Config.old_data_dir`` is where
+earlier versions kept the default data dir (``~/.cache/stylebot/data``): :mod:`bot.data_dir` moves it.
 
 All checks run in :func:`load_config`, including the ones that depend on the environment (a platform
 set to ``enabled = true`` without its token; a non-loopback web host without an access token, see
@@ -29,11 +32,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import platformdirs
+
 __all__ = [
     "AutoBool",
     "BotConfig",
     "Config",
     "ConfigError",
+    "DeliveryConfig",
     "DiscordConfig",
     "EngineConfig",
     "LimitsConfig",
@@ -169,7 +175,7 @@ _DEVICE = r"auto|cpu|cuda(:\d+)?"
 @dataclass(frozen=True, kw_only=True)
 class BotConfig:
     name: str = _key("stylebot", _str("a non-empty string", empty=False))
-    data_dir: str = _key("", _str('a directory path or "" ($STYLEBOT_HOME/data)'))
+    data_dir: str = _key("", _str('a directory path or "" (the data dir: ~/.local/share/stylebot)'))
     log_level: str = _key("INFO", _log_level())
 
 
@@ -189,6 +195,7 @@ class DiscordConfig:
     api_base: str = _key("https://discord.com/api/v10", _str("an http(s) URL", _HTTP, empty=False))
     gateway_url: str = _key("", _str('a ws(s) URL or "" (ask the API)', _WS))
     max_upload_mb: int = _key(10, _int(1))
+    message_content: bool = _key(False, _bool())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,6 +205,15 @@ class WebConfig:
     port: int = _key(8080, _int(1, 65535))
     access_token: str = _key("", _str(), secret=True)
     max_upload_mb: int = _key(10, _int(1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliveryConfig:
+    """Replies a platform cannot take now (rate limits, outages) are tried again per chat."""
+
+    attempts: int = _key(10, _int(1))
+    first_retry_s: int = _key(2, _int(1))
+    max_retry_s: int = _key(600, _int(1))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -262,6 +278,7 @@ _SECTIONS: dict[str, type] = {
     "telegram": TelegramConfig,
     "discord": DiscordConfig,
     "web": WebConfig,
+    "delivery": DeliveryConfig,
     "storage": StorageConfig,
     "queue": QueueConfig,
     "engine": EngineConfig,
@@ -286,10 +303,12 @@ class Config:
     """The whole configuration. ``data_dir`` is resolved (absolute); tokens are hidden from repr."""
 
     data_dir: Path
+    old_data_dir: Path | None = None  # the default data dir of earlier versions, to move from
     bot: BotConfig = field(default_factory=BotConfig)
     telegram: TelegramConfig = field(default_factory=TelegramConfig)
     discord: DiscordConfig = field(default_factory=DiscordConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -345,11 +364,19 @@ class Config:
 
 
 def default_home(env: Mapping[str, str] | None = None) -> Path:
-    """``$STYLEBOT_HOME`` if set, else ``~/.cache/stylebot`` (absolute)."""
+    """``$STYLEBOT_HOME`` if set, else ``~/.cache/stylebot`` (absolute): the cache dir."""
     env = os.environ if env is None else env
     raw = env.get("STYLEBOT_HOME", "").strip()
     home = _expand(raw, env) if raw else _expand("~", env) / ".cache" / "stylebot"
     return home.resolve()
+
+
+def _default_data_dirs(env: Mapping[str, str]) -> tuple[Path, Path | None]:
+    """The data dir when ``[bot] data_dir`` is empty, and the one earlier versions used instead."""
+    if env.get("STYLEBOT_HOME", "").strip():
+        return default_home(env) / "data", None
+    data = Path(platformdirs.user_data_dir("stylebot", appauthor=False)).resolve()
+    return data, default_home(env) / "data"
 
 
 def _expand(raw: str, env: Mapping[str, str]) -> Path:
@@ -412,15 +439,17 @@ def load_config(path: Path | None = None, *, env: Mapping[str, str] | None = Non
     sections = {name: _section(src, name, cls, data.get(name, {})) for name, cls in _SECTIONS.items()}
 
     bot: BotConfig = sections["bot"]
+    old_data_dir = None
     if bot.data_dir:
         base = path.resolve().parent if path is not None else Path.cwd()
         data_dir = (base / _expand(bot.data_dir, env)).resolve()
     else:
-        data_dir = default_home(env) / "data"
+        data_dir, old_data_dir = _default_data_dirs(env)
 
     web: WebConfig = sections["web"]
     config = Config(
         data_dir=data_dir,
+        old_data_dir=old_data_dir,
         telegram_token=env.get("TELEGRAM_BOT_TOKEN", "").strip(),
         discord_token=env.get("DISCORD_BOT_TOKEN", "").strip(),
         web_token=env.get("STYLEBOT_WEB_TOKEN", "").strip() or web.access_token.strip(),

@@ -1,14 +1,16 @@
 """Discord: discord.py gateway events and slash commands in, service replies out.
 
-The adapter only translates. Slash commands (``/selfie``, ``/morph`` ...) are registered globally
-through an ``app_commands.CommandTree``; each interaction is deferred at once (Discord wants an
-answer within 3 s) and the service's first message goes out as the interaction's followup. Prefix
-commands work in DMs and, in servers, when the bot is mentioned (``@stylebot /morph @me @friend``),
-with the same text syntax as Telegram (:func:`bot.parse.parse`); a plain image in a DM is a selfie.
+The adapter only translates. Slash commands (``/selfie``, ``/morph`` ...) are defined in
+:mod:`bot.discord_commands` and registered globally when their definition changed; replies go out
+through :mod:`bot.discord_send`. Prefix commands work in DMs and, in servers, when the bot is
+mentioned (``@stylebot /morph @me @friend``), with the same text syntax as Telegram
+(:func:`bot.parse.parse`); a plain image in a DM is a selfie.
 
-Reading the text of server messages needs the privileged **Message Content** intent: enable it
-for the bot in the Discord developer portal (Bot -> Privileged Gateway Intents), or prefix commands
-in servers will arrive empty (slash commands and DMs work without it).
+No privileged intent is needed: slash commands, DMs and messages that mention the bot carry their
+text and attachments without one. ``[discord] message_content = true`` also asks for the Message
+Content intent (so "@stylebot /selfie" as a reply to a photo posted earlier can read that photo);
+when the application does not have it, the gateway closes with 4014, the adapter says once what to
+enable in the developer portal and connects without it.
 
 ``[discord] api_base`` / ``gateway_url`` point discord.py at a proxy (or a test server). They are
 process-wide settings of discord.py (``Route.BASE``, ``DiscordWebSocket.DEFAULT_GATEWAY``), so one
@@ -21,8 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import time
-from typing import Any, Literal
+from typing import Any
 
 import discord
 import yarl
@@ -30,9 +31,7 @@ from discord import app_commands
 
 from bot.commands import (
     Command,
-    Edit,
     Forget,
-    Help,
     Mix,
     Morph,
     Origin,
@@ -43,8 +42,10 @@ from bot.commands import (
     Target,
 )
 from bot.config import Config, DiscordConfig
-from bot.parse import COMMANDS, parse
-from bot.replies import MAX_PHOTO_BYTES, OOPS, Refusal
+from bot.discord_commands import add_commands, sync_if_changed
+from bot.discord_send import DiscordSender, LiveInteractions
+from bot.parse import parse
+from bot.replies import MAX_PHOTO_BYTES, Refusal, personal_in_a_channel
 from bot.service import Service
 
 __all__ = ["DiscordAdapter", "INTERACTION_WINDOW_S"]
@@ -54,7 +55,7 @@ log = logging.getLogger("stylebot.discord")
 DEFAULT_API_BASE = "https://discord.com/api/v10"
 INTERACTION_WINDOW_S = 15 * 60  # an interaction token accepts followups for 15 minutes
 _WINDOW_MARGIN_S = 60  # stop using the token a minute early; the channel is always there
-_MAX_CONTENT = 2000
+_MAX_RATELIMIT_WAIT_S = 30.0  # the least discord.py allows
 NOT_AN_IMAGE = "That doesn't look like a photo I can read. Please send a JPEG or PNG."
 
 
@@ -73,31 +74,33 @@ def _is_image(att: discord.Attachment) -> bool:
     return (att.content_type or "").lower().startswith("image/")
 
 
-def _target(user: discord.abc.User, asker: discord.abc.User) -> Target:
-    if user.id == asker.id:
-        return Target(me=True)
-    return Target(user_id=str(user.id), username=user.name)
+def _command_word(text: str) -> str:
+    """``"/Me@stylebot extra"`` -> ``"me"``."""
+    return text.split(maxsplit=1)[0].split("@")[0].lstrip("/").lower()
 
 
 class _Client(discord.Client):
-    def __init__(self, adapter: DiscordAdapter, service: Service) -> None:
+    def __init__(self, adapter: DiscordAdapter, service: Service, *, message_content: bool) -> None:
         intents = discord.Intents.none()
         intents.guilds = True
         intents.guild_messages = True
         intents.dm_messages = True
-        intents.message_content = True  # privileged: enable it in the developer portal
-        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none())
+        intents.message_content = message_content  # privileged: enabled in the developer portal
+        # A long rate-limit wait raises instead, so the reply pump retries that chat later.
+        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none(),
+                         max_ratelimit_timeout=_MAX_RATELIMIT_WAIT_S)
         self.adapter, self.service = adapter, service
         self.tree = app_commands.CommandTree(self)
-        _add_commands(self.tree, adapter, service)
+        add_commands(self.tree, adapter, service)
 
     async def setup_hook(self) -> None:
         cfg = self.adapter.config.discord
         if not cfg.gateway_url and cfg.api_base.rstrip("/") != DEFAULT_API_BASE:
             _, url, _ = await self.http.get_bot_gateway()  # a proxy: ask it where its gateway is
             discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(url)
-        commands = await self.tree.sync()
-        log.info("registered %d slash commands", len(commands))
+        assert self.application_id is not None  # login fetched it
+        await sync_if_changed(self.tree, application_id=self.application_id,
+                              stamp=self.adapter.config.data_dir / "discord-commands.json")
 
     async def on_ready(self) -> None:
         log.info("connected to Discord as %s", self.user)
@@ -118,15 +121,35 @@ class DiscordAdapter:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._token = config.discord_token  # never logged
-        self._client: _Client | None = None
+        self.live = LiveInteractions()
+        self._sender = DiscordSender(upload_limit=self.upload_limit, live=self.live)
         self.ready = asyncio.Event()  # set once connected (the gateway's READY and guilds)
+
+    async def deliver(self, reply: Reply) -> dict[str, Any] | None:
+        return await self._sender.deliver(reply)
 
     # --- receiving ---------------------------------------------------------------------------
 
     async def run(self, service: Service, stop: asyncio.Event) -> None:
+        """Connect until ``stop``; without the Message Content intent if Discord refuses it."""
         _point_at(self.config.discord)
-        client = _Client(self, service)
-        self._client = client
+        message_content = self.config.discord.message_content
+        while True:
+            try:
+                await self._connected(service, stop, message_content=message_content)
+                return
+            except discord.PrivilegedIntentsRequired:
+                if not message_content:
+                    raise
+                log.warning("discord: this bot may not use the Message Content intent (gateway close "
+                            "code 4014): enable it in the Developer Portal (Applications -> your bot -> "
+                            "Bot -> Privileged Gateway Intents -> Message Content Intent) or set "
+                            "[discord] message_content = false; connecting without it")
+                message_content = False
+
+    async def _connected(self, service: Service, stop: asyncio.Event, *, message_content: bool) -> None:
+        client = _Client(self, service, message_content=message_content)
+        self._sender.client = client
         async with client:
             runner = asyncio.create_task(client.start(self._token))
             stopper = asyncio.create_task(stop.wait())
@@ -135,6 +158,7 @@ class DiscordAdapter:
             finally:
                 stopper.cancel()
                 await client.close()
+                self._sender.client = None
                 with contextlib.suppress(asyncio.CancelledError):
                     await runner  # re-raises a login failure
                 self.ready.clear()
@@ -194,13 +218,17 @@ class DiscordAdapter:
             cmd = parse(text, origin=origin, photo=photo, reply_target=reply_target,
                         bot_username=me.name)
         except Refusal as refusal:
-            await service.say(origin, str(refusal))
+            await service.say(origin, str(refusal), private=True)
             return
         if cmd is None and photo is not None:
             cmd = Selfie(origin=origin, photo=photo)  # a photo with a mention, in a server
         if cmd is None:
             if private and text:
                 await service.say(origin, "Send me a selfie, or /help for what I can do.")
+            return
+        if not private and isinstance(cmd, ShowFaces | SetPrivacy | Forget):
+            # A channel message cannot be ephemeral: personal answers come through the slash command.
+            await service.say(origin, personal_in_a_channel(_command_word(text)), private=True)
             return
         await service.handle(self._named(cmd, message))
 
@@ -228,144 +256,11 @@ class DiscordAdapter:
             raise Refusal(NOT_AN_IMAGE)
         return await att.read()
 
-    async def on_selfie(self, service: Service, interaction: discord.Interaction,
-                        photo: discord.Attachment, label: str | None) -> None:
-        origin = self.origin_of(interaction)
+    async def on_selfie(self, service: Service, origin: Origin, photo: discord.Attachment,
+                        label: str | None) -> None:
         try:
             data = await self._read_photo(photo, int(origin.reply_to["filesize_limit"]))
         except Refusal as refusal:
-            await service.say(origin, str(refusal))
+            await service.say(origin, str(refusal), private=True)
             return
         await service.handle(Selfie(origin=origin, photo=data, label=label or "default"))
-
-    # --- sending -------------------------------------------------------------------------------
-
-    def _webhook(self, ref: dict[str, Any] | None) -> discord.Webhook | None:
-        """The interaction's followup webhook while its token is still good, else None."""
-        if not ref or self._client is None or time.time() >= float(ref.get("expires_at", 0)):
-            return None
-        return discord.Webhook.partial(int(ref["application_id"]), str(ref["token"]), client=self._client)
-
-    def _files(self, reply: Reply) -> tuple[list[discord.File], str]:
-        limit = min(int(reply.reply_to.get("filesize_limit") or self.upload_limit), self.upload_limit)
-        files, notes = [], []
-        for i, item in enumerate(reply.media):
-            name = f"stylebot-{i + 1}{item.path.suffix}" if i else f"stylebot{item.path.suffix}"
-            if not item.path.exists():
-                notes.append(f"({name} is no longer available.)")
-            elif item.path.stat().st_size > limit:
-                notes.append(f"({name} is too large to upload here.)")
-            else:
-                files.append(discord.File(item.path, filename=name))
-        extra = [m.caption for m in reply.media[1:] if m.caption]
-        text = "\n".join([reply.text, *(f"+ {c}" for c in extra), *notes]).strip()
-        return files, text[:_MAX_CONTENT]
-
-    async def deliver(self, reply: Reply) -> dict[str, Any] | None:
-        client = self._client
-        if client is None:
-            raise RuntimeError("the Discord adapter is not running")
-        files, text = self._files(reply)
-        content = text or None
-        none = discord.AllowedMentions.none()
-        channel_id = int(reply.reply_to["channel_id"])
-        if reply.edit_of is not None:
-            ref = reply.edit_of
-            hook = self._webhook(ref.get("interaction"))
-            kwargs: dict[str, Any] = {"content": content, "allowed_mentions": none}
-            if files or reply.media:
-                kwargs["attachments"] = files
-            if hook is not None:
-                await hook.edit_message(int(ref["message_id"]), **kwargs)
-                return ref
-            if ref.get("interaction") is None:
-                partial = client.get_partial_messageable(int(ref["channel_id"]))
-                await partial.get_partial_message(int(ref["message_id"])).edit(**kwargs)
-                return ref
-            # The followup's token ran out (a long job): say it in the channel instead.
-        hook = self._webhook(reply.reply_to.get("interaction"))
-        if hook is not None:
-            sent = await hook.send(content=content or "", files=files, allowed_mentions=none, wait=True)
-            return {"channel_id": str(sent.channel.id if sent.channel else channel_id),
-                    "message_id": str(sent.id), "interaction": reply.reply_to["interaction"]}
-        channel = client.get_partial_messageable(channel_id)
-        extra: dict[str, Any] = {}
-        if reply.reply_to.get("message_id"):  # answer the user's message (a quiet reply, no ping)
-            extra["reference"] = discord.MessageReference(
-                message_id=int(reply.reply_to["message_id"]), channel_id=channel_id,
-                fail_if_not_exists=False)
-        msg = await channel.send(content=content, files=files, allowed_mentions=none, **extra)
-        return {"channel_id": str(msg.channel.id), "message_id": str(msg.id)}
-
-
-def _add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter, service: Service) -> None:
-    """The slash commands: each defers at once, then hands a command to the service."""
-
-    async def run(interaction: discord.Interaction, build: Any) -> None:
-        await interaction.response.defer()
-        origin = adapter.origin_of(interaction)
-        try:
-            await service.handle(build(origin))
-        except Refusal as refusal:
-            await service.say(origin, str(refusal))
-        except Exception:
-            log.exception("could not handle /%s", interaction.command.name if interaction.command else "?")
-            await service.say(origin, OOPS)  # don't leave the user looking at "thinking..."
-
-    def desc(name: str) -> str:
-        return COMMANDS[name][:100]
-
-    @tree.command(name="selfie", description=desc("selfie"))
-    @app_commands.describe(photo="A clear photo of your face", label="A name for this face (optional)")
-    async def selfie(interaction: discord.Interaction, photo: discord.Attachment,
-                     label: str | None = None) -> None:
-        await interaction.response.defer()
-        try:
-            await adapter.on_selfie(service, interaction, photo, label)
-        except Exception:
-            log.exception("could not handle /selfie")
-            await service.say(adapter.origin_of(interaction), OOPS)
-
-    @tree.command(name="morph", description=desc("morph"))
-    @app_commands.describe(a="From this person", b="To this person", frames="How many frames",
-                           format="mp4 or gif")
-    async def morph(interaction: discord.Interaction, a: discord.User, b: discord.User,
-                    frames: int = 32, format: Literal["mp4", "gif"] = "mp4") -> None:
-        await run(interaction, lambda o: Morph(origin=o, a=_target(a, interaction.user),
-                                               b=_target(b, interaction.user), frames=frames, fmt=format))
-
-    @tree.command(name="edit", description=desc("edit"))
-    @app_commands.describe(text="What to change, e.g. smiling face", strength="-10 to 10 (default 4)",
-                           method="fast (default) or thorough: slower, stronger (like /edit!)")
-    async def edit(interaction: discord.Interaction, text: str,
-                   strength: app_commands.Range[float, -10, 10] | None = None,
-                   method: Literal["fast", "thorough"] = "fast") -> None:
-        how: Literal["global", "optimize"] = "optimize" if method == "thorough" else "global"
-        await run(interaction, lambda o: Edit(origin=o, text=text, strength=strength, method=how))
-
-    @tree.command(name="mix", description=desc("mix"))
-    @app_commands.describe(a="Structure from this person", b="Styles from this person",
-                           layers="Which styles to take from b")
-    async def mix(interaction: discord.Interaction, a: discord.User, b: discord.User,
-                  layers: Literal["coarse", "middle", "fine"] = "coarse") -> None:
-        await run(interaction, lambda o: Mix(origin=o, a=_target(a, interaction.user),
-                                             b=_target(b, interaction.user), layers=layers))
-
-    @tree.command(name="me", description=desc("me"))
-    async def me(interaction: discord.Interaction) -> None:
-        await run(interaction, lambda o: ShowFaces(origin=o))
-
-    @tree.command(name="privacy", description=desc("privacy"))
-    @app_commands.describe(policy="Leave empty to see your current setting")
-    async def privacy(interaction: discord.Interaction,
-                      policy: Literal["everyone", "chat", "nobody"] | None = None) -> None:
-        await run(interaction, lambda o: SetPrivacy(origin=o, policy=policy))
-
-    @tree.command(name="forget", description=desc("forget"))
-    @app_commands.describe(confirm="True to erase everything I keep about you")
-    async def forget(interaction: discord.Interaction, confirm: bool = False) -> None:
-        await run(interaction, lambda o: Forget(origin=o, confirmed=confirm))
-
-    @tree.command(name="help", description=desc("help"))
-    async def help_(interaction: discord.Interaction) -> None:
-        await run(interaction, lambda o: Help(origin=o))

@@ -6,10 +6,11 @@ import io
 import re
 import unicodedata
 import warnings
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from bot.commands import Media, Reply
 from storage.media import MediaStore
@@ -18,12 +19,14 @@ from storage.models import Face, Job
 __all__ = [
     "BUSY",
     "CHAT_JOBS_OPEN",
+    "DONE",
     "FORGET_CONFIRM",
     "FORGOTTEN",
     "HELP",
     "MAX_PHOTO_BYTES",
     "MAX_PHOTO_PIXELS",
     "MIN_PHOTO_SIDE",
+    "NAME_LOOKS_TAKEN",
     "NO_OWN_FACE",
     "OOPS",
     "STORAGE_FULL",
@@ -39,7 +42,9 @@ __all__ = [
     "frames_range",
     "no_consent",
     "no_face_for",
+    "personal_in_a_channel",
     "photo_suffix",
+    "photo_too_large",
     "privacy_text",
     "queued",
     "same_face",
@@ -72,6 +77,8 @@ NO_OWN_FACE = "I don't have your face yet. Send me a selfie first."
 FORGET_CONFIRM = ("This erases your saved faces, photos, results and settings, for good. "
                   "Send /forget yes to confirm.")
 FORGOTTEN = "Done: I have erased everything I kept about you."
+NAME_LOOKS_TAKEN = "That name looks just like someone else's here. Please pick a name of your own."
+DONE = "Done."  # a progress message, once the result went out beside it
 
 _IMAGE_MAGIC = {b"\xff\xd8\xff": ".jpg", b"\x89PNG\r\n\x1a\n": ".png", b"GIF87a": ".gif",
                 b"GIF89a": ".gif", b"BM": ".bmp", b"II*\x00": ".tif", b"MM\x00*": ".tif"}
@@ -80,6 +87,8 @@ _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # markers without a le
 _TOO_MANY_PIXELS = (f"That image is too large (over {MAX_PHOTO_PIXELS // 1_000_000} megapixels). "
                     "Please send a smaller one.")
 _DAMAGED = "I couldn't read that image; the file seems to be damaged. Please send it again."
+_BOMB = ("That image is too large: it unpacks to far more data than a photo holds. "
+         "Please send a regular JPEG or PNG.")
 _CUT_OFF = "That photo is incomplete (the file was cut off). Please send it again."
 # Format characters clean_text keeps: ZWNJ, ZWJ (emoji sequences such as a woman astronaut with a
 # skin tone), and the tag characters of subdivision flags.
@@ -108,13 +117,15 @@ def check_photo(data: bytes, *, max_bytes: int = MAX_PHOTO_BYTES) -> None:
     if not data:
         raise Refusal("That file is empty. Please send a photo.")
     if len(data) > max_bytes:
-        raise Refusal(f"That photo is too large (over {max_bytes // (1024 * 1024)} MB).")
+        raise Refusal(photo_too_large(max_bytes))
     if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
         raise Refusal("That's a HEIC photo, which I can't read. Please send it as a JPEG or PNG "
                       "(on an iPhone: send it as a photo, not as a file).")
     suffix = photo_suffix(data)
     if not suffix:
         raise Refusal("That doesn't look like a photo I can read. Please send a JPEG or PNG.")
+    if suffix == ".png" and _png_unpacks_too_much(data):
+        raise Refusal(_BOMB)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # odd metadata is the engine's business, not a refusal
@@ -138,6 +149,41 @@ def check_photo(data: bytes, *, max_bytes: int = MAX_PHOTO_BYTES) -> None:
                 image.verify()  # chunk by chunk to the end, checksums; no pixels decoded
             except Exception:
                 raise Refusal(_CUT_OFF) from None
+
+
+def photo_too_large(max_bytes: int) -> str:
+    return f"That photo is too large (over {max_bytes // (1024 * 1024)} MB)."
+
+
+def _png_packed(kind: bytes, body: bytes) -> bytes | None:
+    """The zlib stream of a PNG chunk that holds one (a colour profile, compressed text)."""
+    if kind in (b"iCCP", b"zTXt"):
+        return body.partition(b"\0")[2][1:]  # name, NUL, compression method, data
+    if kind == b"iTXt":
+        rest = body.partition(b"\0")[2]  # keyword, NUL, compressed?, method, language, NUL, ...
+        if rest[:1] != b"\x01":
+            return None
+        return rest[2:].partition(b"\0")[2].partition(b"\0")[2]
+    return None
+
+
+def _png_unpacks_too_much(data: bytes) -> bool:
+    """Whether a compressed chunk of a PNG unpacks to more than Pillow takes: a decompression bomb.
+    Read on the raw chunks, as Pillow only unpacks those after the pixels when it decodes them."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        packed = _png_packed(data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length])
+        if packed is not None:
+            stream = zlib.decompressobj()
+            try:
+                stream.decompress(packed, PngImagePlugin.MAX_TEXT_CHUNK)
+            except zlib.error:
+                return False  # damaged: said as such by the checks that follow
+            if stream.unconsumed_tail:
+                return True
+        pos += 12 + length
+    return False
 
 
 def _jpeg_complete(data: bytes) -> bool:
@@ -205,6 +251,12 @@ def unknown_person(who: str, platform: str) -> str:
         return (f"I don't know {who} yet. On Telegram I only know people who have talked to me "
                 "or in a chat I'm in; ask them to send /start or a selfie.")
     return f"I don't know {who} yet. Ask them to send me a selfie."
+
+
+def personal_in_a_channel(command: str) -> str:
+    """A personal command (``/me``, ``/privacy``, ``/forget``) written in a Discord server channel."""
+    return (f"Only you should see that answer: use the slash command /{command} here (its answer is "
+            "shown to you alone), or send it to me in a direct message.")
 
 
 def same_face(kind: str) -> str:

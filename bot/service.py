@@ -4,7 +4,8 @@ It owns policy (consent, per-user and per-chat limits, the queue cap) and never 
 the engine runs in its own process and talks to the service only through the jobs table and
 the media store. Replies go through the ``deliver`` callback an adapter provides; it returns a
 reference to the message it sent, which the service keeps on the job so that progress updates
-edit that message in place.
+edit that message in place. Finished jobs' replies go out through :mod:`bot.reply_pump`.
+Answers that concern only the asker (refusals, errors, /me, /privacy, /forget) are private.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import errno
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -26,6 +27,7 @@ from bot.commands import (
     Edit,
     Forget,
     Help,
+    Media,
     Mix,
     Morph,
     Origin,
@@ -36,7 +38,9 @@ from bot.commands import (
     Target,
 )
 from bot.config import Config
+from bot.delivery import DeliveryFailed, RetryPolicy, Undeliverable
 from bot.replies import Refusal
+from bot.reply_pump import Deliver, ReplyPump
 from storage.media import MediaStore
 from storage.models import Job, User
 from storage.queue import JobQueue
@@ -45,9 +49,6 @@ __all__ = ["Deliver", "Service"]
 
 log = logging.getLogger("stylebot.service")
 
-# Sends (or edits) a message; returns a reference the adapter can later edit, or None.
-Deliver = Callable[[Reply], Awaitable[dict[str, Any] | None]]
-
 
 class Service:
     def __init__(
@@ -55,10 +56,11 @@ class Service:
         config: Config, deliver: Deliver, clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sessions, self.queue, self.media = sessions, queue, media
-        self.config, self.deliver = config, deliver
+        self.config = config
         self.clock = clock
         self._recent: defaultdict[tuple[str, str], deque[float]] = defaultdict(deque)
-        self._shown_progress: dict[str, float] = {}
+        self.replies = ReplyPump(sessions=sessions, queue=queue, media=media, deliver=deliver,
+                                 policy=RetryPolicy.from_config(config.delivery), clock=clock)
 
     # --- commands ------------------------------------------------------------------------
 
@@ -80,10 +82,22 @@ class Service:
             elif isinstance(cmd, Forget):
                 await self._forget(cmd)
         except Refusal as refusal:
-            await self.say(cmd.origin, str(refusal))
+            await self.say(cmd.origin, str(refusal), private=True)
 
-    async def say(self, origin: Origin, text: str) -> dict[str, Any] | None:
-        return await self.deliver(Reply(reply_to=origin.reply_to, text=text))
+    async def say(self, origin: Origin, text: str, *, media: tuple[Media, ...] = (),
+                  private: bool = False) -> dict[str, Any] | None:
+        """Answer a command now; None when the platform would not take it (logged in one line)."""
+        try:
+            return await self.replies.send_now(Reply(reply_to=origin.reply_to, text=text, media=media,
+                                                     private=private))
+        except DeliveryFailed as exc:
+            log.warning("could not answer a %s command: %s", origin.platform, exc.reason)
+            return None
+
+    async def usernames(self, platform: str) -> list[str]:
+        """The names people have on ``platform`` (the web chat checks new ones against them)."""
+        async with self.sessions() as s:
+            return await repo.usernames(s, platform=platform)
 
     async def _user_and_chat(self, s: AsyncSession, origin: Origin) -> tuple[User, int]:
         user = await repo.get_or_create_user(
@@ -123,11 +137,22 @@ class Service:
             timeout_s=float(getattr(self.config.timeouts, kind)))
 
     async def _queued(self, origin: Origin, job: Job, what: str) -> None:
-        """The job row is committed: tell the workers and the user; remember the message."""
+        """The job row is committed: tell the workers and the user; remember the message.
+
+        A chat that cannot be reached gets no result later either; one that cannot take the note
+        now gets the result as a new message."""
         await self.queue.notify([job.id])
         async with self.sessions() as s:
             position = await repo.queue_position(s, job_id=job.id)
-        ref = await self.say(origin, replies.queued(what, position))
+        try:
+            ref = await self.replies.send_now(Reply(reply_to=origin.reply_to,
+                                                    text=replies.queued(what, position)))
+        except Undeliverable as exc:
+            await self.replies.not_deliverable(job.id, exc.reason)
+            return
+        except DeliveryFailed as exc:
+            log.info("job %s: the queued note was not sent: %s", job.id, exc.reason)
+            return
         if ref is not None:
             async with self.sessions.begin() as s:
                 await repo.set_reply_ref(s, job_id=job.id, ref=ref)
@@ -217,7 +242,7 @@ class Service:
             faces = await repo.list_faces(s, user_id=me.id)
             text = replies.faces_summary(faces, me.privacy)
             media = tuple(replies.face_media(self.media, f) for f in faces[:4])
-        await self.deliver(Reply(reply_to=cmd.origin.reply_to, text=text, media=media))
+        await self.say(cmd.origin, text, media=media, private=True)
 
     async def _privacy(self, cmd: SetPrivacy) -> None:
         async with self.sessions.begin() as s:
@@ -225,11 +250,11 @@ class Service:
             if cmd.policy is not None:
                 await repo.set_privacy(s, user_id=me.id, policy=cmd.policy)
             policy = cmd.policy or me.privacy
-        await self.say(cmd.origin, replies.privacy_text(policy))
+        await self.say(cmd.origin, replies.privacy_text(policy), private=True)
 
     async def _forget(self, cmd: Forget) -> None:
         if not cmd.confirmed:
-            await self.say(cmd.origin, replies.FORGET_CONFIRM)
+            await self.say(cmd.origin, replies.FORGET_CONFIRM, private=True)
             return
         async with self.sessions.begin() as s:
             user = await repo.find_user(s, platform=cmd.origin.platform,
@@ -239,81 +264,14 @@ class Service:
             still_used = await repo.referenced_media_keys(s)
         for key in set(keys) - still_used:  # the same photo may be someone else's too
             self.media.delete(key)
-        await self.say(cmd.origin, replies.FORGOTTEN)
+        await self.say(cmd.origin, replies.FORGOTTEN, private=True)
 
     # --- completions -----------------------------------------------------------------------
 
     async def pump_once(self, *, stop: asyncio.Event | None = None) -> int:
-        """Send progress edits and final replies that are due (once ``stop`` is set, no more than
-        the one being sent). Returns replies sent."""
-        async with self.sessions() as s:
-            running = await repo.jobs_in_progress(s)
-            done = await repo.jobs_to_reply(s, limit=50)
-        for job in running:
-            await self._progress(job)
-        # Each chat's replies go out in order, chats side by side: a group held back by the
-        # platform's per-group send limit must not hold up the replies to everyone else.
-        by_chat: dict[tuple[Any, Any], list[Job]] = {}
-        for job in done:
-            by_chat.setdefault(_chat_of(job), []).append(job)
-        sent = await asyncio.gather(*(self._reply_in_order(jobs, stop) for jobs in by_chat.values()))
-        return sum(sent)
-
-    async def _reply_in_order(self, jobs: list[Job], stop: asyncio.Event | None) -> int:
-        sent = 0
-        for job in jobs:
-            if stop is not None and stop.is_set():
-                break
-            try:
-                reply = replies.final_reply(job, self.media)
-            except Exception:  # a result we cannot show: say so rather than stall every reply
-                log.exception("job %s finished with a result the bot cannot show", job.id)
-                reply = Reply(reply_to=job.reply_to, text=replies.OOPS,
-                              edit_of=(job.reply_to or {}).get("progress_ref"))
-            try:
-                await self.deliver(reply)
-            except Exception:  # the platform is down: keep the job, retry on the next pass
-                log.exception("could not deliver the reply for job %s", job.id)
-                continue
-            async with self.sessions.begin() as s:
-                await repo.mark_replied(s, job_id=job.id)
-            self._shown_progress.pop(job.id, None)
-            sent += 1
-        return sent
-
-    async def _progress(self, job: Job) -> None:
-        ref = (job.reply_to or {}).get("progress_ref")
-        shown = self._shown_progress.get(job.id, -1.0)
-        # Private chats see every 10%; a group sees "Working..." once: platforms cap the messages
-        # a bot may send to one group (Telegram: 20 a minute), and results matter more there.
-        step = 1.0 if (job.reply_to or {}).get("group") else 0.1
-        if ref is None or job.status != "running" or job.progress - shown < step:
-            return
-        self._shown_progress[job.id] = job.progress
-        try:
-            await self.deliver(Reply(reply_to=job.reply_to, text=replies.working(job), edit_of=ref,
-                                     final=False))
-        except Exception:
-            log.warning("could not update the progress message of job %s", job.id)
+        """Send the replies and progress edits that are due; returns replies delivered."""
+        return await self.replies.pump_once(stop=stop)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Send replies and progress until ``stop``: after each event a worker announces, or
-        every ``queue.poll_s`` when none comes (the jobs table is the truth either way)."""
-        stopping = asyncio.create_task(stop.wait())
-        try:
-            while not stop.is_set():
-                try:
-                    await self.pump_once(stop=stop)
-                except Exception:
-                    log.exception("reply pump failed; retrying")
-                event = asyncio.create_task(self.queue.changed(self.queue.poll_s))
-                await asyncio.wait([stopping, event], return_when=asyncio.FIRST_COMPLETED)
-                event.cancel()
-        finally:
-            stopping.cancel()
-
-
-def _chat_of(job: Job) -> tuple[Any, Any]:
-    """Where a job's reply goes: its platform and chat (the user, for a job without a chat)."""
-    to = job.reply_to or {}
-    return to.get("platform"), job.chat_id if job.chat_id is not None else ("user", job.user_id)
+        """Send replies and progress until ``stop`` (:class:`bot.reply_pump.ReplyPump`)."""
+        await self.replies.run(stop)

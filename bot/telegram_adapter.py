@@ -16,7 +16,10 @@ The bot token is never logged: a filter redacts it from the HTTP client's and PT
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import logging
+import os
 from collections.abc import Awaitable, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -29,7 +32,7 @@ from telegram import (
     ReplyParameters,
     Update,
 )
-from telegram.error import BadRequest, Forbidden, TelegramError
+from telegram.error import BadRequest, ChatMigrated, Forbidden, RetryAfter, TelegramError
 from telegram.ext import (
     AIORateLimiter,
     Application,
@@ -41,6 +44,7 @@ from telegram.ext import (
 
 from bot.commands import Media, Origin, Reply, Target
 from bot.config import Config
+from bot.delivery import DeliveryFailed, TryLater, Undeliverable
 from bot.parse import COMMANDS, parse
 from bot.replies import Refusal
 from bot.service import Service
@@ -53,9 +57,12 @@ _MB = 1024 * 1024
 _TEXT_MAX = 4096  # Telegram's limits, in characters
 _CAPTION_MAX = 1024
 _UPDATES_PER_CHAT = 8  # one chat's messages handled at a time; the rest of that chat's wait
+_DRAIN_S = 10.0  # on stop, how long the replies being sent may take before the client closes
 _UPDATES_IN_ALL = 4096  # every waiting update is held in memory (a few kB each)
 _LOGGERS = ("httpx", "httpcore", "telegram", "telegram.ext", "telegram.Bot", "telegram.ext.Updater",
-            "telegram.ext.Application", "telegram.ext.ExtBot", "telegram.request")
+            "telegram.ext.Application", "telegram.ext.ExtBot", "telegram.request",
+            "telegram.ext.AIORateLimiter")
+_RATE_LIMITER_LOG = "telegram.ext.AIORateLimiter"
 
 NOT_A_PHOTO = "That file isn't a photo I can read. Please send a JPEG or PNG photo."
 
@@ -78,6 +85,12 @@ class _Redact(logging.Filter):
         # Freeze the text: PTB logs dicts it later fills in (file paths become URLs with the token).
         record.msg, record.args = text, None
         return True
+
+
+def _not_a_passed_on_429(record: logging.LogRecord) -> bool:
+    """Drops the rate limiter's traceback for a 429 it passes on (it retries none): the reply pump
+    logs the wait in one line and tries that chat again later."""
+    return not str(record.msg).startswith("Rate limit hit after maximum")
 
 
 class _ChatsSideBySide(BaseUpdateProcessor):
@@ -130,13 +143,19 @@ class TelegramAdapter:
     platform = "telegram"
 
     def __init__(self, config: Config, *, poll_timeout: int = 10) -> None:
+        # PTB's coming behaviour, opted into: time periods (a 429's retry_after) as timedelta, not
+        # a deprecation warning each time Telegram asks the bot to wait.
+        os.environ.setdefault("PTB_TIMEDELTA", "true")
         tg = config.telegram
         self._max_photo = tg.max_photo_mb * _MB
         self._max_download = tg.max_download_mb * _MB
         self._poll_timeout = poll_timeout
         self._redact = _Redact(config.telegram_token)
-        for name in _LOGGERS:  # before build(): PTB logs its API URLs, token inside, at DEBUG
+        # Before build(), and for good: PTB and httpx log API URLs, token inside, even for a request
+        # that ends after the adapter stopped.
+        for name in _LOGGERS:
             logging.getLogger(name).addFilter(self._redact)
+        logging.getLogger(_RATE_LIMITER_LOG).addFilter(_not_a_passed_on_429)
         self.app = (
             Application.builder()
             .token(config.telegram_token)
@@ -147,34 +166,39 @@ class TelegramAdapter:
             .build()
         )
         self._service: Service | None = None
+        self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
+        self.app.add_error_handler(self._on_error)
+        self._open = False  # replies go out only while the Bot API client is open
+        self._sending = 0
+        self._idle = asyncio.Event()  # no reply being sent: the client may close
+        self._idle.set()
 
     # --- receiving ---------------------------------------------------------------------------
 
     async def run(self, service: Service, stop: asyncio.Event) -> None:
-        """Poll for updates until ``stop`` is set, then stop polling and close the HTTP client."""
+        """Poll for updates until ``stop`` is set, then stop polling and close the HTTP client once
+        the replies being sent are out (it may run again after it failed)."""
         self._service = service
-        self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
-        self.app.add_error_handler(self._on_error)
-        try:
-            async with self.app:  # initialize (getMe) ... shutdown
+        updater = self.app.updater
+        assert updater is not None  # the builder makes one
+        async with self.app:  # initialize (getMe) ... shutdown
+            self._open = True
+            try:
                 await self.app.bot.set_my_commands(
                     [BotCommand(name, _clip(text, 256)) for name, text in COMMANDS.items()])
-                updater = self.app.updater
-                assert updater is not None  # the builder makes one
                 await updater.start_polling(timeout=self._poll_timeout, allowed_updates=["message"],
                                             error_callback=self._on_poll_error)
                 await self.app.start()
                 log.info("telegram: polling as @%s", self.app.bot.username)
-                try:
-                    await stop.wait()
-                finally:
-                    if updater.running:
-                        await updater.stop()
-                    if self.app.running:
-                        await self.app.stop()
-        finally:
-            for name in _LOGGERS:
-                logging.getLogger(name).removeFilter(self._redact)
+                await stop.wait()
+            finally:
+                self._open = False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), _DRAIN_S)
+                if updater.running:
+                    await updater.stop()
+                if self.app.running:
+                    await self.app.stop()
 
     def _on_poll_error(self, exc: TelegramError) -> None:
         log.warning("telegram: polling failed (%s); retrying", type(exc).__name__)
@@ -245,7 +269,7 @@ class TelegramAdapter:
             cmd = parse(text, origin=origin, photo=photo, reply_target=reply_target,
                         bot_username=self.app.bot.username)
         except Refusal as refusal:
-            await service.say(origin, str(refusal))
+            await service.say(origin, str(refusal), private=True)
             return
         if cmd is not None:
             await service.handle(cmd)
@@ -283,17 +307,33 @@ class TelegramAdapter:
     # --- sending -----------------------------------------------------------------------------
 
     async def deliver(self, reply: Reply) -> dict[str, Any] | None:
-        """Send (or edit) one reply. Network errors propagate: the service retries later."""
+        """Send (or edit) one reply; the platform's refusals come out as :mod:`bot.delivery` errors.
+
+        A result with pictures is always a new message (a text message cannot become a photo):
+        the service then edits the progress message on its own."""
+        if not self._open:
+            raise TryLater("telegram: not connected")
+        self._sending += 1
+        self._idle.clear()
+        try:
+            return await self._deliver(reply)
+        except TelegramError as exc:
+            raise _outcome(exc) from None
+        finally:
+            self._sending -= 1
+            if not self._sending:
+                self._idle.set()
+
+    async def _deliver(self, reply: Reply) -> dict[str, Any] | None:
         chat_id = reply.reply_to["chat_id"]
-        # When the progress message is gone, the text goes out as a new message.
-        if (reply.edit_of is not None and not reply.media
-                and await self._edit(reply.edit_of, chat_id, reply.text)):
-            return dict(reply.edit_of)
+        if reply.edit_of is not None and not reply.media:
+            if await self._edit(reply.edit_of, chat_id, reply.text):
+                return dict(reply.edit_of)
+            if reply.edit_only:
+                return None
         params = self._reply_params(reply)
         if reply.media:
             sent = await self._send_media(chat_id, reply.media, reply.text, params)
-            if reply.edit_of is not None:
-                await self._edit(reply.edit_of, chat_id, "Done.")
             return {"chat_id": chat_id, "message_id": sent[0].message_id}
         message = await self.app.bot.send_message(chat_id, _clip(reply.text or "…", _TEXT_MAX),
                                                   reply_parameters=params)
@@ -315,9 +355,9 @@ class TelegramAdapter:
         except BadRequest as exc:
             if "not modified" in str(exc).lower():
                 return True
+            if _chat_gone(exc):
+                raise
             log.info("telegram: could not edit message %s: %s", ref.get("message_id"), exc)
-            return False
-        except Forbidden:
             return False
         return True
 
@@ -345,6 +385,27 @@ class TelegramAdapter:
                 sent.append(await bot.send_document(chat_id, _file(m), caption=caption,
                                                     reply_parameters=p))
         return sent
+
+
+def _chat_gone(exc: BadRequest) -> bool:
+    text = str(exc).lower()
+    return "chat not found" in text or "chat_id is empty" in text or "peer_id_invalid" in text
+
+
+def _outcome(exc: TelegramError) -> DeliveryFailed:
+    """What a Bot API error means for the message: never (the chat is gone or refuses the bot, or
+    Telegram rejects this request as it is) or later (rate limit, server or network trouble)."""
+    if isinstance(exc, RetryAfter):
+        wait = exc.retry_after
+        seconds = wait.total_seconds() if isinstance(wait, dt.timedelta) else float(wait)
+        return TryLater(f"telegram: flood control, retry after {seconds:g} s", retry_after=seconds)
+    if isinstance(exc, Forbidden):
+        return Undeliverable(f"telegram: {exc.message}")
+    if isinstance(exc, ChatMigrated):
+        return Undeliverable("telegram: the group became a supergroup")
+    if isinstance(exc, BadRequest):  # sent again, the same request gets the same answer
+        return Undeliverable(f"telegram: {exc.message}")
+    return TryLater(f"telegram: {type(exc).__name__}: {exc.message}")
 
 
 def _file(media: Media, *, attach: bool = False) -> InputFile:

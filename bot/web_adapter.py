@@ -36,8 +36,9 @@ from aiohttp import BodyPartReader, WSCloseCode, web
 
 from bot.commands import Origin, Reply
 from bot.config import Config, ConfigError, is_loopback
+from bot.names import skeleton
 from bot.parse import parse
-from bot.replies import OOPS, Refusal, check_photo
+from bot.replies import NAME_LOOKS_TAKEN, OOPS, Refusal, check_photo, photo_too_large
 from bot.service import Service
 from bot.web_http import Access, MediaShelf, page_routes, security_headers
 
@@ -109,6 +110,7 @@ class WebAdapter:
         self._sockets: set[web.WebSocketResponse] = set()
         self._banner = banner
         self._service: Service | None = None
+        self._names: dict[str, str] | None = None  # skeleton -> the name (case folded) that has it
 
     @property
     def url(self) -> str:
@@ -187,9 +189,13 @@ class WebAdapter:
         service = self._service
         assert service is not None  # set before the app serves
         post = await self._read_post(request)
-        name = unicodedata.normalize("NFC", post.name.strip())
+        if post.photo is not None and len(post.photo) > self._max_upload:
+            return web.json_response({"error": photo_too_large(self._max_upload)}, status=413)
+        name = unicodedata.normalize("NFKC", post.name.strip())
         if not _NAME.fullmatch(name) or name.casefold() in ("me", "myself"):
             return web.json_response({"error": BAD_NAME}, status=400)
+        if not await self._claim(name, service):
+            return web.json_response({"error": NAME_LOOKS_TAKEN}, status=400)
         said = self._add(_Message(id=self._next_id(), role="user", name=name, text=post.text,
                                   photo=(post.photo_name or "photo") if post.photo is not None else None))
         await self._broadcast("message", said)
@@ -198,6 +204,15 @@ class WebAdapter:
                         reply_to={"platform": self.platform, "message_id": said.id, "name": name})
         await self._handle(service, origin, post)
         return web.json_response({"ok": True, "id": said.id})
+
+    async def _claim(self, name: str, service: Service) -> bool:
+        """Whether ``name`` may speak: it is new, or the same name (any case) spoke before; a name
+        that only looks like another one (:func:`bot.names.skeleton`) may not."""
+        if self._names is None:
+            known = await service.usernames(self.platform)
+            self._names = {skeleton(other): other.casefold() for other in known}
+        holder = self._names.setdefault(skeleton(name), name.casefold())
+        return holder == name.casefold()
 
     async def _handle(self, service: Service, origin: Origin, post: _Post) -> None:
         text = post.text.strip()
@@ -209,7 +224,7 @@ class WebAdapter:
                 photo = self._check_photo(post) if selfie else None
                 cmd = parse(text, origin=origin, photo=photo, reply_target=None, bot_username=None)
             except Refusal as refusal:
-                await service.say(origin, str(refusal))
+                await service.say(origin, str(refusal), private=True)
                 return
             if cmd is None:
                 await service.say(origin, NOT_A_COMMAND)
@@ -218,7 +233,7 @@ class WebAdapter:
         except Exception:  # no traceback for users: a friendly line, the details in the log
             log.exception("web chat: could not handle a message")
             with contextlib.suppress(Exception):
-                await service.say(origin, OOPS)
+                await service.say(origin, OOPS, private=True)
 
     def _check_photo(self, post: _Post) -> bytes:
         assert post.photo is not None
@@ -305,9 +320,11 @@ def _command(text: str) -> str:
 
 
 async def _read_capped(part: BodyPartReader, limit: int) -> bytes:
-    """At most ``limit`` bytes of a part (more than ``limit - 1`` means it was too large)."""
+    """At most ``limit`` bytes of a part (more than ``limit - 1`` means it was too large).
+
+    Whole chunks only: aiohttp cannot read fewer bytes at a time than its boundary is long."""
     chunks, size = [], 0
-    while size < limit and (chunk := await part.read_chunk(min(65536, limit - size))):
+    while size < limit and (chunk := await part.read_chunk()):
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)[:limit]

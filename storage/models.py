@@ -36,6 +36,7 @@ __all__ = [
     "CHAT_KINDS",
     "JOB_STATUSES",
     "PRIVACY_POLICIES",
+    "REPLY_OUTCOMES",
     "Base",
     "Chat",
     "ChatMember",
@@ -50,6 +51,7 @@ __all__ = [
 PRIVACY_POLICIES = ("everyone", "chat", "nobody")
 CHAT_KINDS = ("private", "group")
 JOB_STATUSES = ("queued", "running", "done", "failed")
+REPLY_OUTCOMES = ("delivered", "undeliverable", "gave_up")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -195,4 +197,11 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+    # Delivering the reply (storage.repo.delivery): set once the bot is done with it, whatever the outcome.
     replied_at: Mapped[datetime | None] = mapped_column()
+    reply_outcome: Mapped[str | None] = mapped_column(String(16))
+    reply_error: Mapped[str | None] = mapped_column(Text)  # why it was not (fully) delivered
+    # "tidy": the result is out; the progress message beside it is still to be edited
+    reply_step: Mapped[str | None] = mapped_column(String(16))
+    reply_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    reply_after: Mapped[datetime | None] = mapped_column()  # not before (a platform asked to wait)

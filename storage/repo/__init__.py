@@ -5,6 +5,15 @@ owns the transaction (``async with sessions.begin() as s: ...``): these function
 commit, so several calls commit or roll back together.
 """
 
+from storage.repo.delivery import (
+    TIDY,
+    end_reply,
+    lane_of,
+    mark_replied,
+    mark_result_sent,
+    postpone_reply,
+    replies_due,
+)
 from storage.repo.faces import (
     face_media_keys,
     forget_user,
@@ -29,8 +38,6 @@ from storage.repo.jobs import (
     heartbeat,
     hold_job,
     jobs_in_progress,
-    jobs_to_reply,
-    mark_replied,
     queue_position,
     queued_job_ids,
     recover_jobs,
@@ -48,14 +55,17 @@ from storage.repo.people import (
     get_user,
     is_member,
     set_privacy,
+    usernames,
 )
 
 __all__ = [
+    "TIDY",
     "add_member",
     "claim_jobs",
     "count_open_jobs",
     "count_queued",
     "create_job",
+    "end_reply",
     "face_media_keys",
     "fail_job",
     "find_user",
@@ -71,17 +81,20 @@ __all__ = [
     "hold_job",
     "is_member",
     "jobs_in_progress",
-    "jobs_to_reply",
+    "lane_of",
     "latent_of",
     "latest_face",
     "list_faces",
     "mark_replied",
+    "mark_result_sent",
     "orphaned_media_keys",
+    "postpone_reply",
     "queue_position",
     "queued_job_ids",
     "recover_jobs",
     "referenced_media_keys",
     "release_jobs",
+    "replies_due",
     "requeue_expired",
     "save_face",
     "set_privacy",
@@ -89,4 +102,5 @@ __all__ = [
     "set_reply_ref",
     "share_face",
     "shared_in_chat",
+    "usernames",
 ]

@@ -1,9 +1,10 @@
 """The durable job queue: the bot inserts rows, engine workers claim, run and finish them.
 
 Life of a job: ``queued`` -> (claim) ``running`` under a lease -> ``done`` | ``failed``; then the
-bot replies and stamps ``replied_at``. A worker holds a lease (``lease_owner``, ``lease_until``)
-and extends it with ``heartbeat``; ``requeue_expired`` puts jobs whose worker vanished (lease
-past) or that ran past ``timeout_s`` back in the queue, or fails them after ``max_attempts``;
+bot replies and stamps ``replied_at`` (:mod:`storage.repo.delivery`). A worker holds a lease
+(``lease_owner``, ``lease_until``) and extends it with ``heartbeat``; ``requeue_expired`` puts
+jobs whose worker vanished (lease past) or that ran past ``timeout_s`` back in the queue, or
+fails them after ``max_attempts``;
 ``recover_jobs`` does the same at once for the jobs a restarted worker's id still holds.
 Every state change is one conditional UPDATE (``WHERE status = 'running' AND lease_owner =
 :worker``), so a worker that lost its lease cannot finish, fail or requeue a job another worker
@@ -60,8 +61,6 @@ __all__ = [
     "heartbeat",
     "hold_job",
     "jobs_in_progress",
-    "jobs_to_reply",
-    "mark_replied",
     "queue_position",
     "queued_job_ids",
     "recover_jobs",
@@ -260,24 +259,11 @@ async def release_jobs(s: AsyncSession, *, worker: str) -> int:
     return len(await _update(s, *_held_by(worker), values=values))
 
 
-async def jobs_to_reply(s: AsyncSession, *, limit: int = 50) -> list[Job]:
-    """Finished (done or failed) jobs not yet replied to, oldest first.
-
-    Rows loaded earlier in the session (e.g. by ``jobs_in_progress``, still running then) are
-    refreshed: a job that finished in between comes back done, with its result."""
-    query = (select(Job).where(Job.status.in_(("done", "failed")), Job.replied_at.is_(None))
-             .order_by(Job.created_at, Job.id).limit(limit))
-    return list(await s.scalars(query, execution_options={"populate_existing": True}))
-
-
-async def mark_replied(s: AsyncSession, *, job_id: str) -> bool:
-    changed = await _update(s, Job.id == job_id, Job.replied_at.is_(None), values={"replied_at": utcnow()})
-    return bool(changed)
-
-
 async def jobs_in_progress(s: AsyncSession) -> list[Job]:
-    """Running jobs, oldest first (for progress messages), refreshed like ``jobs_to_reply``'s."""
-    query = select(Job).where(Job.status == "running").order_by(Job.created_at, Job.id)
+    """Running jobs whose reply has not ended (a chat known to be unreachable gets no progress),
+    oldest first, for progress messages; rows already loaded in the session are refreshed."""
+    query = (select(Job).where(Job.status == "running", Job.replied_at.is_(None))
+             .order_by(Job.created_at, Job.id))
     return list(await s.scalars(query, execution_options={"populate_existing": True}))
 
 

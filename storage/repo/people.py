@@ -17,6 +17,7 @@ __all__ = [
     "get_user",
     "is_member",
     "set_privacy",
+    "usernames",
 ]
 
 
@@ -80,6 +81,12 @@ async def find_user_by_username(s: AsyncSession, *, platform: str, username: str
     return await s.scalar(
         select(User).where(User.platform == platform, User.username_key == key)
         .order_by(User.id.desc()).limit(1))
+
+
+async def usernames(s: AsyncSession, *, platform: str) -> list[str]:
+    """The usernames people have on ``platform``."""
+    query = select(User.username).where(User.platform == platform, User.username.is_not(None))
+    return [name for name in await s.scalars(query) if name]
 
 
 async def set_privacy(s: AsyncSession, *, user_id: int, policy: str) -> None:

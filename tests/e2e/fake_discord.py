@@ -3,6 +3,11 @@
 The real discord.py client (through :class:`bot.discord_adapter.DiscordAdapter`) talks to it on
 127.0.0.1. Everything the bot does is recorded for assertions; helpers push gateway events
 (messages, slash-command interactions) as Discord would.
+
+It says no as Discord does: :meth:`FakeDiscord.refuse` makes a route (channel messages and their
+edits, followups and their edits) answer 403 / 404 / 429 with ``retry_after`` / 500, in one channel
+or all, always or a number of times; ``refused_intents`` makes the gateway close with 4014 when the
+bot identifies with a privileged intent the application was not granted.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, WSMsgType, web
 
-__all__ = ["FakeDiscord", "Sent"]
+__all__ = ["ROUTES", "FakeDiscord", "Sent"]
 
 APP_ID = "900000000000000001"
 BOT_ID = APP_ID
@@ -52,6 +57,7 @@ class Sent:
     reference: Any = None
     edits: list[dict[str, Any]] = field(default_factory=list)  # each edit's JSON payload
     first: str | None = None  # the content it was created with
+    flags: int = 0  # 64: ephemeral, only the user who ran the command sees it
 
     def __post_init__(self) -> None:
         self.first = self.content
@@ -65,6 +71,20 @@ class Sent:
         return [n for n, _ in self.files]
 
 
+ROUTES = ("channel_send", "channel_edit", "webhook_send", "webhook_edit")
+
+
+@dataclass
+class _Rule:
+    route: str
+    status: int
+    code: int
+    message: str
+    retry_after: float | None
+    channel_id: str | None
+    times: int | None  # None: until lifted
+
+
 class FakeDiscord:
     def __init__(self, token: str) -> None:
         self.token = token
@@ -73,9 +93,15 @@ class FakeDiscord:
         self.api_base = f"{self.base}/api/v10"
         self.gateway_url = f"ws://127.0.0.1:{self.port}/gateway"
         self.commands: list[dict[str, Any]] = []
+        self.registrations = 0  # times the bot registered its slash commands
         self.callbacks: list[dict[str, Any]] = []  # interaction callbacks: id, token, body
         self.messages: list[Sent] = []
         self.identify: dict[str, Any] | None = None
+        self.identifies: list[dict[str, Any]] = []
+        self.refused_intents = 0  # privileged intents this application was not granted
+        self.refused: list[tuple[str, int]] = []  # (route, status) of each refused call
+        self.deleted_originals: list[str] = []  # interaction tokens whose "thinking..." was deleted
+        self._rules: list[_Rule] = []
         self.gateway_query: dict[str, str] = {}
         self.unauthorized: list[str] = []  # REST calls without the bot token (webhooks excepted)
         self.users: dict[str, dict[str, Any]] = {BOT_ID: _user(BOT_ID, "stylebot", bot=True)}
@@ -104,6 +130,7 @@ class FakeDiscord:
         r.add_post(f"{api}/interactions/{{iid}}/{{itoken}}/callback", self._callback)
         r.add_post(f"{api}/webhooks/{{app}}/{{wtoken}}", self._post_webhook)
         r.add_patch(f"{api}/webhooks/{{app}}/{{wtoken}}/messages/{{mid}}", self._patch_webhook)
+        r.add_delete(f"{api}/webhooks/{{app}}/{{wtoken}}/messages/@original", self._delete_original)
         r.add_get("/files/{name}", self._file)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
@@ -114,6 +141,31 @@ class FakeDiscord:
             await self._ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
+
+    # --- how Discord says no ---------------------------------------------------------------
+
+    def refuse(self, route: str, status: int, message: str, *, code: int = 0,
+               retry_after: float | None = None, channel_id: str | None = None,
+               times: int | None = None) -> None:
+        """Answer ``status`` to calls of ``route`` (one of :data:`ROUTES`) in ``channel_id`` (None:
+        any), ``times`` times (None: always)."""
+        assert route in ROUTES
+        self._rules.append(_Rule(route, status, code, message, retry_after, channel_id, times))
+
+    def _refusal(self, route: str, channel_id: str) -> web.Response | None:
+        for rule in self._rules:
+            if rule.route != route or rule.times == 0 or rule.channel_id not in (None, channel_id):
+                continue
+            if rule.times is not None:
+                rule.times -= 1
+            self.refused.append((route, rule.status))
+            body: dict[str, Any] = {"message": rule.message, "code": rule.code}
+            headers = {"Content-Type": "application/json"}
+            if rule.retry_after is not None:
+                body |= {"retry_after": rule.retry_after, "global": False}
+                headers["Via"] = "1.1 google"  # Discord's 429s pass its proxy; Cloudflare bans do not
+            return web.Response(status=rule.status, body=json.dumps(body).encode(), headers=headers)
+        return None
 
     # --- what tests use ----------------------------------------------------------------------
 
@@ -226,9 +278,13 @@ class FakeDiscord:
                 await ws.send_str(json.dumps({"op": 11}))
             elif payload["op"] == 2:
                 self.identify = payload["d"]
+                self.identifies.append(payload["d"])
                 ok = payload["d"].get("token") == self.token
                 if not ok:
                     await ws.close(code=4004)
+                    break
+                if payload["d"].get("intents", 0) & self.refused_intents:
+                    await ws.close(code=4014, message=b"Disallowed intent(s).")
                     break
                 await self._dispatch("READY", {
                     "v": 10, "user": self.users[BOT_ID], "guilds": [{"id": GUILD_ID, "unavailable": True}],
@@ -269,6 +325,7 @@ class FakeDiscord:
     async def _put_commands(self, request: web.Request) -> web.Response:
         self._auth(request)
         body = await request.json()
+        self.registrations += 1
         self.commands = [{**c, "id": self._id(), "application_id": APP_ID, "version": "1"} for c in body]
         await self._touch()
         return _json(self.commands)
@@ -304,7 +361,7 @@ class FakeDiscord:
         payload, files = await self._read_body(request)
         sent = Sent(id=self._id(), channel_id=channel_id, content=payload.get("content"), files=files,
                     via=via, token=token, allowed_mentions=payload.get("allowed_mentions"),
-                    reference=payload.get("message_reference"))
+                    reference=payload.get("message_reference"), flags=int(payload.get("flags") or 0))
         self.messages.append(sent)
         await self._touch()
         return _json(self._message_json(sent))
@@ -325,11 +382,13 @@ class FakeDiscord:
 
     async def _post_message(self, request: web.Request) -> web.Response:
         self._auth(request)
-        return await self._create(request, request.match_info["cid"], "channel", None)
+        cid = request.match_info["cid"]
+        return self._refusal("channel_send", cid) or await self._create(request, cid, "channel", None)
 
     async def _patch_message(self, request: web.Request) -> web.Response:
         self._auth(request)
-        return await self._edit(request, request.match_info["mid"])
+        return (self._refusal("channel_edit", request.match_info["cid"])
+                or await self._edit(request, request.match_info["mid"]))
 
     async def _callback(self, request: web.Request) -> web.Response:
         body, _ = await self._read_body(request)
@@ -340,10 +399,17 @@ class FakeDiscord:
                                                   "response_message_loading": body.get("type") == 5}})
 
     async def _post_webhook(self, request: web.Request) -> web.Response:
-        return await self._create(request, CHANNEL_ID, "webhook", request.match_info["wtoken"])
+        return (self._refusal("webhook_send", CHANNEL_ID)
+                or await self._create(request, CHANNEL_ID, "webhook", request.match_info["wtoken"]))
 
     async def _patch_webhook(self, request: web.Request) -> web.Response:
-        return await self._edit(request, request.match_info["mid"])
+        return (self._refusal("webhook_edit", CHANNEL_ID)
+                or await self._edit(request, request.match_info["mid"]))
+
+    async def _delete_original(self, request: web.Request) -> web.Response:
+        self.deleted_originals.append(request.match_info["wtoken"])
+        await self._touch()
+        return web.Response(status=204)
 
     async def _file(self, request: web.Request) -> web.Response:
         data, content_type = self.files[request.match_info["name"]]

@@ -3,6 +3,10 @@
 An aiohttp server on 127.0.0.1 (a free port): ``POST /bot<token>/<method>`` for the methods the bot
 uses, ``GET /file/bot<token>/<path>`` for downloads. Tests inject updates (users sending texts,
 photos, documents) and assert on the recorded calls (method, parameters, uploaded files).
+
+It says no as Telegram does: :meth:`FakeTelegram.refuse` makes calls to a chat (or any chat), of
+some methods (or all), answer 403 / 400 / 429 with ``retry_after`` / 500, always or a number of
+times. Refused calls are kept apart in ``refused``; ``calls`` holds the calls Telegram took.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["BOT", "Call", "FakeChat", "FakeTelegram", "FakeUser"]
+__all__ = ["BLOCKED", "BOT", "CHAT_NOT_FOUND", "DEACTIVATED", "KICKED", "SERVER_ERROR", "Call", "FakeChat",
+           "FakeTelegram", "FakeUser", "Refusal", "too_many_requests"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,45 @@ class Call:
     params: dict[str, Any]
     files: dict[str, bytes] = field(default_factory=dict)
     result: Any = None
+    at: float = field(default_factory=time.monotonic)
+    refused: int | None = None  # the HTTP status of a refusal
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """What Telegram answers instead of taking a call."""
+
+    status: int
+    description: str
+    retry_after: int | None = None
+
+
+BLOCKED = Refusal(403, "Forbidden: bot was blocked by the user")
+DEACTIVATED = Refusal(403, "Forbidden: user is deactivated")
+KICKED = Refusal(403, "Forbidden: bot was kicked from the group chat")
+CHAT_NOT_FOUND = Refusal(400, "Bad Request: chat not found")
+SERVER_ERROR = Refusal(500, "Internal Server Error")
+
+
+def too_many_requests(retry_after: int) -> Refusal:
+    return Refusal(429, f"Too Many Requests: retry after {retry_after}", retry_after)
+
+
+@dataclass
+class _Rule:
+    refusal: Refusal
+    chat_id: int | None
+    methods: frozenset[str] | None
+    times: int | None  # None: until lifted
+    after: int  # matching calls taken before the refusals start
+
+    def matches(self, method: str, params: dict[str, Any]) -> bool:
+        if self.times == 0 or (self.methods is not None and method not in self.methods):
+            return False
+        if self.chat_id is not None and params.get("chat_id") != self.chat_id:
+            return False
+        self.after -= 1
+        return self.after < 0
 
 
 def _decode(value: str) -> Any:
@@ -72,6 +116,9 @@ class FakeTelegram:
     def __init__(self, token: str) -> None:
         self.token = token
         self.calls: list[Call] = []
+        self.refused: list[Call] = []
+        self._rules: list[_Rule] = []
+        self.slow: dict[str, float] = {}  # method -> seconds it takes to answer
         self.files: dict[str, bytes] = {}  # file_id -> bytes (what getFile / download serve)
         self.messages: dict[tuple[int, int], dict[str, Any]] = {}  # (chat, id) -> message JSON
         self._updates: list[dict[str, Any]] = []
@@ -108,6 +155,30 @@ class FakeTelegram:
     @property
     def base_file_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/file/bot"
+
+    # --- how Telegram says no ------------------------------------------------------------------
+
+    def refuse(self, refusal: Refusal, *, chat: FakeChat | None = None,
+               methods: tuple[str, ...] | None = None, times: int | None = None,
+               after: int = 0) -> Callable[[], None]:
+        """Answer ``refusal`` to calls for ``chat`` (None: every chat) of ``methods`` (None: all but
+        getUpdates), ``times`` times (None: until the returned function lifts it), once ``after``
+        such calls went through."""
+        rule = _Rule(refusal, chat.id if chat else None, frozenset(methods) if methods else None, times,
+                     after)
+        self._rules.append(rule)
+        return lambda: self._rules.remove(rule) if rule in self._rules else None
+
+    def _refusal(self, method: str, params: dict[str, Any]) -> Refusal | None:
+        for rule in self._rules:
+            if rule.matches(method, params):
+                if rule.times is not None:
+                    rule.times -= 1
+                return rule.refusal
+        return None
+
+    def refused_to(self, chat: FakeChat) -> list[Call]:
+        return [c for c in self.refused if c.params.get("chat_id") == chat.id]
 
     # --- what users do -------------------------------------------------------------------------
 
@@ -209,8 +280,18 @@ class FakeTelegram:
             if isinstance(params.get(key), str) and params[key].lstrip("-").isdigit():
                 params[key] = int(params[key])
         call = Call(method=method, params=params, files=files)
+        if method != "getUpdates" and (refusal := self._refusal(method, params)) is not None:
+            call.refused = refusal.status
+            self.refused.append(call)
+            body: dict[str, Any] = {"ok": False, "error_code": refusal.status,
+                                    "description": refusal.description}
+            if refusal.retry_after is not None:
+                body["parameters"] = {"retry_after": refusal.retry_after}
+            return web.json_response(body, status=refusal.status)
         if method != "getUpdates":
             self.calls.append(call)
+        if method in self.slow:
+            await asyncio.sleep(self.slow[method])
         handler = getattr(self, "_m_" + method, None)
         if handler is None:
             return web.json_response({"ok": False, "error_code": 404, "description": "Not Found"},

@@ -7,77 +7,26 @@ token and for face data."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
-import os
-import signal
-import subprocess
-import sys
 import time
-import warnings
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
 import skimage.data
-from log_privacy import LogCapture, assert_no_private_data, capturing_logs, read_log
+from log_privacy import assert_no_private_data, capturing_logs, read_log
 from PIL import Image
 from sqlalchemy import select
 
 import storage.repo as repo
 from bot.commands import Media, Reply
-from bot.config import load_config
-from bot.replies import NO_OWN_FACE, RATE_LIMITED
-from bot.service import Service
-from storage.db import make_engine, make_sessionmaker, upgrade
-from storage.media import MediaStore
+from bot.replies import NO_OWN_FACE, RATE_LIMITED, personal_in_a_channel
 from storage.models import Face, Job, User
-from storage.queue import LocalQueue
 
+from .discord_world import ANN, BOB, CYD, DEE, EVE, TOKEN, World, running_world
 from .fake_discord import APP_ID, BOT_ID, CHANNEL_ID, DM_BASE, FakeDiscord
 
-with warnings.catch_warnings():  # discord.py imports audioop (voice), deprecated since Python 3.11
-    warnings.filterwarnings("ignore", "'audioop' is deprecated", DeprecationWarning)
-    from bot.discord_adapter import DiscordAdapter
-
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-TOKEN = "MTIzNDU2.fake-discord-bot-token.SECRET"
-ANN, BOB, CYD, DEE, EVE = (f"80000000000000000{i}" for i in range(1, 6))
-
-CONFIG = """
-[bot]
-log_level = "DEBUG"
-
-[engine]
-model = "demo"
-device = "cpu"
-batch_size = 4
-batch_wait_ms = 200
-invert_steps = 20
-edit_steps = 5
-clip = "demo"
-direction_samples = 1
-
-[discord]
-api_base = "{api}"
-gateway_url = "{gateway}"
-max_upload_mb = 8
-
-[web]
-enabled = false
-"""
-
-
-@dataclass
-class World:
-    fake: FakeDiscord
-    adapter: DiscordAdapter
-    service: Service
-    logs: LogCapture  # everything this process logged, every logger at DEBUG
-    engine_log: Path  # the engine process's stdout and stderr (it logs at DEBUG: [bot] log_level)
 
 
 def _jpeg(shift: int) -> bytes:
@@ -89,56 +38,16 @@ def _jpeg(shift: int) -> bytes:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
     with capturing_logs() as logs:
-        async with _running_world(tmp_path_factory.mktemp("discord"), logs) as w:
+        async with running_world(tmp_path_factory.mktemp("discord"), logs) as w:
             yield w
-
-
-@contextlib.asynccontextmanager
-async def _running_world(tmp: Path, logs: LogCapture) -> AsyncIterator[World]:
-    fake = FakeDiscord(TOKEN)
-    await fake.start()
-    for uid, name in ((ANN, "ann"), (BOB, "bob"), (CYD, "cyd")):
-        fake.add_user(uid, name)
-    path = tmp / "config.toml"
-    path.write_text(CONFIG.format(api=fake.api_base, gateway=fake.gateway_url))
-    home = tmp / "home"
-    config = load_config(path, env={"STYLEBOT_HOME": str(home), "DISCORD_BOT_TOKEN": TOKEN})
-    await upgrade(config.storage_url)
-    db = make_engine(config.storage_url)
-    sessions = make_sessionmaker(db)
-    adapter = DiscordAdapter(config)
-    service = Service(sessions=sessions, queue=LocalQueue(sessions), media=MediaStore(config.media_dir),
-                      config=config, deliver=adapter.deliver)
-    engine_log = tmp / "engine.log"
-    with engine_log.open("wb") as out:
-        engine = subprocess.Popen(
-            [sys.executable, "-m", "bot", "engine", "--config", str(path), "--worker-id", "discord-e2e"],
-            env={**os.environ, "STYLEBOT_HOME": str(home), "PYTHONWARNINGS": "ignore"},
-            stdout=out, stderr=subprocess.STDOUT)
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(adapter.run(service, stop)), asyncio.create_task(service.run(stop))]
-    try:
-        ready = asyncio.create_task(adapter.ready.wait())
-        await asyncio.wait({ready, tasks[0]}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        ready.cancel()
-        if tasks[0].done():
-            tasks[0].result()  # the adapter stopped: show why
-        assert adapter.ready.is_set(), "the bot did not connect to the fake gateway"
-        yield World(fake, adapter, service, logs, engine_log)
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        engine.send_signal(signal.SIGTERM)
-        engine.wait(timeout=60)
-        await db.dispose()
-        await fake.stop()
 
 
 async def test_connects_and_registers_slash_commands(world: World) -> None:
     fake = world.fake
     assert fake.identify is not None and fake.identify["token"] == TOKEN
     intents = fake.identify["intents"]
-    assert intents & (1 << 15) and intents & (1 << 9) and intents & (1 << 12)  # content, guild msgs, DMs
+    assert intents & (1 << 9) and intents & (1 << 12)  # guild messages, DMs
+    assert not intents & (1 << 15)  # no privileged Message Content unless [discord] message_content
     assert fake.gateway_query.get("encoding") == "json"
     names = {c["name"] for c in fake.commands}
     assert names == {"selfie", "morph", "edit", "mix", "me", "privacy", "forget", "help"}
@@ -182,15 +91,19 @@ async def test_slash_selfies_then_morph_with_user_options(world: World) -> None:
     assert msg.filenames and msg.filenames[0].endswith(".mp4") and msg.text.startswith("Morph, ")
     assert b"ftyp" in msg.files[0][1][:16]
 
-    # Bob says nobody may use his face: Ann's morph is refused politely, no video.
+    assert msg.flags == 0  # a result is the group's to see
+
+    # Bob says nobody may use his face (only he sees the answer): Ann's morph is refused, to her alone.
     token = await fake.slash(BOB, "privacy", [{"name": "policy", "type": 3, "value": "nobody"}])
     await fake.wait_for(lambda: any("Privacy: nobody" in m.text for m in fake.for_token(token)), timeout=10)
+    assert [m.flags for m in fake.for_token(token)] == [64]
     token = await fake.slash(ANN, "morph", [{"name": "a", "type": 6, "value": ANN},
                                             {"name": "b", "type": 6, "value": BOB}], users=[ANN, BOB])
     await fake.wait_for(lambda: bool(fake.for_token(token)), timeout=10)
     await asyncio.sleep(0.5)
     [msg] = fake.for_token(token)
     assert msg.text == "Sorry, @bob hasn't allowed their face to be used here." and not msg.filenames
+    assert msg.flags == 64 and token in fake.deleted_originals
 
 
 async def test_dm_photo_and_a_photo_with_a_mention_are_selfies(world: World) -> None:
@@ -213,9 +126,11 @@ async def test_dm_photo_and_a_photo_with_a_mention_are_selfies(world: World) -> 
 async def test_mention_prefix_command_in_the_guild(world: World) -> None:
     fake = world.fake
     before = len(fake.in_channel(CHANNEL_ID))
-    await fake.message(BOB, f"<@{BOT_ID}> /privacy nobody", mentions=[BOT_ID])
+    # A personal command written in the channel is pointed to its slash command, answered nowhere.
+    await fake.message(BOB, f"<@{BOT_ID}> /me", mentions=[BOT_ID])
     await fake.wait_for(lambda: len(fake.in_channel(CHANNEL_ID)) > before, timeout=10)
-    assert fake.in_channel(CHANNEL_ID)[-1].text.startswith("Privacy: nobody")
+    said = fake.in_channel(CHANNEL_ID)[-1]
+    assert said.text == personal_in_a_channel("me") and not said.filenames
     before += 1
     await fake.message(CYD, f"<@{BOT_ID}> /morph @me <@{BOB}>", mentions=[BOT_ID, BOB])
     await fake.wait_for(lambda: len(fake.in_channel(CHANNEL_ID)) > before, timeout=10)

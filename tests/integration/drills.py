@@ -374,7 +374,7 @@ async def _write_forever(config: Config, seed: int) -> None:
             await _engine_step(sessions, media, rng)
         elif action == "reply":
             async with sessions.begin() as s:
-                for job in await repo.jobs_to_reply(s, limit=5):
+                for job in (await repo.replies_due(s))[:5]:
                     await repo.mark_replied(s, job_id=job.id)
         else:
             await service.handle(Forget(origin=origin(user), confirmed=True))

@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from postgres_db import BACKENDS, fresh_postgres_database
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection, inspect, text
 
 from storage.db import alembic_config, current_revision, make_engine, sqlite_url, upgrade
 from storage.models import Base
@@ -53,7 +54,7 @@ async def test_upgrade_builds_an_empty_database_to_head_and_is_idempotent(
     assert await current_revision(url) is None
     await upgrade(url)
     head = _head(url)
-    assert head == "0001"
+    assert head == "0002"
     assert await current_revision(url) == head
     assert await _tables(url) >= TABLES
     await upgrade(url)  # again: a no-op, not an error
@@ -64,6 +65,34 @@ async def test_bot_and_worker_upgrading_at_once_both_succeed(fresh_url: str) -> 
     url = fresh_url
     await asyncio.gather(upgrade(url), upgrade(url), upgrade(url))
     assert await current_revision(url) == _head(url)
+
+
+def _to_0001(connection: Connection, url: str) -> None:
+    cfg = alembic_config(url)
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, "0001")
+
+
+async def test_jobs_replied_to_before_delivery_state_existed_count_as_delivered(fresh_url: str) -> None:
+    url = fresh_url
+    engine = make_engine(url)
+    try:
+        async with engine.connect() as conn:
+            await conn.run_sync(_to_0001, url)
+            for job_id, replied in (("old", "'2026-11-26 10:00:00+00:00'"), ("pending", "NULL")):
+                await conn.execute(text(
+                    "INSERT INTO jobs (id, kind, model, payload, status, attempts, max_attempts, "
+                    "timeout_s, progress, reply_to, created_at, replied_at) VALUES (:id, 'mix', 'm', "
+                    f"'{{}}', 'done', 1, 3, 60, 1, '{{}}', '2026-11-26 09:00:00+00:00', {replied})"),
+                    {"id": job_id})
+            await conn.commit()
+        await upgrade(url)
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text(
+                "SELECT id, reply_outcome, reply_attempts, reply_step FROM jobs ORDER BY id"))).all()
+    finally:
+        await engine.dispose()
+    assert [tuple(r) for r in rows] == [("old", "delivered", 0, None), ("pending", None, 0, None)]
 
 
 def _diff(connection: Connection) -> list[object]:

@@ -14,16 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from postgres_db import BACKENDS, fresh_postgres_database
+from service_on_disk import service_on_disk
 from sqlalchemy import func, select
 
 import storage.repo as repo
 from bot.commands import Forget, Help, Mix, Morph, Origin, Reply, Selfie, SetPrivacy, ShowFaces, Target
-from bot.config import load_config
 from bot.service import Service
-from storage.db import make_engine, make_sessionmaker, upgrade
-from storage.media import MediaStore
 from storage.models import Face, Job, User
-from storage.queue import LocalQueue
 
 from .drills import Inbox
 
@@ -40,17 +37,11 @@ async def storage_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def svc(tmp_path: Path, storage_url: str) -> AsyncIterator[tuple[Service, Inbox]]:
-    cfg = tmp_path / "config.toml"
-    cfg.write_text("[limits]\nper_user_open_jobs = 2\nper_user_per_minute = 4\n"
-                   f"[storage]\nurl = {json.dumps(storage_url)}\n")
-    config = load_config(cfg, env={"STYLEBOT_HOME": str(tmp_path / "home")})
-    await upgrade(config.storage_url)
-    db = make_engine(config.storage_url)
-    sessions = make_sessionmaker(db)
     inbox = Inbox()
-    yield Service(sessions=sessions, queue=LocalQueue(sessions), media=MediaStore(config.media_dir),
-                  config=config, deliver=inbox.deliver), inbox
-    await db.dispose()
+    config = ("[limits]\nper_user_open_jobs = 2\nper_user_per_minute = 4\n"
+              f"[storage]\nurl = {json.dumps(storage_url)}\n")
+    async with service_on_disk(tmp_path, config, inbox.deliver) as service:
+        yield service, inbox
 
 
 def _photo(seed: int = 0) -> bytes:

@@ -14,6 +14,7 @@ from bot.config import (
     BotConfig,
     Config,
     ConfigError,
+    DeliveryConfig,
     DiscordConfig,
     EngineConfig,
     LimitsConfig,
@@ -24,13 +25,14 @@ from bot.config import (
     WebConfig,
     load_config,
 )
+from engine import weights
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "config.toml"
 SECTIONS = {
     "bot": BotConfig, "telegram": TelegramConfig, "discord": DiscordConfig, "web": WebConfig,
-    "storage": StorageConfig, "queue": QueueConfig, "engine": EngineConfig, "limits": LimitsConfig,
-    "timeouts": TimeoutsConfig,
+    "delivery": DeliveryConfig, "storage": StorageConfig, "queue": QueueConfig, "engine": EngineConfig,
+    "limits": LimitsConfig, "timeouts": TimeoutsConfig,
 }
 
 
@@ -224,9 +226,27 @@ def test_stylebot_home_moves_data_dir_and_sqlite_url(tmp_path: Path) -> None:
     assert a.media_dir == a.data_dir / "media"
 
 
-def test_home_defaults_to_user_cache(tmp_path: Path) -> None:
-    config = load_config(env={"HOME": str(tmp_path)})
-    assert config.data_dir == (tmp_path / ".cache" / "stylebot" / "data").resolve()
+def test_data_defaults_to_the_user_data_dir_and_downloads_stay_in_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("STYLEBOT_HOME")
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config()
+    assert config.data_dir == (tmp_path / ".local" / "share" / "stylebot").resolve()
+    assert config.storage_url.endswith(str(tmp_path / ".local" / "share" / "stylebot" / "stylebot.db"))
+    assert config.old_data_dir == (tmp_path / ".cache" / "stylebot" / "data").resolve()  # moved from
+    assert weights.weights_dir() == tmp_path / ".cache" / "stylebot" / "weights"
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert load_config().data_dir == (tmp_path / "xdg" / "stylebot").resolve()
+
+
+def test_stylebot_home_or_a_data_dir_of_ones_own_moves_nothing(tmp_path: Path) -> None:
+    assert load_config(env={"STYLEBOT_HOME": str(tmp_path)}).old_data_dir is None
+    path = tmp_path / "config.toml"
+    path.write_text('[bot]\ndata_dir = "mine"\n')
+    config = load_config(path, env={"HOME": str(tmp_path)})
+    assert config.data_dir == tmp_path / "mine" and config.old_data_dir is None
 
 
 def test_relative_home_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -48,11 +48,18 @@ def test_whole_photos_pass(data: bytes) -> None:
     check_photo(data)
 
 
-def _png(width: int, height: int, idat: bytes) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png(width: int, height: int, idat: bytes, *, before: bytes = b"", after: bytes = b"") -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + before + _chunk(b"IDAT", idat) + after
+            + _chunk(b"IEND", b""))
+
+
+_BOMB = zlib.compress(bytes(64 * 1024 * 1024), 9)  # 64 KB that unpack to 64 MB
+_ROWS = zlib.compress(b"".join(b"\0" + bytes(64 * 3) for _ in range(64)))  # a whole 64 x 64 image
 
 
 @pytest.mark.parametrize(("data", "says"), [
@@ -65,7 +72,11 @@ def _png(width: int, height: int, idat: bytes) -> bytes:
     (_png(8000, 6000, zlib.compress(bytes(1000))), "over 40 megapixels"),  # under Pillow's, over ours
     (_save(PHOTO.resize((31, 400)), "PNG"), "too small (31x400 pixels)"),
     (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(100), "HEIC"),
-], ids=["jpeg", "thumbnail", "progressive", "png", "header", "bomb", "48mp", "narrow", "heic"])
+    (_png(64, 64, _ROWS, before=_chunk(b"iCCP", b"icc\0\0" + _BOMB)), "unpacks to far more"),
+    (_png(64, 64, _ROWS, after=_chunk(b"zTXt", b"Comment\0\0" + _BOMB)), "unpacks to far more"),
+    (_png(64, 64, _ROWS, after=_chunk(b"iTXt", b"Comment\0\x01\0\0\0" + _BOMB)), "unpacks to far more"),
+], ids=["jpeg", "thumbnail", "progressive", "png", "header", "bomb", "48mp", "narrow", "heic",
+        "profile-bomb", "text-bomb", "itext-bomb"])
 def test_bad_photos_get_a_specific_refusal(data: bytes, says: str) -> None:
     with pytest.raises(Refusal, match=re.escape(says)):
         check_photo(data)

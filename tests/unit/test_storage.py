@@ -6,49 +6,22 @@ import asyncio
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from postgres_db import BACKENDS, fresh_postgres_database
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from storage import repo
-from storage.db import make_engine, make_sessionmaker, sqlite_url, upgrade
+from storage.db import make_engine, make_sessionmaker
 from storage.media import MediaStore
 from storage.models import ChatMember, Face, FaceShare, Job, User, utcnow
 
 Sessions = async_sessionmaker[AsyncSession]
-
-
-@pytest.fixture(params=BACKENDS)
-async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A migrated database: a SQLite file, or a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        db_url = sqlite_url(tmp_path / "db" / "stylebot.sqlite3")
-        await upgrade(db_url)
-        yield db_url
-        return
-    async with fresh_postgres_database(request.getfixturevalue("postgres_url")) as db_url:
-        await upgrade(db_url)
-        yield db_url
-
-
-@pytest.fixture
-async def engine(url: str) -> AsyncIterator[AsyncEngine]:
-    db = make_engine(url)
-    yield db
-    await db.dispose()
-
-
-@pytest.fixture
-def sessions(engine: AsyncEngine) -> Sessions:
-    return make_sessionmaker(engine)
 
 
 def key(name: str, suffix: str = ".png") -> str:
@@ -105,6 +78,14 @@ async def test_username_lookup_ignores_case_and_at_and_follows_renames(sessions:
         # same platform id again: same row, display name updated, None keeps the username
         again = await repo.get_or_create_user(s, platform="telegram", platform_user_id="2", display_name="B")
         assert (again.id, again.username, again.display_name) == (bob, "alice_x", "B")
+
+
+async def test_usernames_are_listed_per_platform(sessions: Sessions) -> None:
+    async with sessions.begin() as s:
+        for platform, uid, name in (("web", "alice", "Alice"), ("web", "bob", "bob"), ("web", "x", None),
+                                    ("telegram", "1", "carol")):
+            await repo.get_or_create_user(s, platform=platform, platform_user_id=uid, username=name)
+        assert sorted(await repo.usernames(s, platform="web")) == ["Alice", "bob"]
 
 
 async def test_privacy_accepts_the_three_policies_and_rejects_junk(sessions: Sessions) -> None:
@@ -416,7 +397,7 @@ async def test_a_job_that_finishes_between_two_reads_of_a_session_comes_back_fin
         assert [j.id for j in running] == [jid]
         async with sessions.begin() as s:
             assert await repo.finish_job(s, job_id=jid, worker="w1", result={"panel_key": key("p")})
-        (due,) = await repo.jobs_to_reply(reader)
+        (due,) = await repo.replies_due(reader)
         assert (due.status, due.result) == ("done", {"panel_key": key("p")})
 
 
@@ -433,16 +414,16 @@ async def test_replies_positions_and_counts(sessions: Sessions) -> None:
         assert [await repo.queue_position(s, job_id=j) for j in ids] == [0, 0, 0, 1]
         assert await repo.count_queued(s) == 2
         assert [j.id for j in await repo.jobs_in_progress(s)] == ids[:2]
-        assert await repo.jobs_to_reply(s) == []
+        assert await repo.replies_due(s) == []
         await repo.fail_job(s, job_id=ids[1], worker="w1", error="no face found", code="no_face")
         await repo.finish_job(s, job_id=ids[0], worker="w1", result={})
         assert await repo.set_reply_ref(s, job_id=ids[0], ref={"message_id": 7})
         assert await repo.count_open_jobs(s, user_id=u1) == 0
-        assert [j.id for j in await repo.jobs_to_reply(s)] == ids[:2]  # oldest first, done or failed
-        assert [j.id for j in await repo.jobs_to_reply(s, limit=1)] == ids[:1]
+        # one reply per lane (ids[0] and ids[1] share a chat): the oldest, done or failed
+        assert [j.id for j in await repo.replies_due(s)] == ids[:1]
         assert await repo.mark_replied(s, job_id=ids[0])
         assert not await repo.mark_replied(s, job_id=ids[0])
-        assert [j.id for j in await repo.jobs_to_reply(s)] == [ids[1]]
+        assert [j.id for j in await repo.replies_due(s)] == [ids[1]]
     async with sessions() as s:
         first = await repo.get_job(s, ids[0])
         assert first is not None and first.reply_to == {"chat": "c1", "progress_ref": {"message_id": 7}}

@@ -18,13 +18,17 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import BodyPartReader, MultipartReader
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.streams import StreamReader
 from PIL import Image
 from yarl import URL
 
 from bot.cli import demo_banner
 from bot.commands import Command, Edit, Media, Origin, Reply, Selfie
 from bot.config import Config, EngineConfig, WebConfig
-from bot.web_adapter import HISTORY, NOT_A_COMMAND, NOT_A_PHOTO, OOPS, ROOM_ID, WebAdapter
+from bot.replies import NAME_LOOKS_TAKEN
+from bot.web_adapter import HISTORY, NOT_A_COMMAND, NOT_A_PHOTO, OOPS, ROOM_ID, WebAdapter, _read_capped
 from bot.web_http import COOKIE
 
 TOKEN = "web-SECRET-token-0123456789"
@@ -37,9 +41,13 @@ class FakeService:
         self.adapter = adapter
         self.commands: list[Command] = []
         self.fail = False
+        self.names: list[str] = []  # people who spoke in the room before (the database has them)
 
-    async def say(self, origin: Origin, text: str) -> dict[str, Any] | None:
-        return await self.adapter.deliver(Reply(reply_to=origin.reply_to, text=text))
+    async def say(self, origin: Origin, text: str, *, private: bool = False) -> dict[str, Any] | None:
+        return await self.adapter.deliver(Reply(reply_to=origin.reply_to, text=text, private=private))
+
+    async def usernames(self, platform: str) -> list[str]:
+        return list(self.names)
 
     async def handle(self, cmd: Command) -> None:
         if self.fail:
@@ -191,14 +199,46 @@ async def test_a_failure_inside_is_a_friendly_line_not_a_traceback(chat: Chat,
 # --- uploads ------------------------------------------------------------------------------------
 
 
-async def test_a_photo_over_the_limit_is_refused(chat: Chat) -> None:
+@pytest.mark.parametrize("size", [1024 * 1024 + 1, 3 * 1024 * 1024, 12 * 1024 * 1024 + 7])
+async def test_a_photo_over_the_limit_is_refused_with_413_and_the_size_message(chat: Chat, size: int) -> None:
     ws, _ = await chat.room()
-    big = _jpeg()[:3] + b"\0" * (3 * 1024 * 1024)  # 3 MB, the limit is 1 MB
-    resp = await chat.post("erin", photo=(big, "big.jpg", "image/jpeg"))
-    assert resp.status == 200
-    answer = await _event(ws, _bot_says)
-    assert answer["message"]["text"] == "That photo is too large (over 1 MB)."
-    assert not chat.service.commands
+    big = (_jpeg()[:3] + bytes(size))[:size]  # the limit is 1 MB
+    form = aiohttp.FormData()
+    form.add_field("name", "erin")
+    form.add_field("photo", io.BytesIO(big), filename="big.jpg", content_type="image/jpeg")
+    async with chat.http.post(chat.base + "api/send", data=form) as resp:
+        assert resp.status == 413
+        assert await resp.json() == {"error": "That photo is too large (over 1 MB)."}
+    await chat.post("erin", "/help")  # the room shows only what came after
+    said = await _event(ws, lambda e: e["type"] == "message")
+    assert said["message"]["text"] == "/help"
+    assert [type(c).__name__ for c in chat.service.commands] == ["Help"]
+
+
+async def test_an_upload_is_read_up_to_the_cap_however_it_arrives() -> None:
+    """aiohttp's own multipart reader over a stream that holds the whole upload (reads come back
+    full, so the cap falls inside one): the read stops at the cap, never asks for a sliver."""
+    boundary = "stylebot-boundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="photo"; filename="a.jpg"\r\n\r\n'.encode()
+            + bytes(3 * 65536 + 5) + f"\r\n--{boundary}--\r\n".encode())
+    loop = asyncio.get_running_loop()
+    stream = StreamReader(BaseProtocol(loop), 2**22, loop=loop)  # holds it all: no pause
+    stream.feed_data(body)
+    stream.feed_eof()
+    part = await MultipartReader({"Content-Type": f"multipart/form-data; boundary={boundary}"}, stream).next()
+    assert isinstance(part, BodyPartReader)
+    assert len(await _read_capped(part, 2 * 65536 + 1)) == 2 * 65536 + 1
+
+
+async def test_a_name_that_looks_like_someone_elses_is_refused(chat: Chat) -> None:
+    chat.service.names = ["bob"]  # spoke here before the bot restarted
+    assert (await chat.post("alice", "/help")).status == 200
+    for lookalike in ("\u0430lice", "al\u0456ce", "b\u043eb"):  # Cyrillic a, i, o
+        resp = await chat.post(lookalike, "/help")
+        assert resp.status == 400 and await resp.json() == {"error": NAME_LOOKS_TAKEN}, lookalike
+    assert (await chat.post("\uff41\uff4c\uff49\uff43\uff45", "/help")).status == 200  # full-width: alice
+    assert (await chat.post("ALICE", "/help")).status == 200
+    assert [c.origin.user_id for c in chat.service.commands] == ["alice", "alice", "alice"]
 
 
 @pytest.mark.parametrize(("data", "content_type"), [

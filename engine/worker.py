@@ -49,6 +49,7 @@ class WorkerSettings:
     batch_wait_ms: int = 20
     lease_s: float = 15.0
     poll_s: float = 0.1  # how long one wait for work lasts (the stop flag is checked between)
+    idle_poll_s: float = 0.02  # ... between chunks of idle work (a Redis message has time to come)
     resend_after_s: float = 5.0  # an idle worker resends jobs queued longer than this
     progress_every_s: float = 0.5
     media_sweep_s: float = 3600.0  # how often unreferenced media files are looked for
@@ -80,7 +81,7 @@ class Worker:
                 worker=self.settings.worker_id, kinds=JOB_KINDS,
                 limit=self.engine.ready_batch_size(self.settings.batch_size),
                 lease_s=self.settings.lease_s, gather_s=self.settings.batch_wait_ms / 1000,
-                wait_s=0.0 if idle_work else self.settings.poll_s)
+                wait_s=self.settings.idle_poll_s if idle_work else self.settings.poll_s)
             if jobs:
                 await self._run_batch(jobs)
                 idle_work = True

@@ -166,11 +166,12 @@ class RedisQueue:
 
     async def _receive(self, timeout_s: float) -> bool:
         """One message into ``_held`` within ``timeout_s``; False if none came."""
-        if timeout_s <= 0:
-            return False
         try:
-            job_id, message = await asyncio.wait_for(self._inbox.get(), timeout_s)
-        except TimeoutError:
+            if timeout_s <= 0:  # only what the listener has already read
+                job_id, message = self._inbox.get_nowait()
+            else:
+                job_id, message = await asyncio.wait_for(self._inbox.get(), timeout_s)
+        except (TimeoutError, asyncio.QueueEmpty):
             return False
         self._held.setdefault(job_id, []).append(message)
         return True

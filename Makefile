@@ -26,8 +26,8 @@ services:
 		(apt-get update && apt-get install -y --no-install-recommends redis-server postgresql)
 
 test: $(STAMP) browser services
-	$(BIN)/ruff check bot engine storage tests bench
-	$(BIN)/mypy bot engine storage
+	$(BIN)/ruff check bot cli engine settings storage tests bench
+	$(BIN)/mypy bot cli engine settings storage
 	$(BIN)/pytest -q
 
 # The full load and crash drills (long; `make test` runs them in a shorter form), figures printed.
@@ -35,8 +35,8 @@ soak: $(STAMP) services
 	STYLEBOT_SOAK=1 $(BIN)/pytest -q -s tests/integration/test_drills.py tests/e2e/test_load.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check bot engine storage tests bench
-	$(BIN)/mypy bot engine storage
+	$(BIN)/ruff check bot cli engine settings storage tests bench
+	$(BIN)/mypy bot cli engine settings storage
 
 # GPU benchmarks: run on a machine with CUDA (not part of `make test`); BENCHMARKS.md has results.
 bench: $(STAMP)

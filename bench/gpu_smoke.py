@@ -38,7 +38,7 @@ import skimage.data
 from PIL import Image
 
 from storage import repo
-from storage.db import make_engine, make_sessionmaker, upgrade
+from storage.db import make_db, make_sessionmaker, upgrade
 from storage.media import MediaStore
 from storage.models import Job, utcnow
 
@@ -110,7 +110,7 @@ class Jobs:
     """Sends jobs as the bot's service does (a row each) and waits for them."""
 
     def __init__(self, url: str, media: MediaStore) -> None:
-        self.db = make_engine(url)
+        self.db = make_db(url)
         self.sessions = make_sessionmaker(self.db)
         self.media = media
         self.user_id = 0
@@ -166,7 +166,7 @@ class Worker:
         self.log = log
         self.started = utcnow()  # naive UTC, as the jobs table's timestamps
         with log.open("wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "bot", "engine", "--config", str(config),
+            self.proc = subprocess.Popen([sys.executable, "-m", "cli", "engine", "--config", str(config),
                                           "--worker-id", "smoke"], env=env, stdout=out, stderr=out,
                                          cwd=code or Path.cwd())
 
@@ -346,10 +346,12 @@ def _in_process(smoke: Smoke, args: argparse.Namespace) -> None:
     import torch
 
     from engine.directions import TableBuild
-    from engine.jobs import Engine, JobInput
+    from engine.invert import DEFAULT_STEPS
+    from engine.runner import Engine, JobInput
+    from storage.specs import InvertSpec
 
     engine = Engine(model="auto", device=args.device, home=smoke.home, clip="auto", compile=False,
-                    build_table_when_idle=False, invert_steps=args.steps or 300)
+                    build_table_when_idle=False, invert_steps=args.steps or DEFAULT_STEPS)
     if "table-chunk" in args.checks:
         start = time.perf_counter()
         build = TableBuild(engine.loaded.G, engine.clip.encode_images, model_hash="smoke", clip_key="smoke",
@@ -364,7 +366,7 @@ def _in_process(smoke: Smoke, args: argparse.Namespace) -> None:
                      f"{build.done} channels of {build.total}; {seconds / 3:.2f} s a chunk with the set-up")
     if "oom-split" in args.checks and args.device == "cuda":
         photos = _photos()[:4]
-        inputs = [JobInput(job_id=f"oom{i}", kind="invert", payload={}, photo=p)
+        inputs = [JobInput(job_id=f"oom{i}", spec=InvertSpec(photo_key=""), photo=p)
                   for i, p in enumerate(photos)]
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

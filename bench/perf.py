@@ -33,9 +33,9 @@ from torch import nn
 from engine.clip_model import ClipModel
 from engine.directions import style_stats
 from engine.edit import DEFAULT_EDIT_STEPS, edit_optimize, render_global_edit
+from engine.generators import configure_cuda
 from engine.identity import IdentityLoss
 from engine.invert import DEFAULT_STEPS, invert, psnr
-from engine.models import configure_cuda
 from engine.morph import morph_latents, render_frames
 from engine.perceptual import LPIPS
 from engine.stylegan2 import Generator, GeneratorConfig

@@ -45,13 +45,14 @@ from sqlalchemy import select
 
 from bench.perf import _generator, _losses, _targets
 from engine.align import AlignedFace, FaceDetector, align_face
+from engine.generators import LoadedGenerator, configure_cuda
 from engine.images import tensor_to_pil
-from engine.jobs import Engine, JobInput, JobOutcome
-from engine.models import LoadedGenerator, configure_cuda
 from engine.progress import ProgressFn, no_progress
+from engine.runner import Engine, JobInput, JobOutcome
 from engine.worker import Worker, WorkerSettings
+from settings import QueueConfig
 from storage import repo
-from storage.db import make_engine, make_sessionmaker, sqlite_url, upgrade
+from storage.db import make_db, make_sessionmaker, sqlite_url, upgrade
 from storage.media import MediaStore
 from storage.models import Job
 from storage.queue import open_queue
@@ -109,11 +110,11 @@ async def _serve_worker(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     orphan_watch = asyncio.create_task(_stop_when_orphaned(stop))
-    db = make_engine(args.db)
+    db = make_db(args.db)
     sessions = make_sessionmaker(db)
     settings = WorkerSettings(worker_id=args.worker_id, batch_size=args.batch, batch_wait_ms=20)
     try:
-        async with open_queue("redis", sessions=sessions, redis_url=args.redis,
+        async with open_queue(QueueConfig(backend="redis", redis_url=args.redis), sessions=sessions,
                               consumer=args.worker_id) as queue:
             print("ready", flush=True)
             await Worker(engine, sessions=sessions, queue=queue, media=MediaStore(Path(args.media)),
@@ -200,11 +201,11 @@ async def _run(args: argparse.Namespace, devices: list[str], redis_url: str, key
 async def _measure(args: argparse.Namespace, devices: list[str], redis_url: str, db_url: str,
                    keys: list[str], root: Path) -> Row:
     await upgrade(db_url)
-    db = make_engine(db_url)
+    db = make_db(db_url)
     sessions = make_sessionmaker(db)
     procs = await asyncio.to_thread(_start_workers, args, devices, redis_url, db_url, root / "media")
     try:
-        async with open_queue("redis", sessions=sessions, redis_url=redis_url) as queue:
+        async with open_queue(QueueConfig(backend="redis", redis_url=redis_url), sessions=sessions) as queue:
             async with sessions.begin() as s:
                 ids = [(await repo.create_job(s, kind="invert", model=MODEL_ID,
                                               payload={"photo_key": keys[i % len(keys)]}, user_id=None,

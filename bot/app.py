@@ -16,19 +16,18 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from bot.adapters import Adapter
 from bot.commands import Reply
-from bot.config import Config
 from bot.service import Deliver, Service
-from storage.db import make_engine, make_sessionmaker, upgrade
+from settings import Config
+from storage.db import make_db, make_sessionmaker, upgrade
 from storage.media import MediaStore
 from storage.queue import open_queue
 
-__all__ = ["Adapter", "configured_adapters", "engine_command", "run"]
+__all__ = ["run"]
 
 log = logging.getLogger("stylebot")
 
@@ -36,40 +35,6 @@ _STOP_GRACE_S = 10.0  # how long a stop waits for the reply pump and the adapter
 _RESTART_FIRST_S = 1.0  # a failed adapter is started again after this, then twice as long each time
 _RESTART_MAX_S = 300.0
 _STEADY_S = 60.0  # an adapter that ran this long before failing starts again after the first wait
-
-
-class Adapter(Protocol):
-    """A chat platform: feeds commands to the service, sends the service's replies.
-
-    Every ``reply_to`` an adapter puts in an Origin carries ``"platform": adapter.platform``,
-    so replies find their way back to the adapter that took the command."""
-
-    platform: str
-
-    async def run(self, service: Service, stop: asyncio.Event) -> None:
-        """Receive updates until ``stop`` is set."""
-
-    async def deliver(self, reply: Reply) -> dict[str, Any] | None:
-        """Send (or edit, with ``reply.edit_of``) a message; return a reference to it."""
-
-
-def configured_adapters(config: Config, *, banner: str | None = None) -> list[Adapter]:
-    """The chat platforms whose tokens are configured, and the local web chat when it is enabled
-    (by default when no token is set, showing ``banner``); each is imported only when used."""
-    adapters: list[Adapter] = []
-    if config.telegram_enabled:
-        from bot.telegram_adapter import TelegramAdapter
-
-        adapters.append(TelegramAdapter(config))
-    if config.discord_enabled:
-        from bot.discord_adapter import DiscordAdapter
-
-        adapters.append(DiscordAdapter(config))
-    if config.web_enabled:
-        from bot.web_adapter import WebAdapter
-
-        adapters.append(WebAdapter(config, banner=banner))
-    return adapters
 
 
 def _router(adapters: Sequence[Adapter]) -> Deliver:
@@ -84,39 +49,32 @@ def _router(adapters: Sequence[Adapter]) -> Deliver:
     return deliver
 
 
-def engine_command(config_path: Path | None) -> list[str]:
-    """The child process `stylebot run` starts: `stylebot engine` with the same config."""
-    cmd = [sys.executable, "-m", "bot", "engine"]
-    if config_path is not None:
-        cmd += ["--config", str(config_path)]
-    return cmd
-
-
 async def _log_only(reply: Reply) -> dict[str, str] | None:
     log.info("reply (no adapter connected): %s", reply.text.splitlines()[0] if reply.text else "")
     return None
 
 
-async def run(config: Config, *, config_path: Path | None = None,
-              adapters: Sequence[Adapter] = (), stop: asyncio.Event | None = None) -> int:
+async def run(config: Config, *, engine: Sequence[str] = (), adapters: Sequence[Adapter] = (),
+              stop: asyncio.Event | None = None) -> int:
     """Serve until SIGINT/SIGTERM or ``stop``: 0. When the engine process dies or the reply pump
-    fails, everything stops and it returns 1; a failing adapter is started again instead."""
+    fails, everything stops and it returns 1; a failing adapter is started again instead.
+    ``engine``: the command of the engine process to start, needed when ``[engine] embedded``."""
+    if config.engine.embedded and not engine:
+        raise ValueError("[engine] embedded is true: say which command starts the engine process")
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await upgrade(config.storage_url)
-    db = make_engine(config.storage_url)
+    db = make_db(config.storage_url)
     child: asyncio.subprocess.Process | None = None
     stack = contextlib.AsyncExitStack()
     try:
         if config.engine.embedded:
-            child = await asyncio.create_subprocess_exec(*engine_command(config_path))
+            child = await asyncio.create_subprocess_exec(*engine)
             log.info("engine process started (pid %d)", child.pid)
         sessions = make_sessionmaker(db)
-        q = config.queue
-        queue = await stack.enter_async_context(open_queue(
-            q.backend, sessions=sessions, redis_url=q.redis_url, redeliver_after_s=q.redeliver_after_s))
+        queue = await stack.enter_async_context(open_queue(config.queue, sessions=sessions))
         service = Service(sessions=sessions, queue=queue, media=MediaStore(config.media_dir),
                           config=config, deliver=_router(adapters))
         if not adapters:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from storage.specs import MORPH_FRAMES
+
 __all__ = [
     "Command",
     "Edit",
@@ -65,7 +67,7 @@ class Morph:
     origin: Origin
     a: Target
     b: Target
-    frames: int = 32
+    frames: int = MORPH_FRAMES
     fmt: Literal["mp4", "gif"] = "mp4"
     layers: Literal["all", "coarse", "middle", "fine"] = "all"
 

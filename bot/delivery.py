@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bot.config import DeliveryConfig
+from settings import DeliveryConfig
 
 __all__ = ["DeliveryFailed", "RetryPolicy", "TryLater", "Undeliverable"]
 

@@ -79,6 +79,19 @@ FORGET_CONFIRM = ("This erases your saved faces, photos, results and settings, f
 FORGOTTEN = "Done: I have erased everything I kept about you."
 NAME_LOOKS_TAKEN = "That name looks just like someone else's here. Please pick a name of your own."
 DONE = "Done."  # a progress message, once the result went out beside it
+NOT_A_PHOTO = "That doesn't look like a photo I can read. Please send a JPEG or PNG."
+NOT_AN_IMAGE_FILE = "That file isn't a photo I can read. Please send a JPEG or PNG photo."  # Telegram
+NOT_A_COMMAND = "Send a photo of your face, or /help for what I can do."  # web chat
+SEND_A_SELFIE = "Send me a selfie, or /help for what I can do."  # Discord
+BAD_WEB_NAME = "Type your name first: one word of letters, digits, _ . or - (at most 32), not \"me\"."
+MESSAGE_TOO_LONG = "That message is too long."
+# The web chat's HTTP refusals, shown by the browser.
+WEB_NEEDS_TOKEN = ("This web chat needs its access token: open it once as http://HOST:PORT/?token=... "
+                   "(the value of STYLEBOT_WEB_TOKEN).")
+WEB_LOOPBACK_ONLY = "This web chat answers only to localhost / 127.0.0.1."
+WEB_OTHER_SITE = "Requests from other sites are not allowed."
+WEB_NO_SUCH_FILE = "No such file (it may have been erased)."
+WEB_NOT_A_FORM = "Expected a form (multipart/form-data)."
 
 _IMAGE_MAGIC = {b"\xff\xd8\xff": ".jpg", b"\x89PNG\r\n\x1a\n": ".png", b"GIF87a": ".gif",
                 b"GIF89a": ".gif", b"BM": ".bmp", b"II*\x00": ".tif", b"MM\x00*": ".tif"}
@@ -123,7 +136,7 @@ def check_photo(data: bytes, *, max_bytes: int = MAX_PHOTO_BYTES) -> None:
                       "(on an iPhone: send it as a photo, not as a file).")
     suffix = photo_suffix(data)
     if not suffix:
-        raise Refusal("That doesn't look like a photo I can read. Please send a JPEG or PNG.")
+        raise Refusal(NOT_A_PHOTO)
     if suffix == ".png" and _png_unpacks_too_much(data):
         raise Refusal(_BOMB)
     try:
@@ -153,6 +166,16 @@ def check_photo(data: bytes, *, max_bytes: int = MAX_PHOTO_BYTES) -> None:
 
 def photo_too_large(max_bytes: int) -> str:
     return f"That photo is too large (over {max_bytes // (1024 * 1024)} MB)."
+
+
+def file_too_large(max_bytes: int) -> str:
+    """An upload over the platform's limit (Discord)."""
+    return f"That file is too large (over {max_bytes // (1024 * 1024)} MB). Please send a smaller photo."
+
+
+def too_large_to_download(max_bytes: int) -> str:
+    """A file over what the bot downloads from Telegram."""
+    return f"That file is too large for me to download (over {max_bytes // (1024 * 1024)} MB)."
 
 
 def _png_packed(kind: bytes, body: bytes) -> bytes | None:

@@ -37,13 +37,14 @@ from bot.commands import (
     ShowFaces,
     Target,
 )
-from bot.config import Config
 from bot.delivery import DeliveryFailed, RetryPolicy, Undeliverable
 from bot.replies import Refusal
 from bot.reply_pump import Deliver, ReplyPump
+from settings import Config
 from storage.media import MediaStore
 from storage.models import Job, User
 from storage.queue import JobQueue
+from storage.specs import EditSpec, InvertSpec, JobSpec, MixSpec, MorphSpec
 
 __all__ = ["Deliver", "Service"]
 
@@ -127,14 +128,14 @@ class Service:
         if await repo.count_open_jobs(s, chat_id=chat_id) >= limits.per_chat_open_jobs:
             raise Refusal(replies.CHAT_JOBS_OPEN)
 
-    async def _submit(self, origin: Origin, kind: str, payload: dict[str, Any],
-                      user_id: int, chat_id: int, s: AsyncSession) -> Job:
+    async def _submit(self, origin: Origin, spec: JobSpec, user_id: int, chat_id: int,
+                      s: AsyncSession) -> Job:
         await self._check_limits(s, user_id, chat_id)
         return await repo.create_job(
-            s, kind=kind, model=self.config.engine.model, payload=payload, user_id=user_id,
+            s, kind=spec.kind, model=self.config.engine.model, payload=spec.payload(), user_id=user_id,
             chat_id=chat_id, reply_to={**origin.reply_to, "group": origin.chat_kind == "group"},
             max_attempts=self.config.queue.max_attempts,
-            timeout_s=float(getattr(self.config.timeouts, kind)))
+            timeout_s=float(getattr(self.config.timeouts, spec.kind)))
 
     async def _queued(self, origin: Origin, job: Job, what: str) -> None:
         """The job row is committed: tell the workers and the user; remember the message.
@@ -165,7 +166,7 @@ class Service:
             user, chat_id = await self._user_and_chat(s, cmd.origin)
             await self._check_limits(s, user.id, chat_id)
             photo_key = self._store_photo(cmd.photo)
-            job = await self._submit(cmd.origin, "invert", {"photo_key": photo_key, "label": label},
+            job = await self._submit(cmd.origin, InvertSpec(photo_key=photo_key, label=label),
                                      user.id, chat_id, s)
         await self._queued(cmd.origin, job, "your selfie")
 
@@ -215,11 +216,13 @@ class Service:
                 faces.append(face)
             if faces[0].id == faces[1].id:
                 raise Refusal(replies.same_face(kind))
-            payload: dict[str, Any] = {"a_id": faces[0].id, "b_id": faces[1].id,
-                                       "layers": cmd.layers}
+            spec: JobSpec
             if isinstance(cmd, Morph):
-                payload |= {"frames": cmd.frames, "format": cmd.fmt, "pingpong": True}
-            job = await self._submit(cmd.origin, kind, payload, me.id, chat_id, s)
+                spec = MorphSpec(a_id=faces[0].id, b_id=faces[1].id, layers=cmd.layers,
+                                 frames=cmd.frames, format=cmd.fmt)
+            else:
+                spec = MixSpec(a_id=faces[0].id, b_id=faces[1].id, layers=cmd.layers)
+            job = await self._submit(cmd.origin, spec, me.id, chat_id, s)
         await self._queued(cmd.origin, job, "the morph" if kind == "morph" else "the mix")
 
     async def _edit(self, cmd: Edit) -> None:
@@ -230,10 +233,8 @@ class Service:
             face = await repo.latest_face(s, user_id=me.id, label=cmd.label)
             if face is None:
                 raise Refusal(replies.NO_OWN_FACE)
-            payload: dict[str, Any] = {"face_id": face.id, "text": text, "method": cmd.method}
-            if cmd.strength is not None:
-                payload["strength"] = cmd.strength
-            job = await self._submit(cmd.origin, "edit", payload, me.id, chat_id, s)
+            spec = EditSpec(face_id=face.id, text=text, method=cmd.method, strength=cmd.strength)
+            job = await self._submit(cmd.origin, spec, me.id, chat_id, s)
         await self._queued(cmd.origin, job, "the edit")
 
     async def _show_faces(self, cmd: ShowFaces) -> None:

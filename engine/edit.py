@@ -15,6 +15,7 @@ from engine.identity import IdentityLoss
 from engine.optim import adam_steps, pad_rows, padded_size
 from engine.progress import ProgressFn, no_progress
 from engine.stylegan2 import Generator, NoiseMode
+from settings import EngineConfig
 
 __all__ = [
     "DEFAULT_EDIT_STEPS",
@@ -26,10 +27,7 @@ __all__ = [
     "render_global_edit",
 ]
 
-# 100 steps: StyleCLIP's optimisation uses 300 at lr 0.1; with the warm-up + cosine schedule
-# the CLIP loss has flattened by ~80-100 steps on our runs, and 100 steps keep an edit within
-# the interactive budget (<= 3 s on one H100 at 1024 px, see BENCHMARKS.md / the GPU issue).
-DEFAULT_EDIT_STEPS = 100
+DEFAULT_EDIT_STEPS = EngineConfig().edit_steps  # the one default: `[engine] edit_steps`
 
 # Default strengths: a global edit's alpha (negative reverses it), and the optimisation's, which
 # divides its L2 weight.

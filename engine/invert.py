@@ -21,10 +21,11 @@ from engine.optim import adam_steps, pad_rows, padded_size
 from engine.perceptual import LPIPS
 from engine.progress import ProgressFn, no_progress
 from engine.stylegan2 import Generator, NoiseMode
+from settings import EngineConfig
 
 __all__ = ["DEFAULT_STEPS", "InversionResult", "invert", "psnr"]
 
-DEFAULT_STEPS = 300  # `[engine] invert_steps` defaults to this (see BENCHMARKS.md for the choice)
+DEFAULT_STEPS = EngineConfig().invert_steps  # the one default: `[engine] invert_steps`
 
 
 

@@ -30,6 +30,7 @@ from typing import BinaryIO, Literal
 
 from engine.errors import WeightsError, WeightsMissingError
 from engine.progress import ProgressFn, no_progress
+from settings import default_home
 from storage.files import fsync_dir, write_atomic
 
 if sys.platform != "win32":
@@ -52,9 +53,8 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)")
 
 
 def stylebot_home() -> Path:
-    """``$STYLEBOT_HOME`` if set, else ``~/.cache/stylebot``."""
-    env = os.environ.get("STYLEBOT_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "stylebot"
+    """The cache dir: ``$STYLEBOT_HOME`` if set, else ``~/.cache/stylebot`` (settings.default_home)."""
+    return default_home()
 
 
 def weights_dir(home: Path | None = None) -> Path:

@@ -28,10 +28,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import storage.repo as repo
 from engine.errors import EngineError
-from engine.jobs import JOB_KINDS, Engine, JobInput, JobOutcome
+from engine.runner import Engine, JobInput, JobOutcome
+from settings import Config, EngineConfig, QueueConfig
 from storage.media import MediaStore
 from storage.models import Job
 from storage.queue import JobQueue, open_queue
+from storage.specs import JOB_KINDS, EditSpec, InvertSpec
 
 __all__ = ["Worker", "WorkerSettings", "default_worker_id"]
 
@@ -42,12 +44,15 @@ def default_worker_id(device: str) -> str:
     return f"{socket.gethostname()}:{device}"
 
 
+_ENGINE, _QUEUE = EngineConfig(), QueueConfig()
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     worker_id: str
-    batch_size: int = 16
-    batch_wait_ms: int = 20
-    lease_s: float = 15.0
+    batch_size: int = _ENGINE.batch_size
+    batch_wait_ms: int = _ENGINE.batch_wait_ms
+    lease_s: float = _QUEUE.lease_s
     poll_s: float = 0.1  # how long one wait for work lasts (the stop flag is checked between)
     idle_poll_s: float = 0.02  # ... between chunks of idle work (a Redis message has time to come)
     resend_after_s: float = 5.0  # an idle worker resends jobs queued longer than this
@@ -153,12 +158,12 @@ class Worker:
         await self.queue.announce(ids)
 
     async def _inputs(self, job: Job) -> JobInput:
-        p = job.payload
+        spec = job.spec
         async with self.sessions() as s:
             latents: dict[str, Any] = {}
             photo = alignment = None
             for name in ("face", "a", "b"):
-                face_id = p.get(f"{name}_id")
+                face_id = getattr(spec, f"{name}_id", None)
                 if face_id is None:
                     continue
                 face = await repo.get_face(s, int(face_id))
@@ -168,11 +173,11 @@ class Worker:
                     raise EngineError("that face was saved with another model; please send the "
                                       "selfie again")
                 latents[name] = repo.latent_of(face)
-                if name == "face":
+                if isinstance(spec, EditSpec):  # the photo to paste the edited face back into
                     alignment, photo = face.alignment, self._read(face.photo_key)
-        if p.get("photo_key"):
-            photo = self._read(str(p["photo_key"]))
-        return JobInput(job.id, job.kind, p, photo=photo, latents=latents, alignment=alignment)
+        if isinstance(spec, InvertSpec) and spec.photo_key:
+            photo = self._read(spec.photo_key)
+        return JobInput(job.id, spec, photo=photo, latents=latents, alignment=alignment)
 
     def _read(self, key: str) -> bytes:
         try:
@@ -211,12 +216,13 @@ class Worker:
                     self.media.delete(key)
                 return
             result = {**outcome.result, **dict(zip(outcome.files, stored, strict=True))}
-            if outcome.face is not None and job.user_id is not None:
+            spec = job.spec
+            if outcome.face is not None and job.user_id is not None and isinstance(spec, InvertSpec):
                 f = outcome.face
                 face = await repo.save_face(
-                    s, job_id=job.id, user_id=job.user_id, label=str(job.payload.get("label") or "default"),
+                    s, job_id=job.id, user_id=job.user_id, label=spec.label or "default",
                     model_id=self.engine.model_id, latent=f.latent, aligned_key=result["aligned_key"],
-                    photo_key=str(job.payload["photo_key"]), reconstruction_key=result["reconstruction_key"],
+                    photo_key=spec.photo_key, reconstruction_key=result["reconstruction_key"],
                     alignment=f.alignment, quality=f.quality)
                 result["face_id"] = face.id
                 if job.chat_id is not None:
@@ -273,40 +279,34 @@ class _ProgressRelay:
         return item
 
 
-async def serve(
-    *, storage_url: str, media_dir: str, model: str, device: str, batch_size: int,
-    batch_wait_ms: int, invert_steps: int, edit_steps: int, clip: str, compile: bool,
-    direction_samples: int = 32, build_directions: bool = True, worker_id: str | None = None,
-    lease_s: float = 15.0, queue: str = "local", redis_url: str = "", redeliver_after_s: float = 60.0,
-    stop: asyncio.Event | None = None,
-) -> None:
-    """`stylebot engine`: load the models once, then serve jobs until stopped (SIGINT/SIGTERM)."""
+async def serve(config: Config, *, device: str | None = None, worker_id: str | None = None,
+                queue_url: str | None = None, stop: asyncio.Event | None = None) -> None:
+    """`stylebot engine`: load the models once, then serve jobs until stopped (SIGINT/SIGTERM).
+    ``device`` and ``queue_url`` (a Redis URL: join that worker pool) override the config."""
     import signal
-    from pathlib import Path
 
-    from engine.models import resolve_device
-    from storage.db import make_engine, make_sessionmaker, upgrade
+    from engine.generators import resolve_device
+    from storage.db import make_db, make_sessionmaker, upgrade
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    dev = resolve_device(device)
-    await upgrade(storage_url)
-    db = make_engine(storage_url)
+    e, q = config.engine, config.queue
+    if queue_url:
+        q = q.model_copy(update={"backend": "redis", "redis_url": queue_url})
+    dev = resolve_device(device or e.device)
+    await upgrade(config.storage_url)
+    db = make_db(config.storage_url)
     settings = WorkerSettings(worker_id=worker_id or default_worker_id(str(dev)),
-                              batch_size=batch_size, batch_wait_ms=batch_wait_ms, lease_s=lease_s)
+                              batch_size=e.batch_size, batch_wait_ms=e.batch_wait_ms, lease_s=q.lease_s)
     sessions = make_sessionmaker(db)
     try:
         # The queue first: an unreachable Redis is reported before minutes of model loading.
-        async with open_queue(queue, sessions=sessions, redis_url=redis_url, consumer=settings.worker_id,
-                              redeliver_after_s=redeliver_after_s) as jobs:
-            engine = await asyncio.to_thread(Engine, model=model, device=dev, invert_steps=invert_steps,
-                                             edit_steps=edit_steps, compile=compile, clip=clip,
-                                             table_samples=direction_samples,
-                                             build_table_when_idle=build_directions)
-            await asyncio.to_thread(engine.warm_up, batch_size)
-            worker = Worker(engine, sessions=sessions, queue=jobs, media=MediaStore(Path(media_dir)),
+        async with open_queue(q, sessions=sessions, consumer=settings.worker_id) as jobs:
+            runner = await asyncio.to_thread(Engine.from_config, e, device=dev)
+            await asyncio.to_thread(runner.warm_up, e.batch_size)
+            worker = Worker(runner, sessions=sessions, queue=jobs, media=MediaStore(config.media_dir),
                             settings=settings)
             await worker.run(stop)
     finally:

@@ -37,7 +37,7 @@ __all__ = [
     "MIGRATIONS_DIR",
     "alembic_config",
     "current_revision",
-    "make_engine",
+    "make_db",
     "make_sessionmaker",
     "sqlite_url",
     "upgrade",
@@ -100,7 +100,7 @@ def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
-def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
+def make_db(url: str, **kwargs: Any) -> AsyncEngine:
     """An async engine. SQLite: WAL, foreign keys on, 5 s busy timeout; the file's folder is made."""
     engine = create_async_engine(url, **kwargs)
     if _is_sqlite(url):
@@ -138,7 +138,7 @@ async def _lock_for_migration(connection: AsyncConnection) -> None:
 
 async def upgrade(url: str) -> None:
     """Bring the database at ``url`` to the newest revision (creates an empty SQLite file)."""
-    engine = make_engine(url)
+    engine = make_db(url)
     try:
         async with engine.connect() as connection:
             await _lock_for_migration(connection)
@@ -154,7 +154,7 @@ def _revision_sync(connection: Connection) -> str | None:
 
 async def current_revision(url: str) -> str | None:
     """The alembic revision the database is at; None for an empty database."""
-    engine = make_engine(url)
+    engine = make_db(url)
     try:
         async with engine.connect() as connection:
             return await connection.run_sync(_revision_sync)

@@ -32,6 +32,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from storage.specs import JobSpec, spec_of
+
 __all__ = [
     "CHAT_KINDS",
     "JOB_STATUSES",
@@ -205,3 +207,8 @@ class Job(Base):
     reply_step: Mapped[str | None] = mapped_column(String(16))
     reply_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     reply_after: Mapped[datetime | None] = mapped_column()  # not before (a platform asked to wait)
+
+    @property
+    def spec(self) -> JobSpec:
+        """The payload as its kind's typed spec (:mod:`storage.specs`)."""
+        return spec_of(self.kind, self.payload)

@@ -18,6 +18,7 @@ from sqlalchemy import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import storage.repo as repo
+from settings import QueueConfig
 from storage.models import Job
 
 __all__ = ["JobQueue", "LocalQueue", "QueueUnavailable", "open_queue"]
@@ -99,20 +100,19 @@ class LocalQueue:
 
 @contextlib.asynccontextmanager
 async def open_queue(
-    backend: str, *, sessions: async_sessionmaker[AsyncSession], redis_url: str = "",
-    consumer: str | None = None, redeliver_after_s: float = 60.0,
+    config: QueueConfig, *, sessions: async_sessionmaker[AsyncSession], consumer: str | None = None,
 ) -> AsyncIterator[JobQueue]:
-    """The configured queue backend, connected for the duration of the block."""
-    if backend == "local":
+    """The ``[queue]`` backend, connected for the duration of the block; ``consumer``: a worker's id."""
+    if config.backend == "local":
         yield LocalQueue(sessions)
         return
-    if backend != "redis":
-        raise ValueError(f"unknown queue backend {backend!r}")
     from redis.exceptions import RedisError
 
     from storage.redis_queue import RedisQueue  # imports taskiq and redis only when used
 
-    queue = RedisQueue(sessions, url=redis_url, consumer=consumer, redeliver_after_s=redeliver_after_s)
+    redis_url = config.redis_url
+    queue = RedisQueue(sessions, url=redis_url, consumer=consumer,
+                       redeliver_after_s=config.redeliver_after_s)
     try:
         await queue.start()
     except (RedisError, OSError) as exc:

@@ -62,7 +62,7 @@ class RedisQueue:
 
     def __init__(
         self, sessions: async_sessionmaker[AsyncSession], *, url: str, consumer: str | None = None,
-        redeliver_after_s: float = 60.0, poll_s: float = 2.0,
+        redeliver_after_s: float, poll_s: float = 2.0,
     ) -> None:
         self.sessions, self.poll_s = sessions, poll_s
         self._broker = RedisStreamBroker(

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from sqlalchemy import make_url
 
-from storage.db import make_engine
+from storage.db import make_db
 
 __all__ = ["BACKENDS", "fresh_postgres_database"]
 
@@ -20,7 +20,7 @@ BACKENDS = ["sqlite", "postgresql"]
 async def fresh_postgres_database(server_url: str) -> AsyncIterator[str]:
     """The URL of a new, empty database on the server at ``server_url``; dropped afterwards."""
     name = f"stylebot_test_{uuid.uuid4().hex[:12]}"
-    admin = make_engine(server_url, isolation_level="AUTOCOMMIT")
+    admin = make_db(server_url, isolation_level="AUTOCOMMIT")
     try:
         async with admin.connect() as conn:
             await conn.exec_driver_sql(f"CREATE DATABASE {name}")

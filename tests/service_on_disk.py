@@ -8,10 +8,10 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.config import Config, load_config
 from bot.reply_pump import Deliver
 from bot.service import Service
-from storage.db import make_engine, make_sessionmaker, upgrade
+from settings import Config, load_config
+from storage.db import make_db, make_sessionmaker, upgrade
 from storage.media import MediaStore
 from storage.queue import LocalQueue
 
@@ -22,7 +22,7 @@ __all__ = ["migrated", "service_on_disk"]
 async def migrated(config: Config) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
     """Sessions on ``config``'s database, brought to head first; its engine disposed of after."""
     await upgrade(config.storage_url)
-    db = make_engine(config.storage_url)
+    db = make_db(config.storage_url)
     try:
         yield make_sessionmaker(db)
     finally:

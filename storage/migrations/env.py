@@ -14,7 +14,7 @@ import asyncio
 from alembic import context
 from sqlalchemy import Connection
 
-from storage.db import make_engine
+from storage.db import make_db
 from storage.models import Base
 
 config = context.config
@@ -36,7 +36,7 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    engine = make_engine(_url())
+    engine = make_db(_url())
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)

@@ -1,5 +1,5 @@
 """The Discord test world: a local fake Discord (REST, CDN, gateway), the real discord.py adapter, the
-real service and, unless asked not to, a real engine process (``python -m bot engine``) on the demo
+real service and, unless asked not to, a real engine process (``python -m cli engine``) on the demo
 model, all on one SQLite file.
 
 Test modules wrap :func:`running_world` in a module-scoped fixture (one engine process per module).
@@ -21,8 +21,8 @@ from pathlib import Path
 from log_privacy import LogCapture
 from service_on_disk import migrated
 
-from bot.config import load_config
 from bot.service import Service
+from settings import load_config
 from storage.media import MediaStore
 from storage.queue import LocalQueue
 
@@ -30,7 +30,7 @@ from .fake_discord import FakeDiscord
 
 with warnings.catch_warnings():  # discord.py imports audioop (voice), deprecated since Python 3.11
     warnings.filterwarnings("ignore", "'audioop' is deprecated", DeprecationWarning)
-    from bot.discord_adapter import DiscordAdapter
+    from bot.adapters.discord import DiscordAdapter
 
 __all__ = ["ANN", "BOB", "CONFIG", "CYD", "DEE", "EVE", "TOKEN", "World", "running_world"]
 
@@ -94,7 +94,7 @@ async def running_world(tmp: Path, logs: LogCapture, *, config_text: str = CONFI
     if engine:
         with engine_log.open("wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "bot", "engine", "--config", str(path), "--worker-id", "discord-e2e"],
+                [sys.executable, "-m", "cli", "engine", "--config", str(path), "--worker-id", "discord-e2e"],
                 env={**os.environ, "STYLEBOT_HOME": str(home), "PYTHONWARNINGS": "ignore"},
                 stdout=out, stderr=subprocess.STDOUT)
     stop = asyncio.Event()

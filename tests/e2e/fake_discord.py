@@ -1,6 +1,6 @@
 """A local stand-in for Discord's servers: REST API, CDN file route and a JSON gateway websocket.
 
-The real discord.py client (through :class:`bot.discord_adapter.DiscordAdapter`) talks to it on
+The real discord.py client (through :class:`bot.adapters.discord.DiscordAdapter`) talks to it on
 127.0.0.1. Everything the bot does is recorded for assertions; helpers push gateway events
 (messages, slash-command interactions) as Discord would.
 

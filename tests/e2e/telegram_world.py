@@ -1,5 +1,5 @@
 """The Telegram test world: a local fake Bot API server, the real python-telegram-bot adapter, the real
-service and a real engine process (``python -m bot engine``) on the demo model, all on one SQLite file
+service and a real engine process (``python -m cli engine``) on the demo model, all on one SQLite file
 (or on the database and queue backend that ``config_text`` names: PostgreSQL and Redis).
 
 Test modules wrap :func:`running_world` in a module-scoped fixture (one engine process per module).
@@ -23,10 +23,10 @@ import skimage.data
 from PIL import Image
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.config import Config, load_config
+from bot.adapters.telegram import TelegramAdapter
 from bot.service import Service
-from bot.telegram_adapter import TelegramAdapter
-from storage.db import make_engine, make_sessionmaker, upgrade
+from settings import Config, load_config
+from storage.db import make_db, make_sessionmaker, upgrade
 from storage.media import MediaStore
 from storage.queue import open_queue
 
@@ -100,13 +100,11 @@ async def running_world(tmp: Path, *, config_text: str = CONFIG) -> AsyncIterato
     home = tmp / "home"
     config = load_config(path, env={"STYLEBOT_HOME": str(home), "TELEGRAM_BOT_TOKEN": TOKEN})
     await upgrade(config.storage_url)
-    db = make_engine(config.storage_url)
+    db = make_db(config.storage_url)
     sessions = make_sessionmaker(db)
     adapter = TelegramAdapter(config, poll_timeout=1)
-    q = config.queue
     queues = contextlib.AsyncExitStack()
-    queue = await queues.enter_async_context(open_queue(
-        q.backend, sessions=sessions, redis_url=q.redis_url, redeliver_after_s=q.redeliver_after_s))
+    queue = await queues.enter_async_context(open_queue(config.queue, sessions=sessions))
     service = Service(sessions=sessions, queue=queue, media=MediaStore(config.media_dir), config=config,
                       deliver=adapter.deliver)
     # One torch thread: the bot (this process) needs the other core, and OpenMP threads that share
@@ -114,7 +112,7 @@ async def running_world(tmp: Path, *, config_text: str = CONFIG) -> AsyncIterato
     env = {**os.environ, "STYLEBOT_HOME": str(home), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     log_path = tmp / "engine.log"
     with log_path.open("wb") as log:
-        engine = subprocess.Popen([sys.executable, "-m", "bot", "engine", "--config", str(path),
+        engine = subprocess.Popen([sys.executable, "-m", "cli", "engine", "--config", str(path),
                                    "--worker-id", "tg-e2e"], env=env, stdout=log, stderr=subprocess.STDOUT)
     stop = asyncio.Event()
     tasks = [asyncio.create_task(service.run(stop)),

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from log_privacy import capturing_logs
 
+from bot.adapters.telegram import TelegramAdapter
 from bot.app import run
-from bot.config import load_config
-from bot.telegram_adapter import TelegramAdapter
+from settings import load_config
 
 from .discord_world import ANN
 from .discord_world import TOKEN as DISCORD_TOKEN
@@ -26,7 +26,7 @@ from .telegram_world import dm, replying_to
 
 with warnings.catch_warnings():  # discord.py imports audioop (voice), deprecated since Python 3.11
     warnings.filterwarnings("ignore", "'audioop' is deprecated", DeprecationWarning)
-    from bot.discord_adapter import DiscordAdapter
+    from bot.adapters.discord import DiscordAdapter
 
 ALICE = FakeUser(id=1001, first_name="Alice", username="alice")
 

@@ -18,7 +18,7 @@ from log_privacy import capturing_logs
 from PIL import Image
 
 import storage.repo as repo
-from bot import discord_commands
+from bot.adapters import discord_commands
 from bot.commands import Reply
 from bot.replies import NO_OWN_FACE
 from storage.models import Job

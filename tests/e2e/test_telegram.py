@@ -25,10 +25,10 @@ from servers import empty_redis, scale_out_config
 from sqlalchemy import func, select
 from telegram import Update
 
-from bot.config import load_config
+from bot.adapters.telegram import TelegramAdapter
 from bot.parse import COMMANDS
 from bot.replies import USER_JOBS_OPEN
-from bot.telegram_adapter import TelegramAdapter
+from settings import load_config
 from storage.media import MediaStore
 from storage.models import Face, Job, User
 

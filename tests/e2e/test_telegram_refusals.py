@@ -23,11 +23,11 @@ from log_privacy import LogCapture, capturing_logs
 from service_on_disk import service_on_disk
 from sqlalchemy import select
 
+from bot.adapters.telegram import TelegramAdapter
 from bot.commands import Reply
-from bot.config import load_config
 from bot.delivery import TryLater
 from bot.replies import DONE
-from bot.telegram_adapter import TelegramAdapter
+from settings import load_config
 from storage.models import Job
 
 from .fake_telegram import (

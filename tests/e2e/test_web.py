@@ -34,7 +34,7 @@ from PIL import Image
 from playwright.sync_api import Browser, Page, WebSocket, expect, sync_playwright
 from sqlalchemy.engine import make_url
 
-from bot.config import load_config
+from settings import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -120,7 +120,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     config.write_text(CONFIG.format(port=_free_port()))
     stdout, stderr = tmp / "stdout.log", tmp / "stderr.log"
     with stdout.open("wb") as out, stderr.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "bot", "run", "--config", str(config)],
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "run", "--config", str(config)],
                                 env={**_run_env(tmp / "home"), "STYLEBOT_WEB_TOKEN": WEB_TOKEN},
                                 stdout=out, stderr=err)
     try:
@@ -302,7 +302,7 @@ def test_logs_hold_neither_the_token_nor_face_data(world: World) -> None:
 def test_a_public_bind_without_a_token_refuses_to_start(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('[web]\nhost = "0.0.0.0"\n')
-    proc = subprocess.run([sys.executable, "-m", "bot", "run", "--config", str(config)],
+    proc = subprocess.run([sys.executable, "-m", "cli", "run", "--config", str(config)],
                           env=_run_env(tmp_path / "home"), capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()

@@ -38,10 +38,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.app import run as run_bot
 from bot.commands import Forget, Origin, Reply, Selfie
-from bot.config import Config, load_config
 from bot.service import Service
+from settings import Config, load_config
 from storage import repo
-from storage.db import make_engine, make_sessionmaker, upgrade
+from storage.db import make_db, make_sessionmaker, upgrade
 from storage.media import MediaStore
 from storage.models import Face, Job
 from storage.queue import LocalQueue
@@ -150,7 +150,7 @@ class World:
         log = self.config_path.parent / "engine.log"
         start = log.stat().st_size if log.exists() else 0
         with log.open("ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "bot", "engine", "--config",
+            proc = subprocess.Popen([sys.executable, "-m", "cli", "engine", "--config",
                                      str(self.config_path), "--worker-id", ENGINE_ID],
                                     env=self.env(), stderr=out)
 
@@ -213,7 +213,7 @@ async def world(tmp_path: Path, *, batch_size: int = 2, steps: int = 40,
     home = tmp_path / "home"
     config = load_config(config_path, env={"STYLEBOT_HOME": str(home)})
     await upgrade(config.storage_url)
-    db = make_engine(config.storage_url)
+    db = make_db(config.storage_url)
     sessions = make_sessionmaker(db)
     store = media(config.media_dir)
     inbox = Inbox()
@@ -354,7 +354,7 @@ async def _engine_step(sessions: Sessions, media: MediaStore, rng: random.Random
 async def _write_forever(config: Config, seed: int) -> None:
     rng = random.Random(seed)
     await upgrade(config.storage_url)
-    db = make_engine(config.storage_url)
+    db = make_db(config.storage_url)
     sessions = make_sessionmaker(db)
     media = MediaStore(config.media_dir)
     service = Service(sessions=sessions, queue=LocalQueue(sessions), media=media, config=config,

@@ -138,7 +138,7 @@ def test_weights_list_and_convert(tmp_path: Path, fixtures_dir: Path) -> None:
 
 
 def test_help_does_not_import_torch() -> None:
-    code = "import sys, bot.cli; bot.cli.build_parser(); print('torch' in sys.modules)"
+    code = "import sys, cli; cli.build_parser(); print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "False"
 

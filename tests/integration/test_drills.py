@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from bot.commands import Forget, Selfie
 from bot.replies import FORGOTTEN, STORAGE_FULL
-from engine.jobs import Engine, JobOutcome
+from engine.runner import Engine, JobOutcome
 from engine.worker import Worker, WorkerSettings
 from storage import repo
 from storage.media import MediaStore

@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 
 from bot.commands import Selfie
-from engine.jobs import Engine, JobInput, JobOutcome
+from engine.runner import Engine, JobInput, JobOutcome
 from engine.worker import Worker, WorkerSettings
 from storage.queue import LocalQueue
 

@@ -17,7 +17,7 @@ from alembic.script import ScriptDirectory
 from postgres_db import BACKENDS, fresh_postgres_database
 from sqlalchemy import Connection, inspect, text
 
-from storage.db import alembic_config, current_revision, make_engine, sqlite_url, upgrade
+from storage.db import alembic_config, current_revision, make_db, sqlite_url, upgrade
 from storage.models import Base
 
 TABLES = {"users", "chats", "chat_members", "faces", "face_shares", "jobs"}
@@ -38,7 +38,7 @@ def _head(url: str) -> str | None:
 
 
 async def _tables(url: str) -> set[str]:
-    engine = make_engine(url)
+    engine = make_db(url)
     try:
         async with engine.connect() as conn:
             return set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
@@ -75,7 +75,7 @@ def _to_0001(connection: Connection, url: str) -> None:
 
 async def test_jobs_replied_to_before_delivery_state_existed_count_as_delivered(fresh_url: str) -> None:
     url = fresh_url
-    engine = make_engine(url)
+    engine = make_db(url)
     try:
         async with engine.connect() as conn:
             await conn.run_sync(_to_0001, url)
@@ -102,7 +102,7 @@ def _diff(connection: Connection) -> list[object]:
 async def test_models_match_the_migrated_schema(fresh_url: str) -> None:
     url = fresh_url
     await upgrade(url)
-    engine = make_engine(url)
+    engine = make_db(url)
     try:
         async with engine.connect() as conn:
             assert await conn.run_sync(_diff) == []
@@ -113,7 +113,7 @@ async def test_models_match_the_migrated_schema(fresh_url: str) -> None:
 async def test_every_connection_has_wal_foreign_keys_and_busy_timeout(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path / "stylebot.sqlite3")
     await upgrade(url)
-    engine = make_engine(url)
+    engine = make_db(url)
     try:
         async with engine.connect() as conn:
             pragma = {name: (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar()

@@ -15,8 +15,9 @@ from redis.asyncio import Redis
 from servers import empty_redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from settings import QueueConfig
 from storage import repo
-from storage.db import make_engine, make_sessionmaker, sqlite_url, upgrade
+from storage.db import make_db, make_sessionmaker, sqlite_url, upgrade
 from storage.queue import JobQueue, open_queue
 from storage.redis_queue import JOBS_STREAM, WORKER_GROUP
 
@@ -39,9 +40,13 @@ async def sessions(
         else:
             url = sqlite_url(tmp_path / "jobs.db")
         await upgrade(url)
-        db = make_engine(url)
+        db = make_db(url)
         stack.push_async_callback(db.dispose)
         yield make_sessionmaker(db)
+
+
+def _redis(url: str, **keys: int) -> QueueConfig:
+    return QueueConfig(backend="redis", redis_url=url, **keys)
 
 
 async def _jobs(sessions: async_sessionmaker[AsyncSession], n: int, *, kind: str = "invert") -> list[str]:
@@ -77,9 +82,9 @@ async def _pending(url: str) -> dict[str, int]:
 async def test_a_burst_spreads_over_workers_and_each_job_is_taken_once(
     sessions: async_sessionmaker[AsyncSession], fresh_redis: str
 ) -> None:
-    async with (open_queue("redis", sessions=sessions, redis_url=fresh_redis) as bot,
-                open_queue("redis", sessions=sessions, redis_url=fresh_redis, consumer="w1") as w1,
-                open_queue("redis", sessions=sessions, redis_url=fresh_redis, consumer="w2") as w2):
+    async with (open_queue(_redis(fresh_redis), sessions=sessions) as bot,
+                open_queue(_redis(fresh_redis), sessions=sessions, consumer="w1") as w1,
+                open_queue(_redis(fresh_redis), sessions=sessions, consumer="w2") as w2):
         ids = await _jobs(sessions, 8)
         await bot.notify(ids)
         first1, first2 = await asyncio.gather(_take(w1, "w1", limit=2), _take(w2, "w2", limit=2))
@@ -102,8 +107,8 @@ async def test_a_burst_spreads_over_workers_and_each_job_is_taken_once(
 async def test_duplicates_and_stale_messages_are_dropped_without_running_anything(
     sessions: async_sessionmaker[AsyncSession], fresh_redis: str
 ) -> None:
-    async with (open_queue("redis", sessions=sessions, redis_url=fresh_redis) as bot,
-                open_queue("redis", sessions=sessions, redis_url=fresh_redis, consumer="w1") as w1):
+    async with (open_queue(_redis(fresh_redis), sessions=sessions) as bot,
+                open_queue(_redis(fresh_redis), sessions=sessions, consumer="w1") as w1):
         done, erased, fresh = await _jobs(sessions, 3)
         await bot.notify([done])
         assert await _take(w1, "w1") == [done]
@@ -127,11 +132,11 @@ async def test_duplicates_and_stale_messages_are_dropped_without_running_anythin
 async def test_messages_a_dead_worker_held_go_to_another_worker(
     sessions: async_sessionmaker[AsyncSession], fresh_redis: str
 ) -> None:
-    async with (open_queue("redis", sessions=sessions, redis_url=fresh_redis) as bot,
-                open_queue("redis", sessions=sessions, redis_url=fresh_redis, consumer="w2",
-                           redeliver_after_s=1) as w2):
+    async with (open_queue(_redis(fresh_redis), sessions=sessions) as bot,
+                open_queue(_redis(fresh_redis, redeliver_after_s=1), sessions=sessions,
+                           consumer="w2") as w2):
         ids = await _jobs(sessions, 3)
-        async with open_queue("redis", sessions=sessions, redis_url=fresh_redis, consumer="w1") as w1:
+        async with open_queue(_redis(fresh_redis), sessions=sessions, consumer="w1") as w1:
             await bot.notify(ids)
             running = await _take(w1, "w1", limit=1)  # takes one, and reads one more ahead
             assert len(running) == 1
@@ -159,8 +164,8 @@ async def test_messages_a_dead_worker_held_go_to_another_worker(
 async def test_workers_wake_the_bot_when_jobs_move(
     sessions: async_sessionmaker[AsyncSession], fresh_redis: str
 ) -> None:
-    async with (open_queue("redis", sessions=sessions, redis_url=fresh_redis) as bot,
-                open_queue("redis", sessions=sessions, redis_url=fresh_redis, consumer="w1") as w1):
+    async with (open_queue(_redis(fresh_redis), sessions=sessions) as bot,
+                open_queue(_redis(fresh_redis), sessions=sessions, consumer="w1") as w1):
         await bot.changed(0.01)  # subscribed
         waiting = asyncio.create_task(bot.changed(30))
         await asyncio.sleep(0.2)

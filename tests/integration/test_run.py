@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import storage.repo as repo
-from storage.db import make_engine, make_sessionmaker, sqlite_url, upgrade
+from storage.db import make_db, make_sessionmaker, sqlite_url, upgrade
 
 
 def _alive(pid: int) -> bool:
@@ -34,7 +34,7 @@ def test_run_starts_engine_and_shuts_down_cleanly(tmp_path: Path, sig: signal.Si
            "PYTHONUNBUFFERED": "1"}
     env.pop("TELEGRAM_BOT_TOKEN", None)
     env.pop("DISCORD_BOT_TOKEN", None)
-    proc = subprocess.Popen([sys.executable, "-m", "bot", "run", "--config", str(config)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "run", "--config", str(config)], env=env,
                             stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     lines: list[str] = []
@@ -76,7 +76,7 @@ def test_a_busy_web_port_is_said_and_tried_again_while_the_engine_goes_on(tmp_pa
            "PYTHONUNBUFFERED": "1"}
     env.pop("TELEGRAM_BOT_TOKEN", None)
     env.pop("DISCORD_BOT_TOKEN", None)
-    proc = subprocess.Popen([sys.executable, "-m", "bot", "run", "--config", str(config)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "run", "--config", str(config)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     lines: list[str] = []
@@ -109,7 +109,7 @@ def test_a_busy_web_port_is_said_and_tried_again_while_the_engine_goes_on(tmp_pa
 async def test_an_install_with_its_data_in_the_cache_dir_has_it_moved_on_first_start(tmp_path: Path) -> None:
     old = tmp_path / ".cache" / "stylebot" / "data"
     await upgrade(sqlite_url(old / "stylebot.db"))  # a database as an earlier version left it
-    db = make_engine(sqlite_url(old / "stylebot.db"))
+    db = make_db(sqlite_url(old / "stylebot.db"))
     async with make_sessionmaker(db).begin() as s:
         await repo.get_or_create_user(s, platform="telegram", platform_user_id="1", username="alice")
     await db.dispose()
@@ -123,7 +123,7 @@ async def test_an_install_with_its_data_in_the_cache_dir_has_it_moved_on_first_s
     env = {k: v for k, v in os.environ.items()
            if k not in ("STYLEBOT_HOME", "XDG_DATA_HOME", "TELEGRAM_BOT_TOKEN", "DISCORD_BOT_TOKEN")}
     env |= {"HOME": str(tmp_path), "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "bot", "run", "--config", str(config)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "run", "--config", str(config)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     lines = []
@@ -142,7 +142,7 @@ async def test_an_install_with_its_data_in_the_cache_dir_has_it_moved_on_first_s
     assert proc.returncode == 0, text
     assert f"moved your data (database and media) from {old} to {new}" in text
     assert not old.exists() and (new / "media" / "ab" / "face.png").read_bytes() == b"\x89PNG her face"
-    db = make_engine(sqlite_url(new / "stylebot.db"))
+    db = make_db(sqlite_url(new / "stylebot.db"))
     async with make_sessionmaker(db)() as s:
         alice = await repo.find_user(s, platform="telegram", platform_user_id="1")
     await db.dispose()

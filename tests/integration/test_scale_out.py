@@ -19,9 +19,9 @@ from servers import empty_redis, scale_out_config
 from sqlalchemy import func, select
 
 from bot.commands import Selfie
-from bot.config import load_config
 from bot.service import Service
-from storage.db import make_engine, make_sessionmaker, upgrade
+from settings import load_config
+from storage.db import make_db, make_sessionmaker, upgrade
 from storage.media import MediaStore
 from storage.models import Face, Job
 from storage.queue import open_queue
@@ -44,12 +44,12 @@ async def _installation(tmp_path: Path, postgres_url: str, redis_url: str) -> As
         home = tmp_path / "home"
         config = load_config(config_path, env={"STYLEBOT_HOME": str(home)})
         await upgrade(config.storage_url)
-        db = make_engine(config.storage_url)
+        db = make_db(config.storage_url)
         sessions = make_sessionmaker(db)
         inbox = Inbox()
         env = {**os.environ, "STYLEBOT_HOME": str(home), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
         try:
-            async with open_queue("redis", sessions=sessions, redis_url=redis_url) as queue:
+            async with open_queue(config.queue, sessions=sessions) as queue:
                 yield config_path, Service(sessions=sessions, queue=queue, media=MediaStore(config.media_dir),
                                            config=config, deliver=inbox.deliver), inbox, env
         finally:
@@ -58,7 +58,7 @@ async def _installation(tmp_path: Path, postgres_url: str, redis_url: str) -> As
 
 def _worker(config_path: Path, env: dict[str, str], worker_id: str, redis_url: str
             ) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "bot", "engine", "--config", str(config_path),
+    return subprocess.Popen([sys.executable, "-m", "cli", "engine", "--config", str(config_path),
                              "--worker-id", worker_id, "--queue", redis_url], env=env)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from sqlalchemy import text
 
-from storage.db import make_engine
+from storage.db import make_db
 
 
 async def test_redis_server_answers_ping_and_keeps_values(redis_url: str) -> None:
@@ -20,7 +20,7 @@ async def test_redis_server_answers_ping_and_keeps_values(redis_url: str) -> Non
 
 
 async def test_postgres_server_answers_a_query(postgres_url: str) -> None:
-    engine = make_engine(postgres_url)
+    engine = make_db(postgres_url)
     try:
         async with engine.connect() as conn:
             assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1

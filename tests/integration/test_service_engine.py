@@ -17,10 +17,10 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from bot.commands import Edit, Morph, Origin, Reply, Selfie, Target
-from bot.config import Config, load_config
 from bot.service import Service
+from settings import Config, load_config
 from storage import repo
-from storage.db import make_engine, make_sessionmaker, upgrade
+from storage.db import make_db, make_sessionmaker, upgrade
 from storage.media import MediaStore
 from storage.models import Face, Job
 from storage.queue import LocalQueue
@@ -64,7 +64,7 @@ def _config(tmp_path: Path, steps: int) -> tuple[Config, Path]:
 
 def _engine(config_path: Path, home: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "STYLEBOT_HOME": str(home), "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "bot", "engine", "--config", str(config_path),
+    return subprocess.Popen([sys.executable, "-m", "cli", "engine", "--config", str(config_path),
                              "--worker-id", "test-worker"], env=env)
 
 
@@ -72,7 +72,7 @@ def _engine(config_path: Path, home: Path) -> subprocess.Popen[bytes]:
 async def world(tmp_path: Path) -> AsyncIterator[tuple[Config, Path, Service, Inbox]]:
     config, path = _config(tmp_path, steps=150)
     await upgrade(config.storage_url)
-    db = make_engine(config.storage_url)
+    db = make_db(config.storage_url)
     inbox = Inbox()
     sessions = make_sessionmaker(db)
     service = Service(sessions=sessions, queue=LocalQueue(sessions), media=MediaStore(config.media_dir),
@@ -189,7 +189,7 @@ async def test_while_the_direction_table_builds_nobody_waits_for_it(
     home = tmp_path / "home"
     env = {**os.environ, "STYLEBOT_HOME": str(home), "PYTHONWARNINGS": "ignore"}
     with log.open("wb") as out:
-        engine = subprocess.Popen([sys.executable, "-m", "bot", "engine", "--config", str(path),
+        engine = subprocess.Popen([sys.executable, "-m", "cli", "engine", "--config", str(path),
                                    "--worker-id", "test-worker"], env=env, stderr=out)
     try:
         await service.handle(Selfie(origin=_origin("ann"), photo=_selfie_bytes(astronaut, 0)))

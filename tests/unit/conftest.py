@@ -9,7 +9,7 @@ import pytest
 from postgres_db import BACKENDS, fresh_postgres_database
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from storage.db import make_engine, make_sessionmaker, sqlite_url, upgrade
+from storage.db import make_db, make_sessionmaker, sqlite_url, upgrade
 
 
 @pytest.fixture(params=BACKENDS)
@@ -27,7 +27,7 @@ async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[s
 
 @pytest.fixture
 async def engine(url: str) -> AsyncIterator[AsyncEngine]:
-    db = make_engine(url)
+    db = make_db(url)
     yield db
     await db.dispose()
 

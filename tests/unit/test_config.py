@@ -1,16 +1,17 @@
-"""bot.config: defaults, the shipped config.toml, overrides, one-line errors, secrets, paths."""
+"""settings: defaults, the shipped config.toml, overrides, one-line errors, secrets, paths."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import tomllib
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
-from bot.config import (
+from engine import weights
+from settings import (
     BotConfig,
     Config,
     ConfigError,
@@ -25,7 +26,6 @@ from bot.config import (
     WebConfig,
     load_config,
 )
-from engine import weights
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "config.toml"
@@ -81,8 +81,12 @@ def test_shipped_config_documents_exactly_the_defaults() -> None:
     raw = tomllib.loads(SHIPPED.read_text(encoding="utf-8"))
     assert set(raw) == set(SECTIONS)
     for name, cls in SECTIONS.items():
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        defaults = {key: _plain(f.default) for key, f in cls.model_fields.items()}
         assert raw[name] == defaults, f"config.toml [{name}] differs from {cls.__name__}"
+
+
+def _plain(value: object) -> object:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
 
 
 def test_shipped_config_loads_and_equals_the_defaults(env: dict[str, str]) -> None:
@@ -103,8 +107,8 @@ def test_overriding_one_key_keeps_the_others(tmp_path: Path, env: dict[str, str]
     config = load_config(write(tmp_path, "[engine]\nbatch_size = 4\n"), env=env)
     defaults = load_config(env=env)
     assert config.engine.batch_size == 4
-    assert config.engine == dataclasses.replace(defaults.engine, batch_size=4)
-    assert dataclasses.replace(config, engine=defaults.engine) == defaults
+    assert config.engine == defaults.engine.model_copy(update={"batch_size": 4})
+    assert config.model_copy(update={"engine": defaults.engine}) == defaults
 
 
 def test_unknown_key_is_named(tmp_path: Path, env: dict[str, str]) -> None:
@@ -182,9 +186,9 @@ def test_tokens_come_from_env_and_never_show(tmp_path: Path, env: dict[str, str]
                "STYLEBOT_WEB_TOKEN": "web-SECRET"}
     path = write(tmp_path, '[web]\naccess_token = "file-SECRET"\n')
     config = load_config(path, env={**env, **secrets})
-    assert config.telegram_token == "123456:tg-SECRET"
-    assert config.discord_token == "dc-SECRET"
-    assert config.web_token == "web-SECRET"  # the environment wins over the file
+    assert config.telegram_token.get_secret_value() == "123456:tg-SECRET"
+    assert config.discord_token.get_secret_value() == "dc-SECRET"
+    assert config.web_token.get_secret_value() == "web-SECRET"  # the environment wins over the file
     shown = repr(config) + str(config) + repr(config.web) + str(config.web)
     assert "SECRET" not in shown
     assert "base_url" in shown  # the rest of the config is still shown
@@ -192,7 +196,7 @@ def test_tokens_come_from_env_and_never_show(tmp_path: Path, env: dict[str, str]
 
 def test_file_web_token_is_used_without_env(tmp_path: Path, env: dict[str, str]) -> None:
     config = load_config(write(tmp_path, '[web]\naccess_token = "file-SECRET"\n'), env=env)
-    assert config.web_token == "file-SECRET" and "SECRET" not in repr(config)
+    assert config.web_token.get_secret_value() == "file-SECRET" and "SECRET" not in repr(config)
 
 
 def test_passwords_in_urls_never_show(tmp_path: Path, env: dict[str, str]) -> None:
@@ -210,7 +214,7 @@ def test_tokens_default_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "  42:from-os  ")
     monkeypatch.delenv("DISCORD_BOT_TOKEN", raising=False)
     config = load_config()
-    assert config.telegram_token == "42:from-os" and config.telegram_enabled
+    assert config.telegram_token.get_secret_value() == "42:from-os" and config.telegram_enabled
 
 
 # --- paths ---------------------------------------------------------------------------------------
@@ -330,3 +334,39 @@ def test_directly_built_config_checks_the_bind(tmp_path: Path) -> None:
     config = Config(data_dir=tmp_path, web=WebConfig(host="192.168.1.5"))
     with pytest.raises(ConfigError, match="access token is required"):
         config.check_web_bind()
+
+
+# --- the environment ------------------------------------------------------------------------------
+
+
+def test_urls_and_secrets_come_from_the_environment_too(tmp_path: Path, env: dict[str, str]) -> None:
+    path = write(tmp_path, '[storage]\nurl = "postgresql+asyncpg://file@db/sb"\n[engine]\nbatch_size = 4\n')
+    config = load_config(path, env={
+        **env, "STYLEBOT_STORAGE__URL": "postgresql+asyncpg://bot:pw-SECRET@env/sb",
+        "STYLEBOT_QUEUE__REDIS_URL": "redis://cache:6379/1", "STYLEBOT_WEB__ACCESS_TOKEN": "0123"})
+    assert config.storage_url == "postgresql+asyncpg://bot:pw-SECRET@env/sb"  # the environment wins
+    assert config.queue.redis_url == "redis://cache:6379/1"
+    assert config.web_token.get_secret_value() == "0123"  # digits, still a string
+    assert config.engine.batch_size == 4 and "SECRET" not in repr(config)
+
+
+def test_numbers_and_switches_from_the_environment(env: dict[str, str]) -> None:
+    config = load_config(env={**env, "STYLEBOT_ENGINE__BATCH_SIZE": "8", "STYLEBOT_ENGINE__COMPILE": "false",
+                              "STYLEBOT_TELEGRAM__ENABLED": "false", "STYLEBOT_ENGINE__DEVICE": "cuda:1"})
+    assert (config.engine.batch_size, config.engine.compile, config.engine.device) == (8, False, "cuda:1")
+    assert config.telegram.enabled is False
+
+
+@pytest.mark.parametrize(("var", "value", "expected"), [
+    ("STYLEBOT_ENGINE__BATCH_SIZE", "eight",
+     "$STYLEBOT_ENGINE__BATCH_SIZE: [engine] batch_size must be an integer >= 1, got 'eight'"),
+    ("STYLEBOT_ENGINE__BATCH", "4", "$STYLEBOT_ENGINE__BATCH: unknown key [engine] batch"),
+    ("STYLEBOT_ENGIN__BATCH_SIZE", "4", "$STYLEBOT_ENGIN__BATCH_SIZE: unknown section [engin]"),
+    ("STYLEBOT_STORAGE__URL", "postgres://bot:pw-SECRET@db/s b", "$STYLEBOT_STORAGE__URL: [storage] url"),
+])
+def test_a_bad_environment_value_names_its_variable(
+    env: dict[str, str], var: str, value: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(env={**env, var: value})
+    assert info.value.message.startswith(expected) and "SECRET" not in info.value.message

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bot import data_dir
-from bot.data_dir import MARKER, move_old_data
+from storage import data_dir
+from storage.data_dir import MARKER, move_old_data
 
 
 class Crash(BaseException):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.cli import build_parser
+from cli import build_parser
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

@@ -17,7 +17,7 @@ from engine.directions import (
 )
 from engine.edit import edit_optimize, render_global_edit
 from engine.errors import EngineError
-from engine.models import build_demo_generator
+from engine.generators import build_demo_generator
 from engine.stylegan2 import Generator
 
 TARGET, NEUTRAL = "smiling face", "face"

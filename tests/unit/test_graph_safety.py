@@ -15,8 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import edit, invert, stylegan2
 from engine.clip_model import build_demo_clip
+from engine.generators import build_demo_generator
 from engine.identity import demo_identity
-from engine.models import build_demo_generator
 from engine.perceptual import demo_lpips
 
 

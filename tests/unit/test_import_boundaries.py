@@ -1,6 +1,5 @@
-"""The bot process stays small: bot/ and storage/ never pull in torch or the engine (one stdlib-only
-exception: `stylebot run` asks engine.weights whether the FFHQ generator is cached, for the web
-chat's banner)."""
+"""The packages' import rules (README "Processes"): bot/, storage/ and settings/ never pull in torch
+or the engine; engine/ never imports bot/; cli/ parses without torch."""
 
 from __future__ import annotations
 
@@ -12,29 +11,51 @@ import sys
 from pathlib import Path
 
 import bot
+import cli
+import settings
 import storage
 
-# The CLI's engine commands are the one place in bot/ allowed to import the engine (lazily).
-ENGINE_SIDE = {"bot.cli_engine", "bot.cli_edit", "bot.__main__"}
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _modules(package: object) -> list[str]:
     path = [str(Path(package.__file__).parent)]  # type: ignore[attr-defined]
     prefix = package.__name__ + "."  # type: ignore[attr-defined]
-    return [m.name for m in pkgutil.walk_packages(path, prefix)
-            if m.name not in ENGINE_SIDE and not m.name.startswith("storage.migrations")]
+    return [package.__name__] + [  # type: ignore[attr-defined]
+        m.name for m in pkgutil.walk_packages(path, prefix)
+        if not m.name.startswith("storage.migrations") and not m.name.endswith("__main__")]
 
 
-def test_bot_and_storage_import_without_torch_or_engine() -> None:
-    names = _modules(bot) + _modules(storage)
-    assert "bot.service" in names and "storage.repo" in names and "bot.app" in names
+def _imported_after(names: list[str], packages: tuple[str, ...]) -> list[str]:
+    """The modules of ``packages`` (top-level names) that importing ``names`` brings in."""
     code = (
         "import importlib, json, sys\n"
         f"for name in {names!r}: importlib.import_module(name)\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith('engine'))))"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {packages!r})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout) == []
+    return list(json.loads(out.stdout))
+
+
+def test_bot_storage_and_settings_import_without_torch_or_engine() -> None:
+    names = _modules(bot) + _modules(storage) + _modules(settings)
+    assert "bot.service" in names and "storage.repo" in names and "bot.app" in names
+    assert "bot.adapters.web" in names and "settings.load" in names
+    assert _imported_after(names, ("torch", "engine", "cli")) == []
+
+
+def test_the_engine_never_imports_the_bot() -> None:
+    engine_dir = REPO / "engine"
+    names = [f"engine.{p.stem}" for p in sorted(engine_dir.glob("*.py")) if p.stem != "__init__"]
+    assert "engine.worker" in names and "engine.commands" in names
+    assert _imported_after(names, ("bot", "cli")) == []
+
+
+def test_the_entry_point_parses_without_torch() -> None:
+    names = _modules(cli)
+    imported = _imported_after([*names, "engine.cli"], ("torch", "engine"))
+    assert "cli" in names and "engine.cli" in imported
+    assert set(imported) <= {"engine", "engine.cli"}  # the engine's parsers only: no torch
 
 
 def test_the_demo_banner_asks_the_weights_cache_without_torch(tmp_path: Path) -> None:
@@ -43,8 +64,8 @@ def test_the_demo_banner_asks_the_weights_cache_without_torch(tmp_path: Path) ->
     code = (
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from bot.config import Config, EngineConfig\n"
-        "from bot.cli import demo_banner\n"
+        "from settings import Config, EngineConfig\n"
+        "from engine.cli import demo_banner\n"
         f"banner = demo_banner(Config(data_dir=Path({str(tmp_path)!r}), engine=EngineConfig(model='auto')))\n"
         "print(json.dumps([banner is not None,"
         " sorted(m for m in sys.modules if m == 'torch' or m.startswith('engine'))]))"
@@ -53,4 +74,4 @@ def test_the_demo_banner_asks_the_weights_cache_without_torch(tmp_path: Path) ->
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     shown, engine_modules = json.loads(out.stdout)
     assert shown  # nothing cached in this home: "auto" is the demo model
-    assert engine_modules == ["engine", "engine.errors", "engine.progress", "engine.weights"]
+    assert engine_modules == ["engine", "engine.cli", "engine.errors", "engine.progress", "engine.weights"]

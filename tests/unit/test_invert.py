@@ -10,8 +10,8 @@ import torch
 from torch._dynamo.exc import BackendCompilerFailed
 
 from engine import optim
+from engine.generators import build_demo_generator
 from engine.invert import invert, psnr
-from engine.models import build_demo_generator
 from engine.optim import batch_bucket, lr_at
 from engine.perceptual import demo_lpips
 from engine.stylegan2 import Generator

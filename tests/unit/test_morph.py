@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from engine.errors import EngineError
-from engine.models import build_demo_generator
+from engine.generators import build_demo_generator
 from engine.morph import (
     ease,
     interpolation_times,

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from storage import repo
-from storage.db import make_engine, make_sessionmaker
+from storage.db import make_db, make_sessionmaker
 from storage.media import MediaStore
 from storage.models import ChatMember, Face, FaceShare, Job, User, utcnow
 
@@ -273,7 +273,7 @@ async def test_claim_takes_the_oldest_kind_and_model_group_as_one_batch(sessions
 async def test_concurrent_claimers_never_share_a_job(url: str, sessions: Sessions) -> None:
     async with sessions.begin() as s:
         ids = {await job(s, kind=("edit", "invert", "morph")[i % 3]) for i in range(150)}
-    engines = [make_engine(url) for _ in range(3)]
+    engines = [make_db(url) for _ in range(3)]
 
     async def claimer(engine: AsyncEngine, worker: str) -> list[list[Job]]:
         batches, sessions = [], make_sessionmaker(engine)

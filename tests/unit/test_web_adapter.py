@@ -24,14 +24,19 @@ from aiohttp.streams import StreamReader
 from PIL import Image
 from yarl import URL
 
-from bot.cli import demo_banner
+from bot.adapters.web import HISTORY, OOPS, ROOM_ID, WebAdapter, _read_capped
+from bot.adapters.web_http import COOKIE
 from bot.commands import Command, Edit, Media, Origin, Reply, Selfie
-from bot.config import Config, EngineConfig, WebConfig
-from bot.replies import NAME_LOOKS_TAKEN
-from bot.web_adapter import HISTORY, NOT_A_COMMAND, NOT_A_PHOTO, OOPS, ROOM_ID, WebAdapter, _read_capped
-from bot.web_http import COOKIE
+from bot.replies import NAME_LOOKS_TAKEN, NOT_A_COMMAND, NOT_A_PHOTO
+from engine.cli import demo_banner
+from settings import Config, EngineConfig, WebConfig
 
 TOKEN = "web-SECRET-token-0123456789"
+
+
+def _web(**keys: object) -> WebConfig:
+    """``[web]`` with these keys, unchecked: port 0 (any free port) is for tests, not config files."""
+    return WebConfig().model_copy(update=keys)
 
 
 class FakeService:
@@ -128,14 +133,14 @@ async def _start(config: Config) -> AsyncIterator[Chat]:
 
 @pytest.fixture
 async def chat(tmp_path: Path) -> AsyncIterator[Chat]:
-    async with _start(Config(data_dir=tmp_path, web=WebConfig(port=0, max_upload_mb=1),
+    async with _start(Config(data_dir=tmp_path, web=_web(port=0, max_upload_mb=1),
                              engine=EngineConfig(model="demo"))) as c:
         yield c
 
 
 @pytest.fixture
 async def locked(tmp_path: Path) -> AsyncIterator[Chat]:
-    async with _start(Config(data_dir=tmp_path, web=WebConfig(port=0), web_token=TOKEN)) as c:
+    async with _start(Config(data_dir=tmp_path, web=_web(port=0), web_token=TOKEN)) as c:
         yield c
 
 
@@ -340,7 +345,7 @@ async def test_the_page_is_served_without_a_build_step(chat: Chat) -> None:
             assert resp.status == 200 and resp.content_type == content_type
             assert marker in await resp.read()
             assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
-    js = (Path(__file__).parents[2] / "bot" / "web_static" / "app.js").read_text()
+    js = (Path(__file__).parents[2] / "bot" / "adapters" / "web_static" / "app.js").read_text()
     assert "innerHTML" not in js and "insertAdjacentHTML" not in js
 
 
@@ -388,7 +393,7 @@ async def test_with_a_token_every_request_needs_it(capsys: pytest.CaptureFixture
 
 async def test_a_public_host_without_a_token_does_not_listen(tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    adapter = WebAdapter(Config(data_dir=tmp_path, web=WebConfig(host="0.0.0.0", port=0)))
+    adapter = WebAdapter(Config(data_dir=tmp_path, web=_web(host="0.0.0.0", port=0)))
     stop = asyncio.Event()
     with caplog.at_level(logging.ERROR, logger="stylebot.web"):
         await asyncio.wait_for(adapter.run(FakeService(adapter), stop), 5)  # type: ignore[arg-type]
@@ -404,7 +409,7 @@ async def test_a_busy_port_is_one_clear_error(chat: Chat) -> None:
 
 
 async def test_stopping_tells_open_tabs_it_is_going_away(tmp_path: Path) -> None:
-    adapter = WebAdapter(Config(data_dir=tmp_path, web=WebConfig(port=0)))
+    adapter = WebAdapter(Config(data_dir=tmp_path, web=_web(port=0)))
     stop = asyncio.Event()
     task = asyncio.create_task(adapter.run(FakeService(adapter), stop))  # type: ignore[arg-type]
     while adapter.port is None:

@@ -1,8 +1,8 @@
 """Discord: discord.py gateway events and slash commands in, service replies out.
 
 The adapter only translates. Slash commands (``/selfie``, ``/morph`` ...) are defined in
-:mod:`bot.discord_commands` and registered globally when their definition changed; replies go out
-through :mod:`bot.discord_send`. Prefix commands work in DMs and, in servers, when the bot is
+:mod:`bot.adapters.discord_commands` and registered globally when their definition changed; replies go out
+through :mod:`bot.adapters.discord_send`. Prefix commands work in DMs and, in servers, when the bot is
 mentioned (``@stylebot /morph @me @friend``), with the same text syntax as Telegram
 (:func:`bot.parse.parse`); a plain image in a DM is a selfie.
 
@@ -29,6 +29,9 @@ import discord
 import yarl
 from discord import app_commands
 
+from bot import replies
+from bot.adapters.discord_commands import add_commands, sync_if_changed
+from bot.adapters.discord_send import DiscordSender, LiveInteractions
 from bot.commands import (
     Command,
     Forget,
@@ -41,12 +44,10 @@ from bot.commands import (
     ShowFaces,
     Target,
 )
-from bot.config import Config, DiscordConfig
-from bot.discord_commands import add_commands, sync_if_changed
-from bot.discord_send import DiscordSender, LiveInteractions
 from bot.parse import parse
 from bot.replies import MAX_PHOTO_BYTES, Refusal, personal_in_a_channel
 from bot.service import Service
+from settings import Config, DiscordConfig
 
 __all__ = ["DiscordAdapter", "INTERACTION_WINDOW_S"]
 
@@ -56,11 +57,6 @@ DEFAULT_API_BASE = "https://discord.com/api/v10"
 INTERACTION_WINDOW_S = 15 * 60  # an interaction token accepts followups for 15 minutes
 _WINDOW_MARGIN_S = 60  # stop using the token a minute early; the channel is always there
 _MAX_RATELIMIT_WAIT_S = 30.0  # the least discord.py allows
-NOT_AN_IMAGE = "That doesn't look like a photo I can read. Please send a JPEG or PNG."
-
-
-def _too_big(limit: int) -> str:
-    return f"That file is too large (over {limit // (1024 * 1024)} MB). Please send a smaller photo."
 
 
 def _point_at(cfg: DiscordConfig) -> None:
@@ -120,7 +116,7 @@ class DiscordAdapter:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._token = config.discord_token  # never logged
+        self._token = config.discord_token.get_secret_value()  # never logged
         self.live = LiveInteractions()
         self._sender = DiscordSender(upload_limit=self.upload_limit, live=self.live)
         self.ready = asyncio.Event()  # set once connected (the gateway's READY and guilds)
@@ -224,7 +220,7 @@ class DiscordAdapter:
             cmd = Selfie(origin=origin, photo=photo)  # a photo with a mention, in a server
         if cmd is None:
             if private and text:
-                await service.say(origin, "Send me a selfie, or /help for what I can do.")
+                await service.say(origin, replies.SEND_A_SELFIE)
             return
         if not private and isinstance(cmd, ShowFaces | SetPrivacy | Forget):
             # A channel message cannot be ephemeral: personal answers come through the slash command.
@@ -251,9 +247,9 @@ class DiscordAdapter:
     async def _read_photo(self, att: discord.Attachment, limit: int) -> bytes:
         limit = min(limit, MAX_PHOTO_BYTES)
         if att.size > limit:
-            raise Refusal(_too_big(limit))
+            raise Refusal(replies.file_too_large(limit))
         if not _is_image(att):
-            raise Refusal(NOT_AN_IMAGE)
+            raise Refusal(replies.NOT_A_PHOTO)
         return await att.read()
 
     async def on_selfie(self, service: Service, origin: Origin, photo: discord.Attachment,

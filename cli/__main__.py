@@ -1,4 +1,4 @@
-"""`python -m bot` is the `stylebot` command."""
+"""`python -m cli` is the `stylebot` command."""
 
 import signal
 import sys
@@ -7,6 +7,6 @@ import sys
 # nothing to hand back yet. The serving loops install their own handlers once they run.
 signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
 
-from bot.cli import run  # noqa: E402  (after the handler: this import is the slow part)
+from cli import run  # noqa: E402  (after the handler: this import is the slow part)
 
 run()

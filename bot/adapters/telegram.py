@@ -42,12 +42,13 @@ from telegram.ext import (
     filters,
 )
 
+from bot import replies
 from bot.commands import Media, Origin, Reply, Target
-from bot.config import Config
 from bot.delivery import DeliveryFailed, TryLater, Undeliverable
 from bot.parse import COMMANDS, parse
 from bot.replies import Refusal
 from bot.service import Service
+from settings import Config
 
 __all__ = ["TelegramAdapter"]
 
@@ -64,7 +65,6 @@ _LOGGERS = ("httpx", "httpcore", "telegram", "telegram.ext", "telegram.Bot", "te
             "telegram.ext.AIORateLimiter")
 _RATE_LIMITER_LOG = "telegram.ext.AIORateLimiter"
 
-NOT_A_PHOTO = "That file isn't a photo I can read. Please send a JPEG or PNG photo."
 
 
 class _Redact(logging.Filter):
@@ -150,7 +150,7 @@ class TelegramAdapter:
         self._max_photo = tg.max_photo_mb * _MB
         self._max_download = tg.max_download_mb * _MB
         self._poll_timeout = poll_timeout
-        self._redact = _Redact(config.telegram_token)
+        self._redact = _Redact(config.telegram_token.get_secret_value())
         # Before build(), and for good: PTB and httpx log API URLs, token inside, even for a request
         # that ends after the adapter stopped.
         for name in _LOGGERS:
@@ -158,7 +158,7 @@ class TelegramAdapter:
         logging.getLogger(_RATE_LIMITER_LOG).addFilter(_not_a_passed_on_429)
         self.app = (
             Application.builder()
-            .token(config.telegram_token)
+            .token(config.telegram_token.get_secret_value())
             .base_url(tg.base_url)
             .base_file_url(tg.base_file_url)
             .rate_limiter(AIORateLimiter())
@@ -261,7 +261,7 @@ class TelegramAdapter:
                 source = message
             photo = await self._photo(source) if source is not None else None
             if not word and private and photo is None and source is not None and source.document:
-                raise Refusal(NOT_A_PHOTO)
+                raise Refusal(replies.NOT_AN_IMAGE_FILE)
             reply_target = None
             if replied is not None and replied.from_user is not None \
                     and replied.from_user.id != self.app.bot.id and word != "/selfie":
@@ -284,7 +284,7 @@ class TelegramAdapter:
         elif message.document is not None:
             doc = message.document
             if not (doc.mime_type or "").lower().startswith("image/"):
-                raise Refusal(NOT_A_PHOTO)
+                raise Refusal(replies.NOT_AN_IMAGE_FILE)
             file_id, size = doc.file_id, doc.file_size
         else:
             return None
@@ -299,10 +299,9 @@ class TelegramAdapter:
         if size is None:
             return
         if size > self._max_download:
-            raise Refusal(f"That file is too large for me to download (over {self._max_download // _MB} MB).")
+            raise Refusal(replies.too_large_to_download(self._max_download))
         if size > self._max_photo:
-            raise Refusal(f"That photo is too large (over {self._max_photo // _MB} MB). "
-                          "Please send a smaller one.")
+            raise Refusal(f"{replies.photo_too_large(self._max_photo)} Please send a smaller one.")
 
     # --- sending -----------------------------------------------------------------------------
 

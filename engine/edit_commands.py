@@ -1,4 +1,4 @@
-"""The CLI's StyleCLIP commands (`edit`, `directions`). Imported lazily: this imports torch."""
+"""The engine's StyleCLIP commands (`edit`, `directions`): I/O around :mod:`engine.operations`."""
 
 from __future__ import annotations
 
@@ -6,32 +6,20 @@ import argparse
 import json
 from pathlib import Path
 
-from bot.cli_engine import Bar, load_model, output_path, say
 from engine.align import Alignment, load_photo
 from engine.clip_model import ClipModel, load_clip
-from engine.directions import ChannelTable, load_or_build_table, text_to_style_delta
-from engine.edit import (
-    DEFAULT_EDIT_STEPS,
-    GLOBAL_STRENGTH,
-    OPTIMIZE_STRENGTH,
-    edit_optimize,
-    optimize_l2_weight,
-    render_global_edit,
-)
+from engine.console import Bar, load_model, output_path, say
+from engine.directions import ChannelTable, load_or_build_table
 from engine.errors import EngineError
+from engine.generators import LoadedGenerator
 from engine.identity import load_identity
 from engine.images import tensor_to_pil
 from engine.latents import load_latent
-from engine.models import LoadedGenerator
+from engine.operations import global_edit, neutral_prompt, optimize_edit
 from engine.pasteback import paste_back
 from engine.weights import stylebot_home
 
-__all__ = ["directions", "edit", "neutral_prompt"]
-
-
-def neutral_prompt(loaded: LoadedGenerator) -> str:
-    """StyleCLIP's neutral text for this generator ("face" for face models)."""
-    return "picture" if loaded.is_demo else "face"
+__all__ = ["directions", "edit"]
 
 
 def _clip(args: argparse.Namespace, loaded: LoadedGenerator) -> ClipModel:
@@ -75,26 +63,20 @@ def edit(args: argparse.Namespace) -> int:
     ws = load_latent(latent_path, model_id=loaded.model_id, num_ws=G.num_ws, w_dim=G.w_dim)
     ws = ws.unsqueeze(0).to(G.w_avg.device)
     clip_model = _clip(args, loaded)
-    neutral = args.neutral or neutral_prompt(loaded)
     if args.method == "global":
         table = _table_for(args, loaded, clip_model, samples=args.samples)
-        delta, kept = text_to_style_delta(table, clip_model.text_direction(text, neutral),
-                                          beta=args.beta)
-        strength = GLOBAL_STRENGTH if args.strength is None else args.strength
-        images = render_global_edit(G, ws, delta, strength=strength)
-        say(f"global edit: {kept} style channels, strength {strength:g}, beta {args.beta:g}")
+        edit = global_edit(G, ws, table, clip_model, text, neutral=args.neutral or neutral_prompt(loaded),
+                           strength=args.strength, beta=args.beta)
+        images = edit.images
+        say(f"global edit: {edit.channels} style channels, strength {edit.strength:g}, beta {edit.beta:g}")
     else:
-        strength = OPTIMIZE_STRENGTH if args.strength is None else args.strength
-        if strength <= 0:
+        if args.strength is not None and args.strength <= 0:
             raise EngineError("--strength must be positive for --method optimize")
         identity = load_identity(device=G.w_avg.device)  # None unless facenet weights are cached
         bar = Bar("editing")
         try:
-            result = edit_optimize(G, ws, clip_model.text_embedding(text)[None],
-                                   encode=clip_model.encode_images,
-                                   steps=args.steps or DEFAULT_EDIT_STEPS,
-                                   l2_weight=optimize_l2_weight(strength), identity=identity,
-                                   progress=bar)
+            result = optimize_edit(G, ws, [text], clip_model, strengths=[args.strength], steps=args.steps,
+                                   identity=identity, progress=bar)
         finally:
             bar.close()
         images = result.images

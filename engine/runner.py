@@ -1,9 +1,8 @@
 """The engine's job handlers: models loaded once, a batch of same-kind jobs in, outcomes out.
 
-No database here: the worker (:mod:`engine.worker`) fetches each job's inputs (photo bytes,
-latents) and stores the outcomes (files, face rows) durably before it marks a job done.
-One bad job fails alone: inputs are checked one by one before the batched GPU work, and a
-failing batch is split and retried (also on CUDA out-of-memory).
+No database here: the worker (:mod:`engine.worker`) fetches each job's inputs and stores the
+outcomes. One bad job fails alone: inputs are checked one by one before the batched GPU work, and
+a failing batch is split and retried (also on CUDA out-of-memory).
 """
 
 from __future__ import annotations
@@ -26,43 +25,51 @@ from PIL import Image
 
 from engine.align import AlignedFace, Alignment, FaceDetector, align_face, load_photo
 from engine.clip_model import ClipModel, load_clip
-from engine.directions import ChannelTable, TableKeeper, text_to_style_delta
-from engine.edit import (
-    GLOBAL_STRENGTH,
-    OPTIMIZE_STRENGTH,
-    edit_optimize,
-    optimize_l2_weight,
-    render_global_edit,
-)
+from engine.directions import ChannelTable, TableKeeper
+from engine.edit import GLOBAL_STRENGTH, render_global_edit
 from engine.errors import EngineError
+from engine.generators import LoadedGenerator, load_generator
 from engine.identity import load_identity
-from engine.images import map_in_threads, pil_to_tensor, tensor_to_pil
+from engine.images import map_in_threads, tensor_to_pil
 from engine.invert import invert
-from engine.models import LoadedGenerator, load_generator
-from engine.morph import mix_latents, morph_latents, render_frames
+from engine.morph import mix_latents, render_frames
+from engine.operations import (
+    global_edit,
+    inversion_quality,
+    invert_faces,
+    morph_frames,
+    neutral_prompt,
+    optimize_edit,
+    optimize_strength,
+)
 from engine.optim import batch_bucket
 from engine.pasteback import paste_back, side_by_side
 from engine.perceptual import load_perceptual
 from engine.progress import ProgressFn, no_progress
 from engine.video import write_animation
 from engine.weights import stylebot_home
+from settings import EngineConfig
+from storage.specs import MORPH_FPS, EditSpec, JobSpec, MixSpec, MorphSpec
 
-__all__ = ["JOB_KINDS", "Engine", "FaceOut", "JobInput", "JobOutcome", "split_on_failure"]
+__all__ = ["Engine", "FaceOut", "JobInput", "JobOutcome", "split_on_failure"]
 
 log = logging.getLogger("stylebot.engine")
 
-JOB_KINDS = ("invert", "edit", "morph", "mix")
 _PANEL_HEIGHT = 256
+_DEFAULTS = EngineConfig()
 
 
 @dataclass(frozen=True)
 class JobInput:
     job_id: str
-    kind: str
-    payload: Mapping[str, Any]
+    spec: JobSpec
     photo: bytes | None = None  # invert: the selfie; edit: the original photo (paste-back)
     latents: Mapping[str, np.ndarray] = field(default_factory=dict)  # "face", "a", "b"
     alignment: Mapping[str, Any] | None = None  # edit: how the face was cut from the photo
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
 
 
 @dataclass(frozen=True)
@@ -127,9 +134,11 @@ class Engine:
     """Everything the worker needs, loaded once per process."""
 
     def __init__(
-        self, *, model: str = "auto", device: torch.device | str = "cpu", home: Path | None = None,
-        invert_steps: int = 300, edit_steps: int = 100, compile: bool = True, clip: str = "auto",
-        table_samples: int = 32, build_table_when_idle: bool = True,
+        self, *, model: str = _DEFAULTS.model, device: torch.device | str = "cpu",
+        home: Path | None = None, invert_steps: int = _DEFAULTS.invert_steps,
+        edit_steps: int = _DEFAULTS.edit_steps, compile: bool = _DEFAULTS.compile,
+        clip: str = _DEFAULTS.clip, table_samples: int = _DEFAULTS.direction_samples,
+        build_table_when_idle: bool = _DEFAULTS.build_directions,
     ) -> None:
         self.loaded: LoadedGenerator = load_generator(model, device=device, home=home)
         self.device = self.loaded.G.w_avg.device
@@ -144,6 +153,13 @@ class Engine:
         self.table_samples = table_samples
         self.build_table_when_idle = build_table_when_idle
         self._reset_state()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, *, device: torch.device | str) -> Engine:
+        """The engine as ``[engine]`` sets it up, on ``device``."""
+        return cls(model=config.model, device=device, invert_steps=config.invert_steps,
+                   edit_steps=config.edit_steps, compile=config.compile, clip=config.clip,
+                   table_samples=config.direction_samples, build_table_when_idle=config.build_directions)
 
     def _reset_state(self) -> None:
         """What the engine learns while it runs (subclasses that load differently call this)."""
@@ -315,7 +331,7 @@ class Engine:
     def _invert(self, inputs: Sequence[JobInput], progress: ProgressFn) -> list[JobOutcome]:
         G = self.loaded.G
         outcomes: dict[str, JobOutcome] = {}
-        ready: list[tuple[JobInput, Any]] = []
+        ready: list[tuple[JobInput, AlignedFace]] = []
         for job in inputs:
             try:
                 if job.photo is None:
@@ -325,16 +341,15 @@ class Engine:
             except EngineError as exc:
                 outcomes[job.job_id] = JobOutcome.failed(job.job_id, exc)
         if ready:
-            targets = torch.cat([pil_to_tensor(face.image) for _, face in ready])
             compiled = batch_bucket(len(ready)) in self._compiled  # else it would compile now
-            res = invert(G, targets.to(self.device), perceptual=self.perceptual, steps=self.invert_steps,
-                         identity=self.identity, compile=self.compile and compiled, progress=progress)
+            res = invert_faces(G, [face for _, face in ready], perceptual=self.perceptual,
+                               steps=self.invert_steps, identity=self.identity,
+                               compile=self.compile and compiled, progress=progress)
 
             def outcome(i: int) -> JobOutcome:
                 job, face = ready[i]
                 recon = tensor_to_pil(res.images[i])
-                quality = {"psnr": round(res.psnr[i], 3), "lpips": round(res.lpips[i], 5),
-                           "steps": res.steps, "seconds": round(res.seconds, 3)}
+                quality = inversion_quality(res, i)
                 return JobOutcome(
                     job.job_id,
                     result={**quality, **self._labels(), "note": face.note, "batch": len(ready),
@@ -356,16 +371,17 @@ class Engine:
         """Global-direction edits while the table is ready, else (and for "optimize" jobs) the
         optimisation method, each job at its own strength."""
         outcomes: dict[str, JobOutcome] = {}
-        table = self.table.ready() if any(self._is_global(j) for j in inputs) else None
+        table = self.table.ready() if any(_edit_spec(j).method == "global" for j in inputs) else None
         optimize: list[tuple[JobInput, float]] = []
         for job in inputs:
+            spec = _edit_spec(job)
             try:
-                if not self._is_global(job):
-                    optimize.append((job, float(job.payload.get("strength", OPTIMIZE_STRENGTH))))
+                if spec.method == "optimize":
+                    optimize.append((job, optimize_strength(spec.strength)))
                 elif table is not None:
-                    outcomes[job.job_id] = self._edit_global(job, table)
+                    outcomes[job.job_id] = self._edit_global(job, spec, table)
                 else:
-                    optimize.append((job, self._fallback_strength(job)))
+                    optimize.append((job, _fallback_strength(spec)))
             except EngineError as exc:
                 outcomes[job.job_id] = JobOutcome.failed(job.job_id, exc)
         if optimize:
@@ -373,44 +389,27 @@ class Engine:
         progress(1, 1, {})
         return [outcomes[job.job_id] for job in inputs]
 
-    @staticmethod
-    def _is_global(job: JobInput) -> bool:
-        return job.payload.get("method") != "optimize"
-
-    @staticmethod
-    def _fallback_strength(job: JobInput) -> float:
-        """The optimisation strength standing in for a global edit's (its default maps to 1)."""
-        strength = float(job.payload.get("strength", GLOBAL_STRENGTH))
-        if strength < 0:
-            raise EngineError("reversed edits (a negative strength) need the fast edits, which are "
-                              "still being prepared; please try again later")
-        return max(0.1, strength / GLOBAL_STRENGTH)
-
-    def _edit_global(self, job: JobInput, table: ChannelTable) -> JobOutcome:
+    def _edit_global(self, job: JobInput, spec: EditSpec, table: ChannelTable) -> JobOutcome:
         ws = self._latent(job, "face")[None]
-        text = str(job.payload["text"])
-        direction = self.clip.text_direction(text, str(job.payload.get("neutral") or self._neutral()))
-        delta, kept = text_to_style_delta(table, direction, beta=float(job.payload.get("beta", 0.1)))
-        strength = float(job.payload.get("strength", GLOBAL_STRENGTH))
-        before = render_global_edit(self.loaded.G, ws, delta, strength=0.0)
-        after = render_global_edit(self.loaded.G, ws, delta, strength=strength)
-        return self._edit_outcome(job, before[0], after[0],
-                                  {"method": "global", "channels": kept, "strength": strength})
+        edit = global_edit(self.loaded.G, ws, table, self.clip, spec.text,
+                           neutral=neutral_prompt(self.loaded), strength=spec.strength)
+        before = render_global_edit(self.loaded.G, ws, edit.delta, strength=0.0)
+        return self._edit_outcome(job, before[0], edit.images[0], {
+            "method": "global", "channels": edit.channels, "strength": edit.strength})
 
     def _edit_optimize(self, jobs: Sequence[tuple[JobInput, float]],
                        progress: ProgressFn) -> dict[str, JobOutcome]:
         good, outcomes = [], {}
         for job, strength in jobs:
             try:
-                good.append((job, self._latent(job, "face"), optimize_l2_weight(strength)))
+                good.append((job, self._latent(job, "face"), strength))
             except EngineError as exc:
                 outcomes[job.job_id] = JobOutcome.failed(job.job_id, exc)
         if not good:
             return outcomes
         source = torch.stack([ws for _, ws, _ in good])
-        texts = torch.stack([self.clip.text_embedding(str(j.payload["text"])) for j, _, _ in good])
-        res = edit_optimize(self.loaded.G, source, texts, encode=self.clip.encode_images,
-                            steps=self.edit_steps, l2_weight=[l2 for _, _, l2 in good],
+        res = optimize_edit(self.loaded.G, source, [_edit_spec(j).text for j, _, _ in good], self.clip,
+                            strengths=[s for _, _, s in good], steps=self.edit_steps,
                             identity=self.identity, progress=progress)
         with torch.no_grad():
             before = self.loaded.G.synthesis(source).clamp(-1, 1)
@@ -419,7 +418,7 @@ class Engine:
         def outcome(i: int) -> JobOutcome:
             job = good[i][0]
             info: dict[str, Any] = {"method": "optimize", "steps": self.edit_steps}
-            if self._is_global(job):  # asked for a fast edit: say why it was not one
+            if _edit_spec(job).method == "global":  # asked for a fast edit: say why it was not one
                 info["table_progress"] = building
             return self._edit_outcome(job, before[i], res.images[i].to(self.device), info)
 
@@ -437,11 +436,8 @@ class Engine:
             photo = load_photo(job.photo)
             pasted = paste_back(photo, face_after, Alignment.from_json(job.alignment))
             files["pasted_key"] = (_jpeg(pasted), ".jpg")
-        return JobOutcome(job.job_id, result={**info, **self._labels(),
-                                              "text": str(job.payload["text"])}, files=files)
-
-    def _neutral(self) -> str:
-        return "picture" if self.loaded.is_demo else "face"
+        return JobOutcome(job.job_id, result={**info, **self._labels(), "text": _edit_spec(job).text},
+                          files=files)
 
     def _home(self) -> Path:
         return self.home or stylebot_home()
@@ -449,26 +445,42 @@ class Engine:
     # --- morph and mix -------------------------------------------------------------------
 
     def _morph(self, job: JobInput) -> JobOutcome:
+        spec = job.spec
+        assert isinstance(spec, MorphSpec)
         a, b = self._latent(job, "a"), self._latent(job, "b")
-        fmt = str(job.payload.get("format", "mp4"))
-        frames = int(job.payload.get("frames", 32))
-        ws = morph_latents(a, b, frames=frames, layers=job.payload.get("layers", "all"),
-                           pingpong=bool(job.payload.get("pingpong", True)))
-        images = render_frames(self.loaded.G, ws)
+        images = morph_frames(self.loaded.G, a, b, frames=spec.frames, layers=spec.layers,
+                              pingpong=spec.pingpong)
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"morph.{fmt}"
-            write_animation(images, path, fps=float(job.payload.get("fps", 24)))
+            path = Path(tmp) / f"morph.{spec.format}"
+            write_animation(images, path, fps=MORPH_FPS)
             data = path.read_bytes()
-        return JobOutcome(job.job_id, result={"frames": len(images), "format": fmt, **self._labels()},
-                          files={"media_key": (data, f".{fmt}")})
+        return JobOutcome(job.job_id, result={"frames": len(images), "format": spec.format,
+                                              **self._labels()},
+                          files={"media_key": (data, f".{spec.format}")})
 
     def _mix(self, job: JobInput) -> JobOutcome:
+        spec = job.spec
+        assert isinstance(spec, MixSpec)
         a, b = self._latent(job, "a"), self._latent(job, "b")
-        mixed = mix_latents(a, b, layers=job.payload.get("layers", "coarse"))
+        mixed = mix_latents(a, b, layers=spec.layers)
         images = render_frames(self.loaded.G, torch.stack([a, b, mixed]))
         panel = side_by_side([Image.fromarray(x) for x in images], height=_PANEL_HEIGHT)
-        return JobOutcome(job.job_id, result={"layers": job.payload.get("layers"), **self._labels()},
+        return JobOutcome(job.job_id, result={"layers": spec.layers, **self._labels()},
                           files={"media_key": (_png(panel), ".png")})
+
+
+def _edit_spec(job: JobInput) -> EditSpec:
+    assert isinstance(job.spec, EditSpec)
+    return job.spec
+
+
+def _fallback_strength(spec: EditSpec) -> float:
+    """The optimisation strength standing in for a global edit's (its default maps to 1)."""
+    strength = GLOBAL_STRENGTH if spec.strength is None else float(spec.strength)
+    if strength < 0:
+        raise EngineError("reversed edits (a negative strength) need the fast edits, which are "
+                          "still being prepared; please try again later")
+    return max(0.1, strength / GLOBAL_STRENGTH)
 
 
 def _jpeg(img: Image.Image) -> bytes:

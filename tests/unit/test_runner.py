@@ -13,12 +13,13 @@ from PIL import Image, ImageEnhance
 
 from engine.align import align_face, load_photo
 from engine.images import tensor_to_pil
-from engine.jobs import Engine, JobInput, JobOutcome, _jpeg, split_on_failure
 from engine.progress import ProgressFn, no_progress
+from engine.runner import Engine, JobInput, JobOutcome, _jpeg, split_on_failure
+from storage.specs import EditSpec, InvertSpec
 
 
 def _inputs(n: int) -> list[JobInput]:
-    return [JobInput(job_id=f"j{i}", kind="invert", payload={}) for i in range(n)]
+    return [JobInput(job_id=f"j{i}", spec=InvertSpec(photo_key="")) for i in range(n)]
 
 
 def test_out_of_memory_splits_until_the_batch_fits() -> None:
@@ -61,7 +62,7 @@ def test_each_selfie_in_a_batch_gets_its_own_results_back(astronaut: Image.Image
     cut from their own photo, and the reconstruction their own quality figures describe."""
     engine = Engine(model="demo", device="cpu", invert_steps=3, clip="demo")
     photos = [ImageEnhance.Brightness(astronaut).enhance(b) for b in (1.0, 0.6, 0.3)]
-    inputs = [JobInput(job_id=f"j{i}", kind="invert", payload={}, photo=_jpeg(p))
+    inputs = [JobInput(job_id=f"j{i}", spec=InvertSpec(photo_key=f"k{i}"), photo=_jpeg(p))
               for i, p in enumerate(photos)]
     out = engine.run_batch("invert", inputs)
     assert [o.job_id for o in out] == ["j0", "j1", "j2"] and all(o.error is None for o in out)
@@ -88,8 +89,8 @@ def edit_engine() -> Engine:
 
 
 def _edit_job(job_id: str, latent: np.ndarray, **payload: object) -> JobInput:
-    return JobInput(job_id=job_id, kind="edit", payload={"text": "smiling face", **payload},
-                    latents={"face": latent})
+    spec = EditSpec(face_id=1, text="smiling face", **payload)  # type: ignore[arg-type]
+    return JobInput(job_id=job_id, spec=spec, latents={"face": latent})
 
 
 def _face_png(outcome: JobOutcome) -> np.ndarray:

@@ -6,7 +6,7 @@
   :func:`hmac.compare_digest` and never logged. Whatever the token, a request whose ``Origin`` is
   another site is refused (a web page elsewhere cannot drive the chat or read it over the
   WebSocket), and on a loopback bind the ``Host`` must be a loopback name too (DNS rebinding).
-- :func:`page_routes` serves ``bot/web_static`` (plain HTML, JS and CSS; no build step).
+- :func:`page_routes` serves ``bot/adapters/web_static`` (plain HTML, JS and CSS; no build step).
 - :class:`MediaShelf` maps opaque random ids to files the service handed over in a Reply; only
   those are served, never a path built from a request.
 """
@@ -23,15 +23,14 @@ from pathlib import Path
 from aiohttp import hdrs, web
 from yarl import URL
 
-from bot.config import is_loopback
+from bot import replies
+from settings import is_loopback
 
 __all__ = ["COOKIE", "Access", "MediaShelf", "page_routes", "security_headers"]
 
 COOKIE = "stylebot_web"
-UNAUTHORIZED = ("This web chat needs its access token: open it once as http://HOST:PORT/?token=... "
-                "(the value of STYLEBOT_WEB_TOKEN).")
 
-_PAGE_FILES = {  # URL path -> (file in bot/web_static, content type)
+_PAGE_FILES = {  # URL path -> (file in bot/adapters/web_static, content type)
     "/": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
@@ -56,10 +55,10 @@ class Access:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self._loopback and not is_loopback(request.url.host or ""):
-            raise web.HTTPForbidden(text="This web chat answers only to localhost / 127.0.0.1.")
+            raise web.HTTPForbidden(text=replies.WEB_LOOPBACK_ONLY)
         origin = request.headers.get(hdrs.ORIGIN)
         if origin is not None and not self._same_origin(request, origin):
-            raise web.HTTPForbidden(text="Requests from other sites are not allowed.")
+            raise web.HTTPForbidden(text=replies.WEB_OTHER_SITE)
         if not self._token:
             return await handler(request)
         if self._authorized(request):
@@ -70,7 +69,7 @@ class Access:
             response.set_cookie(COOKIE, self._cookie, httponly=True, samesite="Strict", path="/",
                                 secure=request.secure)
             raise response
-        raise web.HTTPUnauthorized(text=UNAUTHORIZED, headers={hdrs.WWW_AUTHENTICATE: "Bearer"})
+        raise web.HTTPUnauthorized(text=replies.WEB_NEEDS_TOKEN, headers={hdrs.WWW_AUTHENTICATE: "Bearer"})
 
     def _authorized(self, request: web.Request) -> bool:
         auth = request.headers.get(hdrs.AUTHORIZATION, "")
@@ -100,7 +99,7 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
 
 def page_routes() -> list[web.RouteDef]:
     """GET routes for the page's files, read once from the package."""
-    static = files("bot").joinpath("web_static")
+    static = files("bot.adapters").joinpath("web_static")
     routes = []
     for path, (name, content_type) in _PAGE_FILES.items():
         body = static.joinpath(name).read_bytes()
@@ -136,7 +135,7 @@ class MediaShelf:
         """GET /media/{id}: the file (ranges work, for video), or 404."""
         item = self._items.get(request.match_info["media_id"])
         if item is None or not item[0].is_file():
-            raise web.HTTPNotFound(text="No such file (it may have been erased).")
+            raise web.HTTPNotFound(text=replies.WEB_NO_SUCH_FILE)
         path, content_type = item
         headers = {hdrs.CONTENT_TYPE: content_type or "application/octet-stream"}
         if not content_type:

@@ -2,7 +2,7 @@
 
 Every command is deferred at once (Discord wants an answer within 3 s). Personal ones (``/me``,
 ``/privacy``, ``/forget``) are deferred ephemeral: only the asker sees them; the others are the
-group's (a refusal of one still reaches only the asker, see :mod:`bot.discord_send`).
+group's (a refusal of one still reaches only the asker, see :mod:`bot.adapters.discord_send`).
 
 Registering commands is rate-limited by Discord, so it happens only when their definition changed:
 a hash of what would be sent is kept per application in ``<data_dir>/discord-commands.json``.
@@ -28,7 +28,7 @@ from bot.replies import OOPS
 from bot.service import Service
 
 if TYPE_CHECKING:
-    from bot.discord_adapter import DiscordAdapter
+    from bot.adapters.discord import DiscordAdapter
 
 __all__ = ["add_commands", "sync_if_changed"]
 

@@ -1,6 +1,6 @@
 """The local web chat: try the bot in a browser, no Discord or Telegram token needed.
 
-An aiohttp server on ``[web] host:port`` serves one page (``bot/web_static``: plain HTML, JS and
+An aiohttp server on ``[web] host:port`` serves one page (``bot/adapters/web_static``: plain HTML, JS and
 CSS) showing one shared room, a group chat (``chat_id`` ``"web-room"``), so the usual consent rules
 apply: with privacy "chat", a face may be used by the people who shared a face in this room.
 Whoever types a name is that person (``user_id`` is the name in lower case): each browser tab can
@@ -12,9 +12,9 @@ be someone else, so ``/morph @alice @bob`` can be shown on one machine.
 - ``GET /ws`` (WebSocket) pushes the room to every tab: ``hello`` (the last messages, the demo
   banner), then each new ``message`` and each ``edit`` (progress turning into the result).
 - ``GET /media/{id}`` serves the files the service handed over in its replies (see
-  :class:`bot.web_http.MediaShelf`).
+  :class:`bot.adapters.web_http.MediaShelf`).
 
-Access rules (token, same origin, loopback host) are in :mod:`bot.web_http`. User text is only
+Access rules (token, same origin, loopback host) are in :mod:`bot.adapters.web_http`. User text is only
 ever rendered with ``textContent`` by the page. Nothing about faces or the token is logged.
 """
 
@@ -34,13 +34,14 @@ from typing import Any, Literal
 
 from aiohttp import BodyPartReader, WSCloseCode, web
 
+from bot import replies
+from bot.adapters.web_http import Access, MediaShelf, page_routes, security_headers
 from bot.commands import Origin, Reply
-from bot.config import Config, ConfigError, is_loopback
 from bot.names import skeleton
 from bot.parse import parse
 from bot.replies import NAME_LOOKS_TAKEN, OOPS, Refusal, check_photo, photo_too_large
 from bot.service import Service
-from bot.web_http import Access, MediaShelf, page_routes, security_headers
+from settings import Config, ConfigError, is_loopback
 
 __all__ = ["HISTORY", "ROOM_ID", "WebAdapter"]
 
@@ -53,9 +54,6 @@ _TEXT_MAX_BYTES = 8192
 _NAME = re.compile(r"\w[\w.-]{0,31}")
 _SEND_TIMEOUT_S = 5.0
 
-BAD_NAME = "Type your name first: one word of letters, digits, _ . or - (at most 32), not \"me\"."
-NOT_A_PHOTO = "That doesn't look like a photo I can read. Please send a JPEG or PNG."
-NOT_A_COMMAND = "Send a photo of your face, or /help for what I can do."
 
 
 @dataclass
@@ -122,7 +120,8 @@ class WebAdapter:
 
     def _make_app(self) -> web.Application:
         """The aiohttp application (routes, access middleware, headers)."""
-        access = Access(token=self.config.web_token, loopback=is_loopback(self.config.web.host))
+        access = Access(token=self.config.web_token.get_secret_value(),
+                        loopback=is_loopback(self.config.web.host))
         app = web.Application(middlewares=[access.middleware], client_max_size=self._max_upload + _MB)
         app.add_routes([*page_routes(), web.get("/ws", self._ws), web.post("/api/send", self._send),
                         web.get("/media/{media_id}", self._media.serve)])
@@ -150,7 +149,7 @@ class WebAdapter:
                               f"({exc.strerror or exc}); set [web] port to a free one") from None
             self.port = int(runner.addresses[0][1])
             print(f"stylebot web chat: {self.url}", flush=True)  # stdout: what `make run` users see
-            if self.config.web_token:
+            if self.config.web_token.get_secret_value():
                 print("  (the first time, add ?token=<your STYLEBOT_WEB_TOKEN> to it)", flush=True)
             await stop.wait()
         finally:
@@ -193,7 +192,7 @@ class WebAdapter:
             return web.json_response({"error": photo_too_large(self._max_upload)}, status=413)
         name = unicodedata.normalize("NFKC", post.name.strip())
         if not _NAME.fullmatch(name) or name.casefold() in ("me", "myself"):
-            return web.json_response({"error": BAD_NAME}, status=400)
+            return web.json_response({"error": replies.BAD_WEB_NAME}, status=400)
         if not await self._claim(name, service):
             return web.json_response({"error": NAME_LOOKS_TAKEN}, status=400)
         said = self._add(_Message(id=self._next_id(), role="user", name=name, text=post.text,
@@ -227,7 +226,7 @@ class WebAdapter:
                 await service.say(origin, str(refusal), private=True)
                 return
             if cmd is None:
-                await service.say(origin, NOT_A_COMMAND)
+                await service.say(origin, replies.NOT_A_COMMAND)
                 return
             await service.handle(cmd)
         except Exception:  # no traceback for users: a friendly line, the details in the log
@@ -238,7 +237,7 @@ class WebAdapter:
     def _check_photo(self, post: _Post) -> bytes:
         assert post.photo is not None
         if not post.photo_type.lower().startswith("image/"):
-            raise Refusal(NOT_A_PHOTO)
+            raise Refusal(replies.NOT_A_PHOTO)
         check_photo(post.photo, max_bytes=self._max_upload)  # empty, too large, not an image
         return post.photo
 
@@ -249,7 +248,7 @@ class WebAdapter:
             return _Post(name=str(form.get("name", "")), text=str(form.get("text", ""))[:_TEXT_MAX_BYTES],
                          photo=None, photo_name=None, photo_type="")
         if request.content_type != "multipart/form-data":
-            raise web.HTTPBadRequest(text="Expected a form (multipart/form-data).")
+            raise web.HTTPBadRequest(text=replies.WEB_NOT_A_FORM)
         fields: dict[str, str] = {}
         photo: bytes | None = None
         photo_name, photo_type = None, ""
@@ -266,7 +265,7 @@ class WebAdapter:
                 raw = await _read_capped(part, _TEXT_MAX_BYTES + 1)
                 if len(raw) > _TEXT_MAX_BYTES:
                     raise web.HTTPRequestEntityTooLarge(max_size=_TEXT_MAX_BYTES, actual_size=len(raw),
-                                                        text="That message is too long.")
+                                                        text=replies.MESSAGE_TOO_LONG)
                 fields[part.name] = raw.decode("utf-8", "replace")
         return _Post(name=fields.get("name", ""), text=fields.get("text", ""), photo=photo,
                      photo_name=photo_name, photo_type=photo_type)

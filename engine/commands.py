@@ -1,77 +1,32 @@
-"""The CLI's engine commands: thin I/O wrappers around the pure engine functions.
+"""The engine's commands: thin I/O wrappers around the operations in :mod:`engine.operations`.
 
-Imported lazily by :mod:`bot.cli` (this module imports torch)."""
+Imported by :mod:`engine.cli` once a command runs (this module imports torch)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
-from tqdm import tqdm
 
 from engine import weights
 from engine.align import FaceDetector, align_face, load_photo
 from engine.checkpoints import build_generator, load_checkpoint, save_safetensors
+from engine.console import Bar, load_model, output_path, say
 from engine.errors import EngineError
-from engine.images import pil_to_tensor, tensor_to_pil
-from engine.invert import invert
+from engine.images import tensor_to_pil
 from engine.latents import load_latent, save_latent
-from engine.models import LoadedGenerator, load_generator, resolve_device
-from engine.morph import morph_latents, render_frames
+from engine.morph import render_frames
+from engine.operations import inversion_quality, invert_faces, morph_frames
 from engine.perceptual import load_perceptual
 from engine.progress import ProgressFn
 from engine.video import write_animation
 
-__all__ = ["Bar", "dispatch", "load_model", "output_path", "say"]
-
-DEFAULT_STEPS = 300
+__all__ = ["align", "invert", "morph", "render", "weights_command"]
 
 
-class Bar:
-    """A tqdm progress bar behind the engine's progress(step, total, info) callback."""
-
-    def __init__(self, desc: str, *, unit: str = "step") -> None:
-        self.bar: tqdm[Any] | None = None
-        self.desc, self.unit = desc, unit
-
-    def __call__(self, step: int, total: int, info: dict[str, Any]) -> None:
-        if self.bar is None:
-            self.bar = tqdm(total=total or None, desc=self.desc, unit=self.unit, file=sys.stderr,
-                            dynamic_ncols=True, unit_scale=self.unit == "B")
-        self.bar.n = step
-        shown = {k: f"{v:.3g}" for k, v in info.items() if isinstance(v, float)}
-        if shown:
-            self.bar.set_postfix(shown, refresh=False)
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr)
-
-
-def load_model(args: argparse.Namespace) -> LoadedGenerator:
-    loaded = load_generator(args.model, device=resolve_device(args.device))
-    say(f"model: {loaded.label} [{loaded.model_id}]")
-    return loaded
-
-
-def output_path(name: str) -> Path:
-    """An output file path whose folder exists (else a clear error)."""
-    path = Path(name)
-    if not path.parent.exists():
-        raise EngineError(f"output folder does not exist: {path.parent}")
-    return path
-
-
-def _align(args: argparse.Namespace) -> int:
+def align(args: argparse.Namespace) -> int:
     out = output_path(args.output)
     face = align_face(load_photo(args.photo), size=args.size, detector=FaceDetector())
     face.image.save(out)
@@ -81,10 +36,9 @@ def _align(args: argparse.Namespace) -> int:
     return 0
 
 
-def _invert(args: argparse.Namespace) -> int:
+def invert(args: argparse.Namespace) -> int:
     out = Path(args.output)
-    steps = args.steps or DEFAULT_STEPS
-    if steps < 1:
+    if args.steps is not None and args.steps < 0:
         raise EngineError("--steps must be at least 1")
     photo = load_photo(args.photo)
     loaded = load_model(args)
@@ -96,8 +50,8 @@ def _invert(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     bar = Bar("inverting")
     try:
-        result = invert(loaded.G, pil_to_tensor(face.image), perceptual=perceptual, steps=steps,
-                        optimize_noise=args.optimize_noise, progress=bar)
+        result = invert_faces(loaded.G, [face], perceptual=perceptual, steps=args.steps,
+                              optimize_noise=args.optimize_noise, progress=bar)
     finally:
         bar.close()
     save_latent(out / "latent.npy", result.latents[0], model_id=loaded.model_id)
@@ -105,11 +59,8 @@ def _invert(args: argparse.Namespace) -> int:
     tensor_to_pil(result.images[0]).save(out / "reconstruction.png")
     (out / "alignment.json").write_text(json.dumps(face.alignment.to_json()) + "\n")
     report = {
-        "psnr": round(result.psnr[0], 3),
-        "lpips": round(result.lpips[0], 5),
+        **inversion_quality(result, 0),
         "lpips_network": "demo stand-in (not LPIPS)" if perceptual.is_demo else "LPIPS VGG16",
-        "steps": result.steps,
-        "seconds": round(result.seconds, 3),
         "model_id": loaded.model_id,
         "model": loaded.label,
         "resolution": loaded.G.resolution,
@@ -120,7 +71,7 @@ def _invert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _render(args: argparse.Namespace) -> int:
+def render(args: argparse.Namespace) -> int:
     out = output_path(args.output)
     loaded = load_model(args)
     G = loaded.G
@@ -131,7 +82,7 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _morph(args: argparse.Namespace) -> int:
+def morph(args: argparse.Namespace) -> int:
     out = output_path(args.output)
     if out.suffix.lower() not in (".mp4", ".gif"):
         raise EngineError("the output must end in .mp4 or .gif")
@@ -139,11 +90,10 @@ def _morph(args: argparse.Namespace) -> int:
     G = loaded.G
     a, b = (load_latent(p, model_id=loaded.model_id, num_ws=G.num_ws, w_dim=G.w_dim)
             for p in (args.a, args.b))
-    ws = morph_latents(a, b, frames=args.frames, layers=args.layers, easing=args.easing,
-                       pingpong=args.pingpong)
     bar = Bar("rendering", unit="frame")
     try:
-        frames = render_frames(G, ws.to(G.w_avg.device), progress=bar)
+        frames = morph_frames(G, a, b, frames=args.frames, layers=args.layers, easing=args.easing,
+                              pingpong=args.pingpong, progress=bar)
     finally:
         bar.close()
     write_animation(frames, out, fps=args.fps)
@@ -151,7 +101,7 @@ def _morph(args: argparse.Namespace) -> int:
     return 0
 
 
-def _weights(args: argparse.Namespace) -> int:
+def weights_command(args: argparse.Namespace) -> int:
     action = args.weights_command
     if action == "list":
         for row in weights.list_assets():
@@ -186,13 +136,3 @@ def _weights(args: argparse.Namespace) -> int:
         say(f"converted {args.source} -> {out}")
         return 0
     raise EngineError(f"unknown weights action {action!r}")
-
-
-def dispatch(args: argparse.Namespace) -> int:
-    if args.command in ("edit", "directions"):
-        from bot import cli_edit
-
-        return cli_edit.edit(args) if args.command == "edit" else cli_edit.directions(args)
-    commands = {"align": _align, "invert": _invert, "render": _render, "morph": _morph,
-                "weights": _weights}
-    return commands[args.command](args)

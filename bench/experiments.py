@@ -15,7 +15,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from bench.perf import Row, _generator, _losses, _sync_time, _targets
+from bench.common import Row, random_generator, random_losses, random_targets, timed
 from engine import stylegan2
 from engine.identity import IdentityLoss
 from engine.invert import invert
@@ -112,10 +112,10 @@ def _variant(label: str, G: Generator, targets: torch.Tensor, lpips: LPIPS, iden
         return invert(G, targets[i:i + batch], perceptual=lpips, **kw)
 
     # The first run of a shape or code path pays cuDNN autotuning (and compiling): timed apart.
-    warmup_s, _ = _sync_time(lambda: run(0, {**kw, "steps": 8}))
+    warmup_s, _ = timed(lambda: run(0, {**kw, "steps": 8}))
     times, ps = [], []
     for i in range(seeds if batch == 1 else 1):
-        t, res = _sync_time(lambda i=i: run(i))
+        t, res = timed(lambda i=i: run(i))
         times.append(t)
         ps += res.psnr
     return {"figure": f"variant: {label}", "s_per_selfie": statistics.median(times) / batch,
@@ -127,9 +127,9 @@ def bench_variants(dev: torch.device, seeds: int, pick: str) -> Iterator[Row]:
     # In the order picked (the costly ones, e.g. compiling, last), each variant once.
     picks = [p.strip() for p in pick.split(";")] if pick else [""]
     chosen = list({v[0]: v for p in picks for v in VARIANTS if p in v[0]}.values())
-    G = _generator(1024, dev)
-    lpips, identity = _losses(dev)
-    _, targets = _targets(G, list(range(max([seeds] + [batch for _, _, batch, _ in chosen]))))
+    G = random_generator(1024, dev)
+    lpips, identity = random_losses(dev)
+    _, targets = random_targets(G, list(range(max([seeds] + [batch for _, _, batch, _ in chosen]))))
     for label, kw, batch, patches in chosen:
         try:
             with mock.patch.multiple(stylegan2, **patches) if patches else contextlib.nullcontext():
@@ -166,9 +166,9 @@ def bench_profile(dev: torch.device) -> Iterator[Row]:
     per step and its share per kernel kind (the 20 costliest kernels are printed too)."""
     from torch.profiler import ProfilerActivity, profile
 
-    G = _generator(1024, dev)
-    lpips, identity = _losses(dev)
-    _, targets = _targets(G, [0])
+    G = random_generator(1024, dev)
+    lpips, identity = random_losses(dev)
+    _, targets = random_targets(G, [0])
     for label, compiled in (("eager", False), ("torch.compile", True)):
         def steps(compiled: bool = compiled) -> None:
             invert(G, targets, perceptual=lpips, identity=identity, steps=4, graph=False, compile=compiled)

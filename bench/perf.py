@@ -30,41 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.common import Row, random_generator, random_losses, random_targets, timed
 from engine.clip_model import ClipModel
 from engine.directions import style_stats
 from engine.edit import DEFAULT_EDIT_STEPS, edit_optimize, render_global_edit
 from engine.generators import configure_cuda
-from engine.identity import IdentityLoss
 from engine.invert import DEFAULT_STEPS, invert, psnr
 from engine.morph import morph_latents, render_frames
-from engine.perceptual import LPIPS
-from engine.stylegan2 import Generator, GeneratorConfig
+from engine.stylegan2 import Generator
 from engine.video import write_animation
-
-Row = dict[str, Any]
-
-
-def _generator(res: int, device: torch.device, seed: int = 0) -> Generator:
-    torch.manual_seed(seed)
-    cfg = GeneratorConfig.from_channel_base(z_dim=512, w_dim=512, resolution=res, channel_base=32768,
-                                            channel_max=512, conv_clamp=256.0)
-    return Generator(cfg).to(device).eval().requires_grad_(False)
-
-
-def _targets(G: Generator, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    dev = G.w_avg.device
-    z = torch.stack([torch.randn(G.cfg.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    with torch.no_grad():
-        ws = G.mapping(z.to(dev))  # [N, num_ws, 512], psi 1
-        return ws, G.synthesis(ws).clamp(-1, 1)
-
-
-def _sync_time(fn: Callable[[], Any]) -> tuple[float, Any]:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0, out
 
 
 def _event_ms(fn: Callable[[], Any], iters: int = 20, warmup: int = 3) -> float:
@@ -124,7 +98,7 @@ def _forward_cost(G: Generator) -> tuple[float, float]:
 
 def bench_generator(dev: torch.device, ceil: Row) -> Iterator[Row]:
     for res in (1024, 256):
-        G = _generator(res, dev)
+        G = random_generator(res, dev)
         flops, nbytes = _forward_cost(G)
         floor_ms = max(flops / (ceil["matmul_tf32_tflops"] * 1e12), nbytes / (ceil["copy_gbps"] * 1e9)) * 1e3
         for b in (1, 8, 16):
@@ -193,20 +167,10 @@ def baseline_invert(G: Generator, target: torch.Tensor, vgg: _VGGFeatures, *, st
     return curve
 
 
-def _losses(dev: torch.device) -> tuple[LPIPS, IdentityLoss]:
-    from facenet_pytorch import InceptionResnetV1
-
-    torch.manual_seed(2)
-    lpips = LPIPS(resize_to=256).to(dev)  # VGG16 trunk, random weights
-    net = InceptionResnetV1(pretrained=None, classify=False)
-    identity = IdentityLoss(net, input_size=160, name="facenet (random)", is_demo=True).to(dev).eval()
-    return lpips, identity
-
-
 def bench_inversion(dev: torch.device, seeds: int, baseline_seeds: int) -> Iterator[Row]:
-    G = _generator(1024, dev)
-    lpips, identity = _losses(dev)
-    _, targets = _targets(G, list(range(seeds)))
+    G = random_generator(1024, dev)
+    lpips, identity = random_losses(dev)
+    _, targets = random_targets(G, list(range(seeds)))
 
     vgg = _VGGFeatures().to(dev)
     torch.cuda.reset_peak_memory_stats()
@@ -221,11 +185,11 @@ def bench_inversion(dev: torch.device, seeds: int, baseline_seeds: int) -> Itera
         return invert(G, batch, perceptual=lpips, identity=identity, **kw)
 
     # The first call of each batch size: compiling the step, cuDNN autotuning, allocator growth.
-    first_s, _ = _sync_time(lambda: ours(targets[:1], steps=8))
+    first_s, _ = timed(lambda: ours(targets[:1], steps=8))
     torch.cuda.reset_peak_memory_stats()
     times, ps = [], []
     for i in range(seeds):
-        t, res = _sync_time(lambda i=i: ours(targets[i:i + 1]))
+        t, res = timed(lambda i=i: ours(targets[i:i + 1]))
         times.append(t)
         ps.append(res.psnr[0])
     p50 = statistics.median(times)
@@ -241,9 +205,9 @@ def bench_inversion(dev: torch.device, seeds: int, baseline_seeds: int) -> Itera
            "baseline_s_to_our_psnr": statistics.mean(reach), "x": statistics.mean(reach) / p50}
     for b in (4, 8, 16):  # 16: beyond the queue's default batch_size of 8, what [engine] batch_size = 16 buys
         batch = targets[:b] if b <= seeds else targets.repeat((b + seeds - 1) // seeds, 1, 1, 1)[:b]
-        first_s, _ = _sync_time(lambda batch=batch: ours(batch, steps=8))
+        first_s, _ = timed(lambda batch=batch: ours(batch, steps=8))
         torch.cuda.reset_peak_memory_stats()
-        t, res = _sync_time(lambda batch=batch: ours(batch))
+        t, res = timed(lambda batch=batch: ours(batch))
         yield {"figure": f"throughput, batched B={b}", "selfies_per_min": 60 * b / t,
                "psnr": statistics.mean(res.psnr), "first_run_s": first_s, "peak_gib": _peak_gib()}
 
@@ -257,10 +221,10 @@ def _clip_b32(dev: torch.device) -> ClipModel:
 
 
 def bench_edits(dev: torch.device) -> Iterator[Row]:
-    G = _generator(1024, dev)
+    G = random_generator(1024, dev)
     cm = _clip_b32(dev)
-    _, identity = _losses(dev)
-    ws, _ = _targets(G, [100])
+    _, identity = random_losses(dev)
+    ws, _ = random_targets(G, [100])
     # Global directions: text -> CLIP direction -> per-channel relevance -> style delta -> render.
     n_ch = sum(s.shape[1] for s in G.synthesis.styles(ws).values())
     table = F.normalize(torch.randn(n_ch, 512, device=dev), dim=-1)  # stands in for the built table
@@ -281,7 +245,7 @@ def bench_edits(dev: torch.device) -> Iterator[Row]:
     text = cm.text_embedding("a smiling face")[None].to(dev)
     edit_optimize(G, ws, text, encode=cm.encode_images, steps=8, identity=identity)  # warm-up
     torch.cuda.reset_peak_memory_stats()
-    t, _ = _sync_time(lambda: edit_optimize(G, ws, text, encode=cm.encode_images, identity=identity))
+    t, _ = timed(lambda: edit_optimize(G, ws, text, encode=cm.encode_images, identity=identity))
     yield {"figure": f"edit, latent optimisation ({DEFAULT_EDIT_STEPS} steps)", "s": t,
            "peak_gib": _peak_gib()}
     yield _table_estimate(G, cm)
@@ -316,8 +280,8 @@ def _table_estimate(G: Generator, cm: ClipModel, samples: int = 32, batch_size: 
 
 
 def bench_morph(dev: torch.device) -> Iterator[Row]:
-    G = _generator(512, dev)
-    ws, _ = _targets(G, [7, 8])
+    G = random_generator(512, dev)
+    ws, _ = random_targets(G, [7, 8])
 
     def morph() -> None:
         frames = render_frames(G, morph_latents(ws[0], ws[1], frames=32), batch_size=16)
@@ -326,7 +290,7 @@ def bench_morph(dev: torch.device) -> Iterator[Row]:
 
     morph()
     torch.cuda.reset_peak_memory_stats()
-    runs = [_sync_time(morph)[0] for _ in range(3)]
+    runs = [timed(morph)[0] for _ in range(3)]
     yield {"figure": "morph, 32 frames at 512 px, MP4", "s": statistics.median(runs),
            "peak_gib": _peak_gib()}
 
@@ -358,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench.perf needs a CUDA GPU")
         return 2
-    from bench import experiments  # the sweep and the profile (they use this module's helpers)
+    from bench import experiments  # the sweep and the profile
 
     dev = torch.device("cuda")
     configure_cuda()

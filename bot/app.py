@@ -1,14 +1,7 @@
 """`stylebot run`: the one place that builds the long-lived objects and wires them together.
 
-Storage (migrated to head), the media store, the engine as a child process (embedded mode),
-the service and whichever chat adapters are configured. SIGINT/SIGTERM stop everything
-cleanly: the engine hands back jobs it has not finished (they stay durable in the database and
-run again on the next start), the service stops after its current reply.
-
-An adapter that fails (its platform unreachable, a port taken) is started again after a wait that
-doubles up to five minutes, saying so in one line each time; the other adapters and the engine
-go on meanwhile.
-"""
+An adapter that fails is started again after a wait that doubles up to five minutes; the engine
+process and the reply pump are not: when one of them ends, everything stops."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from bot import replies
 from bot.commands import (
     Command,
     Edit,
@@ -23,6 +24,7 @@ from bot.commands import (
     Target,
 )
 from bot.replies import Refusal
+from storage.specs import MORPH_FRAMES
 
 __all__ = ["COMMANDS", "parse"]
 
@@ -51,7 +53,7 @@ def _target(word: str, me_words: frozenset[str] = frozenset({"me", "@me", "mysel
         return Target(username=word[1:])
     if word.startswith("<@") and word.endswith(">"):  # a Discord mention
         return Target(user_id=word.strip("<@!>"))
-    raise Refusal(f"I expected @someone or @me, not {word[:40]!r}.")
+    raise Refusal(replies.not_a_person(word))
 
 
 def _pair(words: list[str], reply_target: Target | None) -> tuple[Target, Target, list[str]]:
@@ -63,7 +65,7 @@ def _pair(words: list[str], reply_target: Target | None) -> tuple[Target, Target
     elif not targets and reply_target is not None:
         targets = [Target(me=True), reply_target]
     if len(targets) != 2:
-        raise Refusal("Name two people, e.g. /morph @me @friend (or reply to your friend's message).")
+        raise Refusal(replies.NAME_TWO_PEOPLE)
     return targets[0], targets[1], rest
 
 
@@ -90,33 +92,33 @@ def parse(
         return Help(origin=origin)
     if name == "selfie":
         if photo is None:
-            raise Refusal("Send /selfie as the caption of a photo, or as a reply to a photo.")
+            raise Refusal(replies.SELFIE_NEEDS_A_PHOTO)
         return Selfie(origin=origin, photo=photo, label=words[0] if words else "default")
     if name == "edit":
         strength = None
         if len(words) > 1 and _NUMBER.match(words[-1]):
             strength = float(words[-1])
             if not -10 <= strength <= 10:
-                raise Refusal("The strength is a number between -10 and 10.")
+                raise Refusal(replies.STRENGTH_RANGE)
             words = words[:-1]
         return Edit(origin=origin, text=" ".join(words), strength=strength,
                     method="optimize" if m["bang"] else "global")
     if name == "morph":
         a, b, extra = _pair(words, reply_target)
-        frames, fmt = 32, "mp4"
+        frames, fmt = MORPH_FRAMES, "mp4"
         for word in extra:
             if word.isdigit():
                 frames = int(word)
             elif word.lower() in ("gif", "mp4"):
                 fmt = word.lower()
             else:
-                raise Refusal(f"I didn't understand {word[:40]!r}. Try /morph @me @friend 32 mp4")
+                raise Refusal(replies.not_a_morph_option(word))
         return Morph(origin=origin, a=a, b=b, frames=frames, fmt=fmt)  # type: ignore[arg-type]
     if name == "mix":
         a, b, extra = _pair(words, reply_target)
         layers = (extra[0].lower() if extra else "coarse")
         if layers not in ("coarse", "middle", "fine") or len(extra) > 1:
-            raise Refusal("Say which styles to mix: /mix @a @b coarse|middle|fine")
+            raise Refusal(replies.MIX_LAYERS)
         return Mix(origin=origin, a=a, b=b, layers=layers)  # type: ignore[arg-type]
     if name == "me":
         return ShowFaces(origin=origin)
@@ -126,6 +128,6 @@ def parse(
         if not words:
             return SetPrivacy(origin=origin)
         if words[0].lower() not in ("everyone", "chat", "nobody"):
-            raise Refusal("Privacy is one of: everyone, chat, nobody.")
+            raise Refusal(replies.PRIVACY_POLICIES)
         return SetPrivacy(origin=origin, policy=words[0].lower())  # type: ignore[arg-type]
-    raise Refusal(f"I don't know /{name[:32]}. Send /help for what I can do.")
+    raise Refusal(replies.unknown_command(name))

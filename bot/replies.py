@@ -254,6 +254,27 @@ def clean_text(text: str, *, max_chars: int) -> str:
     return text
 
 
+# --- mistakes in a command (bot.parse) ---------------------------------------------------------
+
+NAME_TWO_PEOPLE = "Name two people, e.g. /morph @me @friend (or reply to your friend's message)."
+SELFIE_NEEDS_A_PHOTO = "Send /selfie as the caption of a photo, or as a reply to a photo."
+STRENGTH_RANGE = "The strength is a number between -10 and 10."
+MIX_LAYERS = "Say which styles to mix: /mix @a @b coarse|middle|fine"
+PRIVACY_POLICIES = "Privacy is one of: everyone, chat, nobody."
+
+
+def not_a_person(word: str) -> str:
+    return f"I expected @someone or @me, not {word[:40]!r}."
+
+
+def not_a_morph_option(word: str) -> str:
+    return f"I didn't understand {word[:40]!r}. Try /morph @me @friend 32 mp4"
+
+
+def unknown_command(name: str) -> str:
+    return f"I don't know /{name[:32]}. Send /help for what I can do."
+
+
 def queued(what: str, position: int) -> str:
     """``position``: how many queued jobs are ahead of this one."""
     if position <= 0:

@@ -157,10 +157,9 @@ def _conv_up(x: torch.Tensor, weight: torch.Tensor, f: torch.Tensor | None, *, g
 
 def _conv_up_folded(x: torch.Tensor, weight: torch.Tensor, *, groups: int) -> torch.Tensor:
     """``_conv_up`` with the FIR filter folded into the weights: one stride-2 transposed conv with
-    the k x k kernel blurred to (k+3) x (k+3), and no pass over the 2x larger output. More
-    arithmetic, less memory traffic: it pays for large batches (BENCHMARKS.md). The kernel is
-    blurred by elementwise sums of shifted copies, one axis at a time (as a depthwise conv over
-    O x I channels it took 29% of a compiled inversion step's GPU time)."""
+    the k x k kernel blurred to (k+3) x (k+3), and no pass over the 2x larger output: more
+    arithmetic, less memory traffic, which pays for large batches. The kernel is blurred by sums of
+    shifted copies, one axis at a time, as a depthwise conv was slow (figures: BENCHMARKS.md)."""
     k = weight.shape[-1]
     for dim in (-1, -2):  # tap j of the filter on the kernel shifted by 3 - j
         padded = F.pad(weight, [3, 3] if dim == -1 else [0, 0, 3, 3])
@@ -225,10 +224,8 @@ class MappingNetwork(nn.Module):
 
 
 # Up to these batch sizes: per-sample weights in one grouped conv (no passes over activations).
-# When the styles need gradients (inversion, edits), the grouped conv also computes per-sample
-# weight gradients, which cost more than the extra passes except for a single eager sample
-# (BENCHMARKS.md, inversions on an H200: eager B=1 17% slower unfused; eager B=2, 4, 8 +20%, +9%,
-# +11% selfies/min unfused; compiled B=1 3.85 -> 3.33 s unfused). Under torch.compile: never fused.
+# With gradients on the styles, the grouped conv's per-sample weight gradients cost more than the
+# extra passes except for one eager sample; under torch.compile, never fused (BENCHMARKS.md).
 _FUSED_MAX_BATCH = 8
 _FUSED_MAX_BATCH_GRAD = 1
 

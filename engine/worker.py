@@ -1,17 +1,6 @@
-"""The engine worker process: claim jobs from the durable queue, run them in micro-batches,
-persist the results, then mark the jobs done.
-
-The local backend's queue is the jobs table itself. A worker claims up to ``batch_size``
-queued jobs of one kind (waiting ``batch_wait_ms`` first so that jobs arriving together run
-together), holds a lease on them that a heartbeat renews, runs the GPU work in a thread, and
-writes each job's files and rows in the same transaction that marks it done -- only while it
-still holds the lease, so a job is completed exactly once even if a worker died and the job
-was re-run, and a result whose job was erased meanwhile (/forget) leaves no files behind. Jobs
-whose worker died are put back in the queue when their lease runs out, or at once when a worker
-with the same id starts again (bounded attempts, then failed with a reason). Media files that
-no row references (a crash between writing them and the commit) are swept periodically, once
-they are older than a grace period.
-"""
+"""The engine worker process: claim jobs from the queue in micro-batches, run them, store the
+results and mark the jobs done in one transaction, only while this worker still holds their lease
+(README "Processes" says what that guarantees)."""
 
 from __future__ import annotations
 

@@ -32,18 +32,7 @@ from discord import app_commands
 from bot import replies
 from bot.adapters.discord_commands import add_commands, sync_if_changed
 from bot.adapters.discord_send import DiscordSender, LiveInteractions
-from bot.commands import (
-    Command,
-    Forget,
-    Mix,
-    Morph,
-    Origin,
-    Reply,
-    Selfie,
-    SetPrivacy,
-    ShowFaces,
-    Target,
-)
+from bot.commands import Command, Forget, Mix, Morph, Origin, Reply, Selfie, SetPrivacy, ShowFaces, Target
 from bot.parse import parse
 from bot.replies import MAX_PHOTO_BYTES, Refusal, personal_in_a_channel
 from bot.service import Service

@@ -17,18 +17,16 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import discord
 from discord import app_commands
 
+from bot.adapters.discord_send import LiveInteractions
 from bot.commands import Command, Edit, Forget, Help, Mix, Morph, Origin, SetPrivacy, ShowFaces, Target
 from bot.parse import COMMANDS
 from bot.replies import OOPS
 from bot.service import Service
-
-if TYPE_CHECKING:
-    from bot.adapters.discord import DiscordAdapter
 
 __all__ = ["add_commands", "sync_if_changed"]
 
@@ -41,7 +39,18 @@ def _target(user: discord.abc.User, asker: discord.abc.User) -> Target:
     return Target(user_id=str(user.id), username=user.name)
 
 
-def add_commands(tree: app_commands.CommandTree[Any], adapter: DiscordAdapter, service: Service) -> None:
+class SlashHost(Protocol):
+    """What the slash commands need of the Discord adapter."""
+
+    live: LiveInteractions
+
+    def origin_of(self, interaction: discord.Interaction) -> Origin: ...
+
+    async def on_selfie(self, service: Service, origin: Origin, photo: discord.Attachment,
+                        label: str | None) -> None: ...
+
+
+def add_commands(tree: app_commands.CommandTree[Any], adapter: SlashHost, service: Service) -> None:
     """The slash commands: each defers at once, then hands a command to the service."""
 
     async def handling(interaction: discord.Interaction, work: Callable[[Origin], Awaitable[None]], *,

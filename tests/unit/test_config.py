@@ -11,29 +11,10 @@ import pytest
 from pydantic import SecretStr
 
 from engine import weights
-from settings import (
-    BotConfig,
-    Config,
-    ConfigError,
-    DeliveryConfig,
-    DiscordConfig,
-    EngineConfig,
-    LimitsConfig,
-    QueueConfig,
-    StorageConfig,
-    TelegramConfig,
-    TimeoutsConfig,
-    WebConfig,
-    load_config,
-)
+from settings import SECTIONS, Config, ConfigError, WebConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "config.toml"
-SECTIONS = {
-    "bot": BotConfig, "telegram": TelegramConfig, "discord": DiscordConfig, "web": WebConfig,
-    "delivery": DeliveryConfig, "storage": StorageConfig, "queue": QueueConfig, "engine": EngineConfig,
-    "limits": LimitsConfig, "timeouts": TimeoutsConfig,
-}
 
 
 @pytest.fixture

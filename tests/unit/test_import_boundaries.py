@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from import_graph import circles, module_edges, package_edges
+
 import bot
 import cli
 import settings
@@ -75,3 +77,17 @@ def test_the_demo_banner_asks_the_weights_cache_without_torch(tmp_path: Path) ->
     shown, engine_modules = json.loads(out.stdout)
     assert shown  # nothing cached in this home: "auto" is the demo model
     assert engine_modules == ["engine", "engine.cli", "engine.errors", "engine.progress", "engine.weights"]
+
+
+# Which package may import which (README "Processes"): nothing else, and no module-level circle.
+ALLOWED = {("cli", "bot"), ("cli", "engine"), ("cli", "settings"), ("cli", "storage"),
+           ("bot", "storage"), ("bot", "settings"), ("engine", "storage"), ("engine", "settings"),
+           ("storage", "settings"), ("bench", "engine"), ("bench", "storage"), ("bench", "settings")}
+
+
+def test_packages_import_only_what_the_readme_draws() -> None:
+    assert set(package_edges(REPO)) <= ALLOWED
+
+
+def test_no_module_imports_itself_in_a_circle() -> None:
+    assert circles(module_edges(REPO)) == []

@@ -53,7 +53,7 @@ def _target(word: str, me_words: frozenset[str] = frozenset({"me", "@me", "mysel
         return Target(username=word[1:])
     if word.startswith("<@") and word.endswith(">"):  # a Discord mention
         return Target(user_id=word.strip("<@!>"))
-    raise Refusal(replies.not_a_person(word))
+    raise Refusal(replies.NOT_A_PERSON.format(word[:40]))
 
 
 def _pair(words: list[str], reply_target: Target | None) -> tuple[Target, Target, list[str]]:
@@ -112,7 +112,7 @@ def parse(
             elif word.lower() in ("gif", "mp4"):
                 fmt = word.lower()
             else:
-                raise Refusal(replies.not_a_morph_option(word))
+                raise Refusal(replies.NOT_A_MORPH_OPTION.format(word[:40]))
         return Morph(origin=origin, a=a, b=b, frames=frames, fmt=fmt)  # type: ignore[arg-type]
     if name == "mix":
         a, b, extra = _pair(words, reply_target)
@@ -130,4 +130,4 @@ def parse(
         if words[0].lower() not in ("everyone", "chat", "nobody"):
             raise Refusal(replies.PRIVACY_POLICIES)
         return SetPrivacy(origin=origin, policy=words[0].lower())  # type: ignore[arg-type]
-    raise Refusal(replies.unknown_command(name))
+    raise Refusal(replies.UNKNOWN_COMMAND.format(name[:32]))

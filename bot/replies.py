@@ -261,18 +261,9 @@ SELFIE_NEEDS_A_PHOTO = "Send /selfie as the caption of a photo, or as a reply to
 STRENGTH_RANGE = "The strength is a number between -10 and 10."
 MIX_LAYERS = "Say which styles to mix: /mix @a @b coarse|middle|fine"
 PRIVACY_POLICIES = "Privacy is one of: everyone, chat, nobody."
-
-
-def not_a_person(word: str) -> str:
-    return f"I expected @someone or @me, not {word[:40]!r}."
-
-
-def not_a_morph_option(word: str) -> str:
-    return f"I didn't understand {word[:40]!r}. Try /morph @me @friend 32 mp4"
-
-
-def unknown_command(name: str) -> str:
-    return f"I don't know /{name[:32]}. Send /help for what I can do."
+NOT_A_PERSON = "I expected @someone or @me, not {!r}."  # .format(the word, cut to 40)
+NOT_A_MORPH_OPTION = "I didn't understand {!r}. Try /morph @me @friend 32 mp4"  # ... the word
+UNKNOWN_COMMAND = "I don't know /{}. Send /help for what I can do."  # ... the command, cut to 32
 
 
 def queued(what: str, position: int) -> str:

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from engine.errors import EngineError
 from engine.progress import ProgressFn, no_progress
 from engine.stylegan2 import Generator, NoiseMode, Styles
+from settings import EngineConfig
 
 __all__ = [
     "ChannelTable",
@@ -44,6 +45,8 @@ __all__ = [
     "table_path",
     "text_to_style_delta",
 ]
+
+DEFAULT_SAMPLES = EngineConfig().direction_samples  # the one default: `[engine] direction_samples`
 
 log = logging.getLogger("stylebot.engine")
 
@@ -119,7 +122,7 @@ class TableBuild:
 
     def __init__(
         self, G: Generator, encode: ImageEncoder, *, model_hash: str, clip_key: str,
-        samples: int = 32, alpha: float = 5.0, batch_size: int = 64, seed: int = 0,
+        samples: int = DEFAULT_SAMPLES, alpha: float = 5.0, batch_size: int = 64, seed: int = 0,
         truncation_psi: float = 0.7, noise_mode: NoiseMode = "const", work_dir: Path | None = None,
     ) -> None:
         if samples < 1:
@@ -235,7 +238,7 @@ def build_channel_table(
     *,
     model_hash: str,
     clip_key: str,
-    samples: int = 32,
+    samples: int = DEFAULT_SAMPLES,
     alpha: float = 5.0,
     batch_size: int = 64,
     seed: int = 0,
@@ -278,7 +281,7 @@ def _busy(path: Path) -> EngineError:
 
 def load_or_build_table(
     G: Generator, encode: ImageEncoder, *, model_hash: str, clip_key: str, home: Path,
-    samples: int = 32, rebuild: bool = False, batch_size: int = 64,
+    samples: int = DEFAULT_SAMPLES, rebuild: bool = False, batch_size: int = 64,
     progress: ProgressFn = no_progress,
 ) -> tuple[ChannelTable, bool]:
     """The cached table for (generator, CLIP), building it first when absent (resuming the
@@ -313,7 +316,7 @@ class TableKeeper:
 
     def __init__(
         self, G: Generator, encode: ImageEncoder, *, model_hash: str, clip_key: str, home: Path,
-        samples: int = 32, batch_size: int = 64,
+        samples: int = DEFAULT_SAMPLES, batch_size: int = 64,
     ) -> None:
         self.G, self.encode, self.model_hash, self.clip_key = G, encode, model_hash, clip_key
         self.samples, self.batch_size = samples, batch_size

@@ -27,6 +27,7 @@ from bot.commands import Command, Edit, Forget, Help, Mix, Morph, Origin, SetPri
 from bot.parse import COMMANDS
 from bot.replies import OOPS
 from bot.service import Service
+from storage.specs import MORPH_FRAMES
 
 __all__ = ["add_commands", "sync_if_changed"]
 
@@ -83,7 +84,7 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: SlashHost, servic
     @app_commands.describe(a="From this person", b="To this person", frames="How many frames",
                            format="mp4 or gif")
     async def morph(interaction: discord.Interaction, a: discord.User, b: discord.User,
-                    frames: int = 32, format: Literal["mp4", "gif"] = "mp4") -> None:
+                    frames: int = MORPH_FRAMES, format: Literal["mp4", "gif"] = "mp4") -> None:
         await run(interaction, lambda o: Morph(origin=o, a=_target(a, interaction.user),
                                                b=_target(b, interaction.user), frames=frames, fmt=format))
 

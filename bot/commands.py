@@ -13,6 +13,7 @@ from typing import Any, Literal
 from storage.specs import MORPH_FRAMES
 
 __all__ = [
+    "Button",
     "Command",
     "Edit",
     "Forget",
@@ -21,6 +22,7 @@ __all__ = [
     "Mix",
     "Morph",
     "Origin",
+    "Press",
     "Reply",
     "Selfie",
     "SetPrivacy",
@@ -111,7 +113,15 @@ class Help:
     origin: Origin
 
 
-Command = Selfie | Morph | Edit | Mix | ShowFaces | Forget | SetPrivacy | Help
+@dataclass(frozen=True)
+class Press:
+    """A button under a result was pressed; ``data`` is what the button carried (bot.buttons)."""
+
+    origin: Origin
+    data: str
+
+
+Command = Selfie | Morph | Edit | Mix | ShowFaces | Forget | SetPrivacy | Help | Press
 
 
 @dataclass(frozen=True)
@@ -122,12 +132,21 @@ class Media:
 
 
 @dataclass(frozen=True)
+class Button:
+    """A button under a message: its label, and what a press sends back (ids only)."""
+
+    label: str
+    data: str
+
+
+@dataclass(frozen=True)
 class Reply:
     """A message for an adapter to send (or, with ``edit_of``, to edit in place).
 
     ``edit_of``: the progress message to update, as the adapter gave it; when it cannot be edited
     any more the reply goes out as a new message, unless ``edit_only`` (then nothing is sent).
-    ``private``: only the person who asked should see it (ephemeral where the platform has that)."""
+    ``private``: only the person who asked should see it (ephemeral where the platform has that).
+    ``buttons``: rows of buttons under the message."""
 
     reply_to: dict[str, Any]
     text: str
@@ -136,3 +155,4 @@ class Reply:
     final: bool = True
     edit_only: bool = False
     private: bool = False
+    buttons: tuple[tuple[Button, ...], ...] = ()

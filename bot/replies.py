@@ -79,6 +79,12 @@ FORGET_CONFIRM = ("This erases your saved faces, photos, results and settings, f
 FORGOTTEN = "Done: I have erased everything I kept about you."
 NAME_LOOKS_TAKEN = "That name looks just like someone else's here. Please pick a name of your own."
 DONE = "Done."  # a progress message, once the result went out beside it
+BUTTON_STALE = "That button doesn't work any more. Send the command again."
+BUTTON_NOT_YOURS = "Only the person whose face it is can use that button."
+BUTTON_LABELS = {"smile": "Smile", "older": "Older", "younger": "Younger", "glasses": "Glasses",
+                 "weaker": "Weaker", "stronger": "Stronger", "thorough": "Thorough (slower)",
+                 "gif": "As GIF", "mp4": "As MP4", "reverse": "Reverse", "slower": "Slower",
+                 "faster": "Faster"}
 NOT_A_PHOTO = "That doesn't look like a photo I can read. Please send a JPEG or PNG."
 NOT_AN_IMAGE_FILE = "That file isn't a photo I can read. Please send a JPEG or PNG photo."  # Telegram
 NOT_A_COMMAND = "Send a photo of your face, or /help for what I can do."  # web chat
@@ -340,6 +346,12 @@ def _slow_edit_note(result: dict[str, Any]) -> str:
     return f"\n(Fast edits are still being prepared{how_far}; this one used the slower method.)"
 
 
+def _strength_note(result: dict[str, Any]) -> str:
+    if "strength" not in result:
+        return ""
+    return f" (strength {result['strength']:g}, from -10 to 10)"
+
+
 def final_reply(job: Job, media: MediaStore) -> Reply:
     """The message that ends a job: its pictures, or why it failed."""
     edit_of = (job.reply_to or {}).get("progress_ref")
@@ -356,7 +368,7 @@ def final_reply(job: Job, media: MediaStore) -> Reply:
         items = (Media(media.path(r["panel_key"]), "photo", caption),)
     elif job.kind == "edit":
         items = (Media(media.path(r["before_after_key"]), "photo",
-                       f"Before / after: {r.get('text', '')}{note}{_slow_edit_note(r)}"),)
+                       f"Before / after: {r.get('text', '')}{_strength_note(r)}{note}{_slow_edit_note(r)}"),)
         if r.get("pasted_key"):
             items += (Media(media.path(r["pasted_key"]), "photo", "In your photo"),)
     elif job.kind == "morph":

@@ -16,6 +16,7 @@ first step is recorded before the second is tried, so the result is never sent t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -28,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import storage.repo as repo
 from bot import replies
+from bot.buttons import buttons_for
 from bot.commands import Reply
 from bot.delivery import RetryPolicy, TryLater, Undeliverable
 from storage.media import MediaStore
@@ -146,7 +148,7 @@ class ReplyPump:
 
     def _final_reply(self, job: Job) -> Reply:
         try:
-            return replies.final_reply(job, self.media)
+            return dataclasses.replace(replies.final_reply(job, self.media), buttons=buttons_for(job))
         except Exception:  # a result we cannot show: say so rather than stall the chat
             log.exception("job %s finished with a result the bot cannot show", job.id)
             return Reply(reply_to=job.reply_to, text=replies.OOPS,
@@ -165,8 +167,10 @@ class ReplyPump:
                 async with self.sessions.begin() as s:  # the result is out: never again
                     await repo.mark_result_sent(s, job_id=job.id)
                 tidy, attempts = True, 0
+            # The buttons go here too: where a result cannot carry them (Telegram's albums), the
+            # message above it does.
             await self.deliver(Reply(reply_to=job.reply_to, text=replies.DONE, edit_of=progress_ref,
-                                     edit_only=True))
+                                     edit_only=True, buttons=buttons_for(job)))
             return await self._ended(job, "delivered")
         except Undeliverable as exc:
             if tidy:  # the result reached the chat; only the progress message was left

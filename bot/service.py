@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import storage.repo as repo
-from bot import replies
+from bot import buttons, replies
 from bot.commands import (
     Command,
     Edit,
@@ -31,6 +31,7 @@ from bot.commands import (
     Mix,
     Morph,
     Origin,
+    Press,
     Reply,
     Selfie,
     SetPrivacy,
@@ -82,6 +83,8 @@ class Service:
                 await self._privacy(cmd)
             elif isinstance(cmd, Forget):
                 await self._forget(cmd)
+            elif isinstance(cmd, Press):
+                await self._press(cmd)
         except Refusal as refusal:
             await self.say(cmd.origin, str(refusal), private=True)
 
@@ -237,6 +240,32 @@ class Service:
             job = await self._submit(cmd.origin, spec, me.id, chat_id, s)
         await self._queued(cmd.origin, job, "the edit")
 
+    async def _press(self, cmd: Press) -> None:
+        """A button under a result: the job it asks for, checked as a typed command would be."""
+        self._rate_limit(cmd.origin)
+        decoded = buttons.decode(cmd.data)
+        async with self.sessions.begin() as s:
+            job = await repo.get_job(s, decoded[0]) if decoded else None
+            spec = buttons.follow_up(job, decoded[1], max_frames=self.config.limits.morph_max_frames) \
+                if job is not None and decoded else None
+            if job is None or spec is None:
+                raise Refusal(replies.BUTTON_STALE)
+            me, chat_id = await self._user_and_chat(s, cmd.origin)
+            for face_id in _faces_of(spec):
+                face = await repo.get_face(s, face_id)
+                owner = await repo.get_user(s, face.user_id) if face is not None else None
+                if owner is None:
+                    raise Refusal(replies.BUTTON_STALE)
+                if owner.id == me.id:
+                    continue
+                if isinstance(spec, EditSpec):  # an edit is its owner's: like /edit, of your face
+                    raise Refusal(replies.BUTTON_NOT_YOURS)
+                if not await self._consents(s, owner, me, chat_id):  # checked again, as /morph does
+                    raise Refusal(replies.no_consent(f"@{owner.username}" if owner.username
+                                                     else "someone in it"))
+            new = await self._submit(cmd.origin, spec, me.id, chat_id, s)
+        await self._queued(cmd.origin, new, "the morph" if isinstance(spec, MorphSpec) else "the edit")
+
     async def _show_faces(self, cmd: ShowFaces) -> None:
         async with self.sessions.begin() as s:
             me, _ = await self._user_and_chat(s, cmd.origin)
@@ -276,3 +305,12 @@ class Service:
     async def run(self, stop: asyncio.Event) -> None:
         """Send replies and progress until ``stop`` (:class:`bot.reply_pump.ReplyPump`)."""
         await self.replies.run(stop)
+
+
+def _faces_of(spec: JobSpec) -> list[int]:
+    """The saved faces a job would use."""
+    if isinstance(spec, EditSpec):
+        return [spec.face_id]
+    if isinstance(spec, MorphSpec | MixSpec):
+        return [spec.a_id, spec.b_id]
+    return []

@@ -26,24 +26,29 @@ from urllib.parse import quote
 
 from telegram import (
     BotCommand,
+    CallbackQuery,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
     InputFile,
     InputMediaPhoto,
     Message,
     ReplyParameters,
     Update,
+    User,
 )
 from telegram.error import BadRequest, ChatMigrated, Forbidden, RetryAfter, TelegramError
 from telegram.ext import (
     AIORateLimiter,
     Application,
     BaseUpdateProcessor,
+    CallbackQueryHandler,
     ContextTypes,
     MessageHandler,
     filters,
 )
 
 from bot import replies
-from bot.commands import Media, Origin, Reply, Target
+from bot.commands import Button, Media, Origin, Press, Reply, Target
 from bot.delivery import DeliveryFailed, TryLater, Undeliverable
 from bot.parse import COMMANDS, parse
 from bot.replies import Refusal
@@ -57,6 +62,7 @@ log = logging.getLogger("stylebot.telegram")
 _MB = 1024 * 1024
 _TEXT_MAX = 4096  # Telegram's limits, in characters
 _CAPTION_MAX = 1024
+_ALERT_MAX = 200  # a callback query's answer
 _UPDATES_PER_CHAT = 8  # one chat's messages handled at a time; the rest of that chat's wait
 _DRAIN_S = 10.0  # on stop, how long the replies being sent may take before the client closes
 _UPDATES_IN_ALL = 4096  # every waiting update is held in memory (a few kB each)
@@ -167,7 +173,9 @@ class TelegramAdapter:
         )
         self._service: Service | None = None
         self.app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
+        self.app.add_handler(CallbackQueryHandler(self._on_press))
         self.app.add_error_handler(self._on_error)
+        self._answered: set[str] = set()  # presses answered with a refusal already
         self._open = False  # replies go out only while the Bot API client is open
         self._sending = 0
         self._idle = asyncio.Event()  # no reply being sent: the client may close
@@ -186,7 +194,8 @@ class TelegramAdapter:
             try:
                 await self.app.bot.set_my_commands(
                     [BotCommand(name, _clip(text, 256)) for name, text in COMMANDS.items()])
-                await updater.start_polling(timeout=self._poll_timeout, allowed_updates=["message"],
+                await updater.start_polling(timeout=self._poll_timeout,
+                                            allowed_updates=["message", "callback_query"],
                                             error_callback=self._on_poll_error)
                 await self.app.start()
                 log.info("telegram: polling as @%s", self.app.bot.username)
@@ -217,8 +226,34 @@ class TelegramAdapter:
             return
         await self._handle(message, self._service)
 
-    def _origin(self, message: Message) -> Origin:
-        user, chat = message.from_user, message.chat
+    async def _on_press(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A button under one of our messages: a command for the service; the press is answered
+        (Telegram shows a spinner until it is), with the refusal when there is one."""
+        query = update.callback_query
+        if query is None:
+            return
+        message = query.message
+        if not isinstance(message, Message) or self._service is None:
+            await self._answer(query)
+            return
+        origin = self._origin(message, user=query.from_user)
+        origin.reply_to["callback_query_id"] = query.id
+        try:
+            await self._service.handle(Press(origin=origin, data=query.data or ""))
+        finally:
+            await self._answer(query)
+
+    async def _answer(self, query: CallbackQuery, text: str | None = None) -> None:
+        if query.id in self._answered:
+            self._answered.discard(query.id)
+            return
+        try:
+            await query.answer(text=_clip(text, _ALERT_MAX) if text else None, show_alert=bool(text))
+        except TelegramError as exc:  # too late, or the user is gone: nothing more to say
+            log.info("telegram: a button press was not answered: %s", type(exc).__name__)
+
+    def _origin(self, message: Message, *, user: User | None = None) -> Origin:
+        user, chat = user or message.from_user, message.chat
         assert user is not None
         return Origin(
             platform=self.platform, user_id=str(user.id), chat_id=str(chat.id),
@@ -325,17 +360,27 @@ class TelegramAdapter:
 
     async def _deliver(self, reply: Reply) -> dict[str, Any] | None:
         chat_id = reply.reply_to["chat_id"]
+        press = reply.reply_to.get("callback_query_id")
+        if reply.private and press is not None:  # a refused press: only the presser sees why
+            await self.app.bot.answer_callback_query(press, text=_clip(reply.text, _ALERT_MAX),
+                                                     show_alert=True)
+            self._answered.add(press)
+            return None
+        markup = _keyboard(reply.buttons)
         if reply.edit_of is not None and not reply.media:
-            if await self._edit(reply.edit_of, chat_id, reply.text):
+            if await self._edit(reply.edit_of, chat_id, reply.text, markup):
                 return dict(reply.edit_of)
             if reply.edit_only:
                 return None
         params = self._reply_params(reply)
         if reply.media:
-            sent = await self._send_media(chat_id, reply.media, reply.text, params)
+            # Under the result itself only when no progress message will carry them (an album
+            # cannot have buttons; the progress message above it is edited with them).
+            sent = await self._send_media(chat_id, reply.media, reply.text, params,
+                                          markup if reply.edit_of is None else None)
             return {"chat_id": chat_id, "message_id": sent[0].message_id}
         message = await self.app.bot.send_message(chat_id, _clip(reply.text or "…", _TEXT_MAX),
-                                                  reply_parameters=params)
+                                                  reply_parameters=params, reply_markup=markup)
         return {"chat_id": chat_id, "message_id": message.message_id}
 
     @staticmethod
@@ -345,12 +390,13 @@ class TelegramAdapter:
             return None
         return ReplyParameters(message_id=int(message_id), allow_sending_without_reply=True)
 
-    async def _edit(self, ref: dict[str, Any], chat_id: int, text: str) -> bool:
+    async def _edit(self, ref: dict[str, Any], chat_id: int, text: str,
+                    markup: InlineKeyboardMarkup | None = None) -> bool:
         """Edit a text message; False when it cannot be edited any more (deleted, too old)."""
         try:
             await self.app.bot.edit_message_text(_clip(text or "…", _TEXT_MAX),
                                                  chat_id=ref.get("chat_id", chat_id),
-                                                 message_id=int(ref["message_id"]))
+                                                 message_id=int(ref["message_id"]), reply_markup=markup)
         except BadRequest as exc:
             if "not modified" in str(exc).lower():
                 return True
@@ -361,7 +407,8 @@ class TelegramAdapter:
         return True
 
     async def _send_media(self, chat_id: int, media: Sequence[Media], text: str,
-                          params: ReplyParameters | None) -> list[Message]:
+                          params: ReplyParameters | None,
+                          markup: InlineKeyboardMarkup | None = None) -> list[Message]:
         bot = self.app.bot
         if len(media) > 1 and all(m.kind == "photo" for m in media):
             group = [InputMediaPhoto(_file(m, attach=True),
@@ -372,18 +419,27 @@ class TelegramAdapter:
         for i, m in enumerate(media):
             caption = _clip(m.caption or (text if i == 0 else ""), _CAPTION_MAX) or None
             p = params if i == 0 else None
+            k = markup if i == len(media) - 1 else None
             if m.kind == "photo":
-                sent.append(await bot.send_photo(chat_id, _file(m), caption=caption, reply_parameters=p))
+                sent.append(await bot.send_photo(chat_id, _file(m), caption=caption, reply_parameters=p,
+                                                 reply_markup=k))
             elif m.kind == "video":
                 sent.append(await bot.send_video(chat_id, _file(m), caption=caption, reply_parameters=p,
-                                                 supports_streaming=True))
+                                                 supports_streaming=True, reply_markup=k))
             elif m.kind == "animation":
                 sent.append(await bot.send_animation(chat_id, _file(m), caption=caption,
-                                                     reply_parameters=p))
+                                                     reply_parameters=p, reply_markup=k))
             else:
                 sent.append(await bot.send_document(chat_id, _file(m), caption=caption,
-                                                    reply_parameters=p))
+                                                    reply_parameters=p, reply_markup=k))
         return sent
+
+
+def _keyboard(rows: Sequence[Sequence[Button]]) -> InlineKeyboardMarkup | None:
+    if not rows:
+        return None
+    return InlineKeyboardMarkup([[InlineKeyboardButton(b.label, callback_data=b.data) for b in row]
+                                 for row in rows])
 
 
 def _chat_gone(exc: BadRequest) -> bool:

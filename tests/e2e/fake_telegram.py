@@ -122,6 +122,7 @@ class FakeTelegram:
         self.files: dict[str, bytes] = {}  # file_id -> bytes (what getFile / download serve)
         self.messages: dict[tuple[int, int], dict[str, Any]] = {}  # (chat, id) -> message JSON
         self._updates: list[dict[str, Any]] = []
+        self.presses: dict[str, dict[str, Any]] = {}  # callback query id -> the query, until answered
         self._new = asyncio.Condition()
         self._ids = itertools.count(1)
         self._update_ids = itertools.count(100)
@@ -193,6 +194,24 @@ class FakeTelegram:
             self._updates.append({"update_id": next(self._update_ids), "message": message})
             self._new.notify_all()
         return message
+
+    async def press(self, user: FakeUser, message: dict[str, Any], data: str | None = None,
+                    *, button: str | None = None) -> str:
+        """``user`` presses a button under the bot's ``message``: the one labelled ``button``, or
+        one that sends ``data`` (a forged press may send anything). Returns the query's id."""
+        if data is None:
+            rows = (message.get("reply_markup") or {}).get("inline_keyboard", [])
+            found = [b["callback_data"] for row in rows for b in row if b["text"] == button]
+            if not found:
+                raise AssertionError(f"no button {button!r} under message {message['message_id']}")
+            data = found[0]
+        query = {"id": str(next(self._ids) + 900000), "from": user.json(), "message": message,
+                 "chat_instance": f"ci{message['chat']['id']}", "data": data}
+        self.presses[query["id"]] = query
+        async with self._new:
+            self._updates.append({"update_id": next(self._update_ids), "callback_query": query})
+            self._new.notify_all()
+        return str(query["id"])
 
     def _reply(self, chat: FakeChat, reply_to: int | None) -> dict[str, Any]:
         if reply_to is None:
@@ -337,6 +356,8 @@ class FakeTelegram:
 
     def _bot_message(self, params: dict[str, Any], **fields: Any) -> dict[str, Any]:
         chat_id = int(params["chat_id"])
+        if (markup := _markup(params)) is not None:
+            fields["reply_markup"] = markup
         chat = {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"}
         msg: dict[str, Any] = {"message_id": next(self._ids), "date": int(time.time()), "chat": chat,
                                "from": BOT.json(), **fields}
@@ -354,10 +375,14 @@ class FakeTelegram:
         msg = self.messages.get(key)
         if msg is None:
             raise _ApiError("Bad Request: message to edit not found")
-        if msg.get("text") == params["text"]:
+        markup = _markup(params)
+        if msg.get("text") == params["text"] and msg.get("reply_markup") == markup:
             raise _ApiError("Bad Request: message is not modified: specified new message content "
                             "and reply markup are exactly the same")
         msg["text"] = params["text"]
+        msg.pop("reply_markup", None)
+        if markup is not None:
+            msg["reply_markup"] = markup
         msg["edit_date"] = int(time.time())
         return msg
 
@@ -403,12 +428,32 @@ class FakeTelegram:
             out.append(self._bot_message(params, **fields))
         return out
 
+    async def _m_answerCallbackQuery(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
+        if self.presses.pop(str(params["callback_query_id"]), None) is None:
+            raise _ApiError("Bad Request: query is too old and response timeout expired or query ID "
+                            "is invalid")
+        if len(str(params.get("text") or "")) > 200:
+            raise _ApiError("Bad Request: MESSAGE_TOO_LONG")
+        return True
+
     async def _m_getFile(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
         file_id = str(params["file_id"])
         if file_id not in self.files:
             raise _ApiError("Bad Request: invalid file_id")
         return {"file_id": file_id, "file_unique_id": file_id + "u",
                 "file_size": len(self.files[file_id]), "file_path": f"photos/{file_id}"}
+
+
+def _markup(params: dict[str, Any]) -> dict[str, Any] | None:
+    """An inline keyboard as Telegram checks it: each button's callback data 1-64 bytes."""
+    markup = params.get("reply_markup")
+    if not isinstance(markup, dict):
+        return None
+    for row in markup.get("inline_keyboard", []):
+        for button in row:
+            if not 1 <= len(str(button.get("callback_data", "")).encode()) <= 64:
+                raise _ApiError("Bad Request: BUTTON_DATA_INVALID")
+    return markup
 
 
 class _ApiError(Exception):

@@ -18,9 +18,11 @@ from service_on_disk import service_on_disk
 from sqlalchemy import func, select
 
 import storage.repo as repo
-from bot.commands import Forget, Help, Mix, Morph, Origin, Reply, Selfie, SetPrivacy, ShowFaces, Target
+from bot import buttons
+from bot.commands import Forget, Help, Mix, Morph, Origin, Press, Reply, Selfie, SetPrivacy, ShowFaces, Target
 from bot.service import Service
 from storage.models import Face, Job, User
+from storage.specs import EditSpec, JobSpec, MorphSpec
 
 from .drills import Inbox
 
@@ -220,3 +222,90 @@ async def test_a_chat_held_back_by_its_platform_does_not_hold_up_other_chats(
     group_a_may_send.set()
     assert await asyncio.wait_for(pump, 10) == 3
     assert delivered == ["B", "A", "A"]
+
+
+async def _finished(service: Service, user: str, spec: JobSpec, result: dict[str, object]) -> Job:
+    """A job of ``user``'s that the engine finished with ``result``."""
+    async with service.sessions.begin() as s:
+        u = await repo.find_user(s, platform="test", platform_user_id=user)
+        assert u is not None
+        job = await repo.create_job(s, kind=spec.kind, model="m", payload=spec.payload(), user_id=u.id,
+                                    chat_id=None, reply_to={"chat": "g1"})
+        job.status, job.result = "done", result
+    return job
+
+
+async def _jobs(service: Service, kind: str) -> list[Job]:
+    async with service.sessions() as s:
+        rows = await s.execute(select(Job).where(Job.kind == kind).order_by(Job.created_at))
+        return list(rows.scalars())
+
+
+async def _face_id(service: Service, user: str) -> int:
+    async with service.sessions() as s:
+        u = await repo.find_user(s, platform="test", platform_user_id=user)
+        assert u is not None
+        face = await repo.latest_face(s, user_id=u.id)
+        assert face is not None
+        return face.id
+
+
+async def test_buttons_under_an_edit_ask_for_the_same_edit_weaker_or_stronger(
+    svc: tuple[Service, Inbox],
+) -> None:
+    service, inbox = svc
+    ticks = itertools.count(step=61)
+    service.clock = lambda: float(next(ticks))
+    await _give_face(service, "ann")
+    await _give_face(service, "bob")
+    face = await _face_id(service, "ann")
+    edit = await _finished(service, "ann", EditSpec(face_id=face, text="smiling face"),
+                           {"method": "global", "strength": 4.0, "face_key": "k"})
+    labels = [b.label for row in buttons.buttons_for(edit) for b in row]
+    assert labels == ["Weaker", "Stronger", "Thorough (slower)"]
+    await service.handle(Press(origin=_origin("ann"), data=buttons.encode(edit.id, "stronger")))
+    assert "queue" in inbox.last
+    await service.handle(Press(origin=_origin("ann"), data=buttons.encode(edit.id, "weaker")))
+    await service.handle(Press(origin=_origin("ann"), data=buttons.encode(edit.id, "thorough")))
+    assert "already have work in progress" in inbox.last  # a press is held to a command's limits
+    async with service.sessions.begin() as s:
+        for job in await _jobs(service, "edit"):
+            (await s.merge(job)).status = "done"
+    await service.handle(Press(origin=_origin("ann"), data=buttons.encode(edit.id, "thorough")))
+    made = [j.spec for j in await _jobs(service, "edit")][1:]
+    assert made == [EditSpec(face_id=face, text="smiling face", strength=6.0),
+                    EditSpec(face_id=face, text="smiling face", strength=2.0),
+                    EditSpec(face_id=face, text="smiling face", method="optimize")]
+    # Someone else's press, a forged job id, a button this result never had, garbage: refused,
+    # privately, and nothing is queued.
+    before = await _count(service, Job)
+    for who, data, answer in [("bob", buttons.encode(edit.id, "stronger"), "Only the person"),
+                              ("ann", buttons.encode("0" * 32, "stronger"), "doesn't work any more"),
+                              ("ann", buttons.encode(edit.id, "gif"), "doesn't work any more"),
+                              ("ann", "b1 ../../etc stronger", "doesn't work any more")]:
+        await service.handle(Press(origin=_origin(who), data=data))
+        assert answer in inbox.last and inbox.replies[-1].private
+    assert await _count(service, Job) == before
+
+
+async def test_buttons_under_a_morph_check_consent_again(svc: tuple[Service, Inbox]) -> None:
+    service, inbox = svc
+    ticks = itertools.count(step=61)
+    service.clock = lambda: float(next(ticks))
+    await _give_face(service, "ann")
+    await _give_face(service, "bob")
+    ann, bob = await _face_id(service, "ann"), await _face_id(service, "bob")
+    morph = await _finished(service, "ann", MorphSpec(a_id=ann, b_id=bob, frames=8),
+                            {"format": "mp4", "media_key": "k"})
+    # Bob is in the morph and the chat: he may press too; ann's face first, his second.
+    await service.handle(Press(origin=_origin("bob"), data=buttons.encode(morph.id, "reverse")))
+    await service.handle(Press(origin=_origin("ann"), data=buttons.encode(morph.id, "gif")))
+    await service.handle(Press(origin=_origin("ann"), data=buttons.encode(morph.id, "slower")))
+    made = [j.spec for j in await _jobs(service, "morph")][1:]
+    assert made == [MorphSpec(a_id=bob, b_id=ann, frames=8),
+                    MorphSpec(a_id=ann, b_id=bob, frames=8, format="gif"),
+                    MorphSpec(a_id=ann, b_id=bob, frames=16)]
+    await service.handle(SetPrivacy(origin=_origin("ann"), policy="nobody"))
+    before = await _count(service, Job)
+    await service.handle(Press(origin=_origin("bob"), data=buttons.encode(morph.id, "faster")))
+    assert "@ann hasn't allowed" in inbox.last and await _count(service, Job) == before

@@ -11,6 +11,8 @@ be someone else, so ``/morph @alice @bob`` can be shown on one machine.
   through :func:`bot.parse.parse` and the service, exactly as on the other platforms.
 - ``GET /ws`` (WebSocket) pushes the room to every tab: ``hello`` (the last messages, the demo
   banner), then each new ``message`` and each ``edit`` (progress turning into the result).
+- ``POST /api/press`` (form: ``name``, ``data``, ``message``) presses a button under a bot message:
+  the same :class:`bot.commands.Press` the other platforms send.
 - ``GET /media/{id}`` serves the files the service handed over in its replies (see
   :class:`bot.adapters.web_http.MediaShelf`).
 
@@ -36,7 +38,7 @@ from aiohttp import BodyPartReader, WSCloseCode, web
 
 from bot import replies
 from bot.adapters.web_http import Access, MediaShelf, page_routes, security_headers
-from bot.commands import Origin, Reply
+from bot.commands import Origin, Press, Reply
 from bot.names import skeleton
 from bot.parse import parse
 from bot.replies import NAME_LOOKS_TAKEN, OOPS, Refusal, check_photo, photo_too_large
@@ -69,6 +71,7 @@ class _Message:
     in_reply_to: str | None = None
     reply_name: str | None = None
     final: bool = True
+    buttons: list[list[dict[str, str]]] = field(default_factory=list)  # rows of {label, data}
 
     def media_ids(self) -> list[str]:
         return [str(m["id"]) for m in self.media]
@@ -78,7 +81,7 @@ class _Message:
                 "media": [{"url": f"media/{m['id']}", "kind": m["kind"], "caption": m["caption"]}
                           for m in self.media],
                 "photo": self.photo, "in_reply_to": self.in_reply_to, "reply_name": self.reply_name,
-                "final": self.final}
+                "final": self.final, "buttons": self.buttons}
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,7 @@ class WebAdapter:
                         loopback=is_loopback(self.config.web.host))
         app = web.Application(middlewares=[access.middleware], client_max_size=self._max_upload + _MB)
         app.add_routes([*page_routes(), web.get("/ws", self._ws), web.post("/api/send", self._send),
+                        web.post("/api/press", self._press),
                         web.get("/media/{media_id}", self._media.serve)])
         app.on_response_prepare.append(security_headers)
         app.on_shutdown.append(self._close_sockets)
@@ -198,11 +202,33 @@ class WebAdapter:
         said = self._add(_Message(id=self._next_id(), role="user", name=name, text=post.text,
                                   photo=(post.photo_name or "photo") if post.photo is not None else None))
         await self._broadcast("message", said)
-        origin = Origin(platform=self.platform, user_id=name.casefold(), chat_id=ROOM_ID,
-                        chat_kind="group", username=name, display_name=name, chat_title="web chat",
-                        reply_to={"platform": self.platform, "message_id": said.id, "name": name})
-        await self._handle(service, origin, post)
+        await self._handle(service, self._origin(name, said.id), post)
         return web.json_response({"ok": True, "id": said.id})
+
+    async def _press(self, request: web.Request) -> web.Response:
+        """POST /api/press: someone in the room pressed a button under a bot message."""
+        service = self._service
+        assert service is not None
+        form = await request.post()
+        name = unicodedata.normalize("NFKC", str(form.get("name", "")).strip())
+        if not _NAME.fullmatch(name) or name.casefold() in ("me", "myself"):
+            return web.json_response({"error": replies.BAD_WEB_NAME}, status=400)
+        if not await self._claim(name, service):
+            return web.json_response({"error": NAME_LOOKS_TAKEN}, status=400)
+        pressed = self._by_id.get(str(form.get("message", "")))
+        origin = self._origin(name, pressed.id if pressed is not None else None)
+        try:
+            await service.handle(Press(origin=origin, data=str(form.get("data", ""))[:100]))
+        except Exception:  # no traceback for users
+            log.exception("web chat: could not handle a button press")
+            with contextlib.suppress(Exception):
+                await service.say(origin, OOPS, private=True)
+        return web.json_response({"ok": True})
+
+    def _origin(self, name: str, message_id: str | None) -> Origin:
+        return Origin(platform=self.platform, user_id=name.casefold(), chat_id=ROOM_ID,
+                      chat_kind="group", username=name, display_name=name, chat_title="web chat",
+                      reply_to={"platform": self.platform, "message_id": message_id, "name": name})
 
     async def _claim(self, name: str, service: Service) -> bool:
         """Whether ``name`` may speak: it is new, or the same name (any case) spoke before; a name
@@ -281,9 +307,12 @@ class WebAdapter:
                 log.warning("web chat: not serving a file outside the media dir")
                 continue
             media.append({"id": media_id, "kind": item.kind, "caption": item.caption})
+        buttons = [[{"label": b.label, "data": b.data} for b in row] for row in reply.buttons]
         target = self._by_id.get(str((reply.edit_of or {}).get("message_id")))
         if target is not None and target.role == "bot":
             target.text, target.final = reply.text, reply.final
+            if buttons or reply.final:
+                target.buttons = buttons
             if media:
                 for media_id in target.media_ids():
                     self._media.drop(media_id)
@@ -295,7 +324,7 @@ class WebAdapter:
         message = self._add(_Message(
             id=self._next_id(), role="bot", name=self.config.bot.name, text=reply.text, media=media,
             in_reply_to=str(to["message_id"]) if to.get("message_id") else None,
-            reply_name=str(to["name"]) if to.get("name") else None, final=reply.final))
+            reply_name=str(to["name"]) if to.get("name") else None, final=reply.final, buttons=buttons))
         await self._broadcast("message", message)
         return {"message_id": message.id}
 

@@ -40,6 +40,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 ALICE = FakeUser(id=1001, first_name="Alice", username="alice")
 BOB = FakeUser(id=1002, first_name="Bob", username="bob")
 CAROL = FakeUser(id=1003, first_name="Carol", username="carol")
+DAN = FakeUser(id=1004, first_name="Dan", username="dan")
 GROUP = FakeChat(id=-100500, type="supergroup", title="Face Club")
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,41 @@ async def test_edit_sends_the_edited_face(world: World) -> None:
     assert len(sent.files) == len(media) == 2
     for data in sent.files.values():
         Image.open(io.BytesIO(data)).verify()
+
+
+async def test_buttons_under_a_selfie_edit_it_for_its_owner_only(world: World) -> None:
+    tg = world.tg
+    n = len(tg.calls)
+    selfie = await tg.send_photo(DAN, GROUP, astronaut(5), caption="/selfie")
+    await tg.wait_for("sendPhoto", replying_to(selfie), timeout=120, after=n)
+    # The progress message above the result is edited into "Done." with the buttons.
+    done = await tg.wait_for("editMessageText", lambda c: c.params["text"] == "Done."
+                             and "reply_markup" in c.params, timeout=20, after=n)
+    message = tg.messages[(GROUP.id, done.params["message_id"])]
+    labels = [b["text"] for row in message["reply_markup"]["inline_keyboard"] for b in row]
+    assert labels == ["Smile", "Older", "Younger", "Glasses"]
+    edits = await _edit_jobs(world)
+    # Carol is in the group but it is not her face; a forged press names a job that never was.
+    for who, press in ((CAROL, {"button": "Smile"}), (DAN, {"data": "b1 " + "f" * 32 + " smile"})):
+        query = await tg.press(who, message, **press)
+        said = await tg.wait_for("answerCallbackQuery",
+                                 lambda c, q=query: c.params["callback_query_id"] == q, timeout=10)
+        assert str(said.params.get("show_alert")).lower() == "true"
+        assert ("Only the person" if who == CAROL else "doesn't work any more") in said.params["text"]
+    m = len(tg.calls)
+    query = await tg.press(DAN, message, button="Smile")
+    answered = await tg.wait_for("answerCallbackQuery", lambda c: c.params["callback_query_id"] == query,
+                                 timeout=10)
+    assert not answered.params.get("text")  # a press that was taken: the spinner just stops
+    result = await tg.wait_for("sendMediaGroup", replying_to(message), timeout=120, after=m)
+    assert result.params["media"][0]["caption"].startswith("Before / after: a smiling face")
+    assert await _edit_jobs(world) == edits + 1  # Dan's press only
+
+
+async def _edit_jobs(world: World) -> int:
+    async with world.service.sessions() as s:
+        count = select(func.count()).select_from(Job).where(Job.kind == "edit")
+        return int((await s.execute(count)).scalar_one())
 
 
 async def test_files_that_are_not_photos_get_a_clear_reply(world: World) -> None:

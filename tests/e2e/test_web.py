@@ -165,11 +165,12 @@ def _user_message(page: Page, name: str, contains: str) -> str:
 
 
 def _reply(page: Page, message_id: str, check: str, timeout: float = JOB_TIMEOUT_MS) -> str:
-    """Wait until the bot's reply to ``message_id`` satisfies ``check`` (JS, on article ``a``)."""
+    """Wait until a bot reply to ``message_id`` satisfies ``check`` (JS, on article ``a``)."""
     handle = page.wait_for_function(
         f"""(id) => {{
-            const a = document.querySelector(`article.bot[data-reply-to="${{id}}"]`);
-            return a && ({check}) ? a.dataset.id : null;
+            const a = [...document.querySelectorAll(`article.bot[data-reply-to="${{id}}"]`)]
+                .find(a => {check});
+            return a ? a.dataset.id : null;
         }}""", arg=message_id, timeout=timeout)
     return str(handle.json_value())
 
@@ -262,6 +263,26 @@ def test_morph_plays_inline_as_mp4_and_as_gif(world: World) -> None:
     assert src is not None
     response = alice.request.get(world.url + src)
     assert response.ok and response.headers["content-type"] == "image/gif"
+
+
+def test_buttons_under_a_selfie_edit_it_for_its_owner_only(world: World) -> None:
+    alice = world.alice
+    selfie = alice.locator('article.bot[data-person="alice"]', has_text="Saved as your face").first
+    expect(selfie.locator(".buttons button")).to_have_text(["Smile", "Older", "Younger", "Glasses"])
+    selfie_id = selfie.get_attribute("data-id")
+    assert selfie_id is not None
+
+    bob = world.browser.new_page()
+    world.open(bob)
+    bob.fill("#name", "bob")
+    bob.locator(f'article[data-id="{selfie_id}"] .buttons button', has_text="Smile").click()
+    refusal = _reply(bob, selfie_id, "a.textContent.includes('Only the person whose face it is')")
+    assert bob.locator(f'article[data-id="{refusal}"] img').count() == 0
+    bob.close()
+
+    alice.locator(f'article[data-id="{selfie_id}"] .buttons button', has_text="Smile").click()
+    edited = _reply(alice, selfie_id, "a.textContent.includes('a smiling face') && " + _images_loaded(2))
+    expect(alice.locator(f'article[data-id="{edited}"]')).to_contain_text("Before / after: a smiling face")
 
 
 def test_edit_shows_before_and_after(world: World) -> None:

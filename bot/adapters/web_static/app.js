@@ -67,8 +67,23 @@
     const captions = new Set(m.media.map((item) => item.caption));
     if (m.text && !captions.has(m.text)) node.append(el("p", "text", m.text));
     for (const item of m.media) node.append(mediaNode(item));
+    for (const row of m.buttons || []) {
+      const bar = el("div", "buttons");
+      for (const b of row) {
+        const button = el("button", "", b.label);
+        button.type = "button";
+        button.addEventListener("click", () => press(m.id, b.data));
+        bar.append(button);
+      }
+      node.append(bar);
+    }
     mark(node);
     return node;
+  }
+
+  function press(messageId, data) {
+    const form = new URLSearchParams({ name: nameInput.value.trim(), data, message: messageId });
+    return post("api/press", form);
   }
 
   function atBottom() {
@@ -130,19 +145,23 @@
   }
 
   async function send(text, file) {
+    const form = new FormData();
+    form.append("name", nameInput.value.trim());
+    form.append("text", text);
+    if (file) form.append("photo", file, file.name || "photo");
+    return post("api/send", form);
+  }
+
+  async function post(path, form) {
     const name = nameInput.value.trim();
     if (!NAME.test(name) || ["me", "myself"].includes(name.toLowerCase())) {
       notice("Type your name first (top right): one word of letters, digits, _ . or -.");
       nameInput.focus();
       return false;
     }
-    const form = new FormData();
-    form.append("name", name);
-    form.append("text", text);
-    if (file) form.append("photo", file, file.name || "photo");
     let response;
     try {
-      response = await fetch("api/send", { method: "POST", body: form, credentials: "same-origin" });
+      response = await fetch(path, { method: "POST", body: form, credentials: "same-origin" });
     } catch {
       notice("Could not reach stylebot. Is `stylebot run` still running?");
       return false;

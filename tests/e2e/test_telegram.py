@@ -151,11 +151,13 @@ async def test_buttons_under_a_selfie_edit_it_for_its_owner_only(world: World) -
     tg = world.tg
     n = len(tg.calls)
     selfie = await tg.send_photo(DAN, GROUP, astronaut(5), caption="/selfie")
+    progress = await tg.wait_for("sendMessage", replying_to(selfie), timeout=20, after=n)
     await tg.wait_for("sendPhoto", replying_to(selfie), timeout=120, after=n)
     # The progress message above the result is edited into "Done." with the buttons.
-    done = await tg.wait_for("editMessageText", lambda c: c.params["text"] == "Done."
-                             and "reply_markup" in c.params, timeout=20, after=n)
-    message = tg.messages[(GROUP.id, done.params["message_id"])]
+    mid = progress.result["message_id"]
+    await tg.wait_for("editMessageText", lambda c: c.params["message_id"] == mid
+                      and c.params["text"] == "Done.", timeout=20, after=n)
+    message = tg.messages[(GROUP.id, mid)]
     labels = [b["text"] for row in message["reply_markup"]["inline_keyboard"] for b in row]
     assert labels == ["Smile", "Older", "Younger", "Glasses"]
     edits = await _edit_jobs(world)

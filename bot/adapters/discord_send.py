@@ -125,9 +125,10 @@ class DiscordSender:
         content = text or None
         none = discord.AllowedMentions.none()
         channel_id = int(reply.reply_to["channel_id"])
+        view = _buttons(reply)
         if reply.edit_of is not None:
             try:
-                edited = await self._edit(client, reply.edit_of, content, files, bool(reply.media))
+                edited = await self._edit(client, reply.edit_of, content, files, bool(reply.media), view)
             except discord.NotFound as exc:
                 if exc.code != _UNKNOWN_MESSAGE:
                     raise
@@ -140,7 +141,8 @@ class DiscordSender:
             live = self.live.get(str(interaction["token"])) if interaction else None
             if live is not None:
                 live.answered = True
-            sent = await hook.send(content=content or "", files=files, allowed_mentions=none, wait=True)
+            sent = await hook.send(content=content or "", files=files, allowed_mentions=none, wait=True,
+                                   **view)
             return {"channel_id": str(sent.channel.id if sent.channel else channel_id),
                     "message_id": str(sent.id), "interaction": interaction}
         channel = client.get_partial_messageable(channel_id)
@@ -149,13 +151,15 @@ class DiscordSender:
             extra["reference"] = discord.MessageReference(
                 message_id=int(reply.reply_to["message_id"]), channel_id=channel_id,
                 fail_if_not_exists=False)
-        msg = await channel.send(content=content, files=files, allowed_mentions=none, **extra)
+        msg = await channel.send(content=content, files=files, allowed_mentions=none, **extra, **view)
         return {"channel_id": str(msg.channel.id), "message_id": str(msg.id)}
 
     async def _edit(self, client: discord.Client, ref: dict[str, Any], content: str | None,
-                    files: list[discord.File], with_media: bool) -> dict[str, Any] | None:
+                    files: list[discord.File], with_media: bool,
+                    view: dict[str, Any]) -> dict[str, Any] | None:
         """Edit a message the bot sent; None when it can no longer (the followup token ran out)."""
-        kwargs: dict[str, Any] = {"content": content, "allowed_mentions": discord.AllowedMentions.none()}
+        kwargs: dict[str, Any] = {"content": content, "allowed_mentions": discord.AllowedMentions.none(),
+                                  **view}
         if files or with_media:
             kwargs["attachments"] = files
         hook = self._webhook(ref.get("interaction"))
@@ -167,3 +171,23 @@ class DiscordSender:
             await partial.get_partial_message(int(ref["message_id"])).edit(**kwargs)
             return ref
         return None
+
+
+class _Buttons(discord.ui.View):
+    """Buttons to show, not to listen to: presses come to the adapter's ``on_interaction`` by
+    custom id (they must work after a restart), so discord.py need not keep every view it sent."""
+
+    def is_dispatchable(self) -> bool:
+        return False
+
+
+def _buttons(reply: Reply) -> dict[str, Any]:
+    """``view=`` for a message with the reply's buttons; nothing when it has none."""
+    if not reply.buttons:
+        return {}
+    view = _Buttons(timeout=None)
+    for i, row in enumerate(reply.buttons):
+        for b in row:
+            view.add_item(discord.ui.Button(label=b.label, custom_id=b.data, row=i,
+                                            style=discord.ButtonStyle.secondary))
+    return {"view": view}

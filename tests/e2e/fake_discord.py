@@ -58,6 +58,7 @@ class Sent:
     edits: list[dict[str, Any]] = field(default_factory=list)  # each edit's JSON payload
     first: str | None = None  # the content it was created with
     flags: int = 0  # 64: ephemeral, only the user who ran the command sees it
+    components: list[dict[str, Any]] = field(default_factory=list)  # action rows of buttons
 
     def __post_init__(self) -> None:
         self.first = self.content
@@ -224,6 +225,30 @@ class FakeDiscord:
         await self._dispatch("INTERACTION_CREATE", data)
         return token
 
+    async def press(self, user: str, message: Sent, label: str | None = None, *,
+                    custom_id: str | None = None) -> str:
+        """``user`` presses the button labelled ``label`` under ``message`` (or one sending
+        ``custom_id``: a forged press may send anything); returns the interaction's token."""
+        if custom_id is None:
+            found = [c["custom_id"] for row in message.components for c in row.get("components", [])
+                     if c.get("label") == label]
+            if not found:
+                raise AssertionError(f"no button {label!r} under message {message.id}")
+            custom_id = found[0]
+        token = f"interaction-token-{self._id()}"
+        data = {
+            "id": self._id(), "application_id": APP_ID, "type": 3, "token": token, "version": 1,
+            "guild_id": GUILD_ID, "channel_id": message.channel_id, "channel": self._channel(),
+            "member": {**self._member(user, with_user=True), "permissions": "2147483647"},
+            "app_permissions": "2147483647", "locale": "en-US", "guild_locale": "en-US",
+            "attachment_size_limit": 10 * 1024 * 1024, "entitlements": [],
+            "authorizing_integration_owners": {"0": GUILD_ID}, "context": 0,
+            "message": self._message_json(message),
+            "data": {"custom_id": custom_id, "component_type": 2},
+        }
+        await self._dispatch("INTERACTION_CREATE", data)
+        return token
+
     def for_token(self, token: str) -> list[Sent]:
         return [m for m in self.messages if m.token == token]
 
@@ -354,14 +379,18 @@ class FakeDiscord:
             "pinned": False, "type": 0, "webhook_id": APP_ID if sent.via == "webhook" else None,
             "attachments": [{"id": str(i), "filename": n, "size": len(b), "url": f"{self.base}/files/{n}",
                              "proxy_url": f"{self.base}/files/{n}"} for i, (n, b) in enumerate(files)],
+            "components": sent.components,
         }
 
     async def _create(self, request: web.Request, channel_id: str, via: str,
                       token: str | None) -> web.Response:
         payload, files = await self._read_body(request)
+        if (bad := _bad_components(payload)) is not None:
+            return bad
         sent = Sent(id=self._id(), channel_id=channel_id, content=payload.get("content"), files=files,
                     via=via, token=token, allowed_mentions=payload.get("allowed_mentions"),
-                    reference=payload.get("message_reference"), flags=int(payload.get("flags") or 0))
+                    reference=payload.get("message_reference"), flags=int(payload.get("flags") or 0),
+                    components=list(payload.get("components") or []))
         self.messages.append(sent)
         await self._touch()
         return _json(self._message_json(sent))
@@ -372,9 +401,13 @@ class FakeDiscord:
         if sent is None:
             raise web.HTTPNotFound(text=json.dumps({"message": "Unknown Message", "code": 10008}),
                                    content_type="application/json")
+        if (bad := _bad_components(payload)) is not None:
+            return bad
         sent.edits.append(payload)
         if "content" in payload:
             sent.content = payload["content"]
+        if "components" in payload:
+            sent.components = list(payload["components"] or [])
         if "attachments" in payload:  # discord.py lists the files it keeps and uploads
             sent.files = files
         await self._touch()
@@ -414,6 +447,17 @@ class FakeDiscord:
     async def _file(self, request: web.Request) -> web.Response:
         data, content_type = self.files[request.match_info["name"]]
         return web.Response(body=data, content_type=content_type)
+
+
+def _bad_components(payload: dict[str, Any]) -> web.Response | None:
+    """Discord's 400 for buttons it would not take: custom ids of 1-100 characters, labels of at
+    most 80, at most 5 buttons a row and 5 rows."""
+    rows = payload.get("components") or []
+    buttons = [c for row in rows for c in row.get("components", [])]
+    if len(rows) <= 5 and all(len(row.get("components", [])) <= 5 for row in rows) and all(
+            1 <= len(b.get("custom_id", "")) <= 100 and len(b.get("label", "")) <= 80 for b in buttons):
+        return None
+    return web.json_response({"message": "Invalid Form Body", "code": 50035}, status=400)
 
 
 def _json(data: Any) -> web.Response:

@@ -189,6 +189,31 @@ async def test_edit_fast_then_thorough(world: World) -> None:
         ("global", None), ("optimize", 6)]
 
 
+async def test_buttons_under_a_selfie_edit_it_for_its_owner_only(world: World) -> None:
+    fake = world.fake
+    selfie = await _slash_selfie(fake, DEE, _jpeg(7), "dee.jpg")
+    await fake.wait_for(lambda: _final(fake, selfie), timeout=120)
+    [result] = fake.for_token(selfie)
+    labels = [c["label"] for row in result.components for c in row["components"]]
+    assert labels == ["Smile", "Older", "Younger", "Glasses"]
+    async with world.service.sessions() as s:
+        edits = len((await s.scalars(select(Job).where(Job.kind == "edit"))).all())
+    # Cyd's press under Dee's face, and a forged one: answered only to the presser, nothing queued.
+    for who, press, answer in ((CYD, {"label": "Smile"}, "Only the person whose face it is"),
+                               (DEE, {"custom_id": "b1 " + "f" * 32 + " smile"}, "doesn't work any more")):
+        token = await fake.press(who, result, **press)
+        await fake.wait_for(lambda t=token: bool(fake.for_token(t)), timeout=10)
+        [said] = fake.for_token(token)
+        assert answer in said.text and said.flags == 64
+        assert [c["type"] for c in fake.callbacks if c["token"] == token] == [6]  # message unchanged
+    token = await fake.press(DEE, result, "Smile")
+    await fake.wait_for(lambda: _final(fake, token), timeout=300)
+    [edited] = fake.for_token(token)  # the queued note, edited into the result
+    assert edited.text.startswith("Before / after: a smiling face") and edited.flags == 0
+    async with world.service.sessions() as s:
+        assert len((await s.scalars(select(Job).where(Job.kind == "edit"))).all()) == edits + 1
+
+
 async def test_too_many_commands_a_minute_get_a_clear_reply(world: World) -> None:
     fake = world.fake
     fake.add_user(EVE, "eve")

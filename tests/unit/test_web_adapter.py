@@ -154,7 +154,7 @@ async def test_a_photo_alone_is_a_selfie_of_the_named_person_in_the_shared_room(
     said = await _event(ws, lambda e: e["type"] == "message")
     assert said["message"] | {"id": None} == {
         "id": None, "role": "user", "name": "Alice", "text": "", "media": [], "photo": "me.jpg",
-        "in_reply_to": None, "reply_name": None, "final": True}
+        "in_reply_to": None, "reply_name": None, "final": True, "buttons": []}
     answer = await _event(ws, _bot_says)
     assert answer["message"]["in_reply_to"] == said["message"]["id"]
     assert answer["message"]["reply_name"] == "Alice"

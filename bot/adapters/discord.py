@@ -30,21 +30,9 @@ import yarl
 from discord import app_commands
 
 from bot import replies
-from bot.adapters.discord_commands import add_commands, sync_if_changed
+from bot.adapters.discord_commands import add_commands, handle_press, sync_if_changed
 from bot.adapters.discord_send import DiscordSender, LiveInteractions
-from bot.commands import (
-    Command,
-    Forget,
-    Mix,
-    Morph,
-    Origin,
-    Press,
-    Reply,
-    Selfie,
-    SetPrivacy,
-    ShowFaces,
-    Target,
-)
+from bot.commands import Command, Forget, Mix, Morph, Origin, Reply, Selfie, SetPrivacy, ShowFaces, Target
 from bot.parse import parse
 from bot.replies import MAX_PHOTO_BYTES, Refusal, personal_in_a_channel
 from bot.service import Service
@@ -105,7 +93,7 @@ class _Client(discord.Client):
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         if interaction.type is discord.InteractionType.component:
-            await self.adapter.on_press(self.service, interaction)
+            await handle_press(self.adapter, self.service, interaction)
 
     async def on_message(self, message: discord.Message) -> None:
         try:
@@ -188,23 +176,6 @@ class DiscordAdapter:
             reply_to={"filesize_limit": limit, "interaction": {
                 "application_id": str(interaction.application_id), "token": interaction.token,
                 "expires_at": interaction.created_at.timestamp() + INTERACTION_WINDOW_S - _WINDOW_MARGIN_S}})
-
-    async def on_press(self, service: Service, interaction: discord.Interaction) -> None:
-        """A button under one of our messages, by its custom id (so buttons work after a restart):
-        acknowledged at once without changing the message, then handled like a command; a refusal
-        is an ephemeral followup only the presser sees."""
-        payload: dict[str, Any] = dict(interaction.data or {})
-        data = str(payload.get("custom_id", ""))
-        await interaction.response.defer()
-        self.live.add(interaction, deferred_private=True)
-        origin = self.origin_of(interaction)
-        try:
-            await service.handle(Press(origin=origin, data=data))
-        except Exception:
-            log.exception("could not handle a button press")
-            await service.say(origin, replies.OOPS, private=True)
-        finally:
-            self.live.remove(interaction)
 
     async def on_message(self, client: _Client, message: discord.Message) -> None:
         me = client.user

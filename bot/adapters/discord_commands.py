@@ -1,8 +1,11 @@
-"""Discord slash commands: their definitions, each handed to the service, and their registration.
+"""Discord slash commands and button presses: their definitions, each handed to the service, and
+the commands' registration.
 
 Every command is deferred at once (Discord wants an answer within 3 s). Personal ones (``/me``,
 ``/privacy``, ``/forget``) are deferred ephemeral: only the asker sees them; the others are the
 group's (a refusal of one still reaches only the asker, see :mod:`bot.adapters.discord_send`).
+A button press is acknowledged without changing its message and handled by its custom id (so
+buttons still work after a restart); a refusal is an ephemeral followup only the presser sees.
 
 Registering commands is rate-limited by Discord, so it happens only when their definition changed:
 a hash of what would be sent is kept per application in ``<data_dir>/discord-commands.json``.
@@ -22,6 +25,7 @@ from typing import Any, Literal, Protocol
 import discord
 from discord import app_commands
 
+from bot import commands
 from bot.adapters.discord_send import LiveInteractions
 from bot.commands import Command, Edit, Forget, Help, Mix, Morph, Origin, SetPrivacy, ShowFaces, Target
 from bot.parse import COMMANDS
@@ -29,7 +33,7 @@ from bot.replies import OOPS
 from bot.service import Service
 from storage.specs import MORPH_FRAMES
 
-__all__ = ["add_commands", "sync_if_changed"]
+__all__ = ["add_commands", "handle_press", "sync_if_changed"]
 
 log = logging.getLogger("stylebot.discord")
 
@@ -51,21 +55,38 @@ class SlashHost(Protocol):
                         label: str | None) -> None: ...
 
 
+async def _handling(adapter: SlashHost, service: Service, interaction: discord.Interaction,
+                    work: Callable[[Origin], Awaitable[None]], *, personal: bool = False) -> None:
+    """Defer at once (a press: no visible change), then ``work``; a failure gets a friendly line."""
+    await interaction.response.defer(ephemeral=personal)
+    adapter.live.add(interaction, deferred_private=personal)
+    origin = adapter.origin_of(interaction)
+    try:
+        await work(origin)
+    except Exception:
+        log.exception("could not handle /%s", interaction.command.name if interaction.command else "a press")
+        await service.say(origin, OOPS, private=True)  # don't leave the user looking at "thinking..."
+    finally:
+        adapter.live.remove(interaction)
+
+
+async def handle_press(adapter: SlashHost, service: Service, interaction: discord.Interaction) -> None:
+    """A button under one of our messages (``interaction`` of the component type)."""
+    payload: dict[str, Any] = dict(interaction.data or {})
+    data = str(payload.get("custom_id", ""))
+
+    async def press(origin: Origin) -> None:
+        await service.handle(commands.Press(origin=origin, data=data))
+
+    await _handling(adapter, service, interaction, press, personal=True)
+
+
 def add_commands(tree: app_commands.CommandTree[Any], adapter: SlashHost, service: Service) -> None:
     """The slash commands: each defers at once, then hands a command to the service."""
 
     async def handling(interaction: discord.Interaction, work: Callable[[Origin], Awaitable[None]], *,
                        personal: bool = False) -> None:
-        await interaction.response.defer(ephemeral=personal)
-        adapter.live.add(interaction, deferred_private=personal)
-        origin = adapter.origin_of(interaction)
-        try:
-            await work(origin)
-        except Exception:
-            log.exception("could not handle /%s", interaction.command.name if interaction.command else "?")
-            await service.say(origin, OOPS, private=True)  # don't leave the user looking at "thinking..."
-        finally:
-            adapter.live.remove(interaction)
+        await _handling(adapter, service, interaction, work, personal=personal)
 
     async def run(interaction: discord.Interaction, build: Callable[[Origin], Command], *,
                   personal: bool = False) -> None:

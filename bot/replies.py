@@ -272,11 +272,21 @@ NOT_A_MORPH_OPTION = "I didn't understand {!r}. Try /morph @me @friend 32 mp4"  
 UNKNOWN_COMMAND = "I don't know /{}. Send /help for what I can do."  # ... the command, cut to 32
 
 
-def queued(what: str, position: int) -> str:
-    """``position``: how many queued jobs are ahead of this one."""
+def queued(what: str, position: int, ready_in_s: float | None = None) -> str:
+    """``position``: how many queued jobs are ahead of this one; ``ready_in_s``: the estimate."""
+    what = what[0].upper() + what[1:]
+    when = "" if ready_in_s is None else f" It should be ready in {_about(ready_in_s)}."
     if position <= 0:
-        return f"Got it. {what[0].upper()}{what[1:]} is next in the queue."
-    return f"Got it. {what[0].upper()}{what[1:]} is number {position + 1} in the queue."
+        return f"Got it. {what} is next in the queue.{when}"
+    ahead = "1 job is" if position == 1 else f"{position} jobs are"
+    return f"Got it. {ahead} ahead of yours in the queue.{when}"
+
+
+def _about(seconds: float) -> str:
+    if seconds < 55:
+        return f"about {max(5, round(seconds / 5) * 5)} s"
+    minutes = max(1, round(seconds / 60))
+    return "about a minute" if minutes == 1 else f"about {minutes} minutes"
 
 
 def working(job: Job) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -148,9 +149,15 @@ class Service:
         await self.queue.notify([job.id])
         async with self.sessions() as s:
             position = await repo.queue_position(s, job_id=job.id)
+            typical = await repo.typical_run_s(s, kind=job.kind)
+            running = await repo.count_running(s)
+        # Batches of up to batch_size run one after another (after the one running now), each
+        # about as long as recent ones of this kind took.
+        batches = math.ceil((position + 1) / self.config.engine.batch_size) + (running > 0)
+        ready_in = None if typical is None else typical * batches
         try:
             ref = await self.replies.send_now(Reply(reply_to=origin.reply_to,
-                                                    text=replies.queued(what, position)))
+                                                    text=replies.queued(what, position, ready_in)))
         except Undeliverable as exc:
             await self.replies.not_deliverable(job.id, exc.reason)
             return

@@ -31,6 +31,7 @@ from storage.repo.jobs import (
     claim_jobs,
     count_open_jobs,
     count_queued,
+    count_running,
     create_job,
     fail_job,
     finish_job,
@@ -45,6 +46,7 @@ from storage.repo.jobs import (
     requeue_expired,
     set_progress,
     set_reply_ref,
+    typical_run_s,
 )
 from storage.repo.people import (
     add_member,
@@ -64,6 +66,7 @@ __all__ = [
     "claim_jobs",
     "count_open_jobs",
     "count_queued",
+    "count_running",
     "create_job",
     "end_reply",
     "face_media_keys",
@@ -102,5 +105,6 @@ __all__ = [
     "set_reply_ref",
     "share_face",
     "shared_in_chat",
+    "typical_run_s",
     "usernames",
 ]

@@ -287,6 +287,21 @@ async def queue_position(s: AsyncSession, *, job_id: str) -> int:
     return int(count or 0)
 
 
+async def typical_run_s(s: AsyncSession, *, kind: str, recent: int = 20) -> float | None:
+    """How long a batch of ``kind`` took to run lately (the median of the last ``recent`` done
+    jobs, claimed to finished); None before any has run."""
+    rows = await s.execute(select(Job.started_at, Job.finished_at)
+                           .where(Job.kind == kind, Job.status == "done", Job.started_at.is_not(None),
+                                  Job.finished_at.is_not(None))
+                           .order_by(Job.finished_at.desc()).limit(recent))
+    took = sorted((end - start).total_seconds() for start, end in rows if start and end)
+    return took[len(took) // 2] if took else None
+
+
+async def count_running(s: AsyncSession) -> int:
+    return int(await s.scalar(select(func.count()).select_from(Job).where(Job.status == "running")) or 0)
+
+
 async def count_open_jobs(s: AsyncSession, *, user_id: int | None = None, chat_id: int | None = None) -> int:
     """Queued and running jobs, optionally of one user and/or in one chat."""
     query = select(func.count()).select_from(Job).where(Job.status.in_(_OPEN))

@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import storage.repo as repo
 from bot import buttons
 from bot.commands import Forget, Help, Mix, Morph, Origin, Press, Reply, Selfie, SetPrivacy, ShowFaces, Target
 from bot.service import Service
-from storage.models import Face, Job, User
+from storage.models import Face, Job, User, utcnow
 from storage.specs import EditSpec, JobSpec, MorphSpec
 
 from .drills import Inbox
@@ -309,3 +310,18 @@ async def test_buttons_under_a_morph_check_consent_again(svc: tuple[Service, Inb
     before = await _count(service, Job)
     await service.handle(Press(origin=_origin("bob"), data=buttons.encode(morph.id, "faster")))
     assert "@ann hasn't allowed" in inbox.last and await _count(service, Job) == before
+
+
+async def test_the_queued_note_estimates_from_recent_runs(svc: tuple[Service, Inbox]) -> None:
+    service, inbox = svc
+    await service.handle(Selfie(origin=_origin("ann"), photo=_photo(1)))
+    assert inbox.last == "Got it. Your selfie is next in the queue."  # nothing has run yet: no guess
+    async with service.sessions.begin() as s:  # the engine ran it: 12 s from claim to result
+        [job] = (await s.execute(select(Job))).scalars().all()
+        job.status, job.started_at = "done", utcnow() - timedelta(seconds=12)
+        job.finished_at = utcnow()
+    await service.handle(Selfie(origin=_origin("bob"), photo=_photo(2)))
+    assert inbox.last == "Got it. Your selfie is next in the queue. It should be ready in about 10 s."
+    await service.handle(Selfie(origin=_origin("cyd"), photo=_photo(3)))
+    assert inbox.last == ("Got it. 1 job is ahead of yours in the queue. "
+                          "It should be ready in about 10 s.")  # both fit one batch

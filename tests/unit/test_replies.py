@@ -11,7 +11,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from bot.replies import Refusal, check_photo, clean_text
+from bot.replies import Refusal, check_photo, clean_text, queued
 
 
 def _save(img: Image.Image, fmt: str, **params: object) -> bytes:
@@ -94,3 +94,16 @@ def test_edit_text_is_kept_as_typed(text: str) -> None:
 
 def test_edit_text_loses_controls_and_extra_space() -> None:
     assert clean_text(" smile\u202e\x00  face\n", max_chars=300) == "smile face"  # a bidi override, a NUL
+
+
+@pytest.mark.parametrize(("position", "ready_in", "says"), [
+    (0, None, "Got it. Your selfie is next in the queue."),
+    (0, 7.9, "Got it. Your selfie is next in the queue. It should be ready in about 10 s."),
+    (1, 2.0, "Got it. 1 job is ahead of yours in the queue. It should be ready in about 5 s."),
+    (5, 80.0, "Got it. 5 jobs are ahead of yours in the queue. It should be ready in about a minute."),
+    (40, 400.0, "Got it. 40 jobs are ahead of yours in the queue. It should be ready in about 7 minutes."),
+])
+def test_the_queued_note_says_how_many_are_ahead_and_how_long(
+    position: int, ready_in: float | None, says: str,
+) -> None:
+    assert queued("your selfie", position, ready_in) == says

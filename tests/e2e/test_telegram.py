@@ -220,9 +220,9 @@ async def test_forget_yes_erases_the_user(world: World) -> None:
     assert "erased everything" in said.params["text"]
     async with world.service.sessions() as s:
         users = (await s.execute(select(User).where(User.platform == "telegram"))).scalars().all()
-        assert {u.platform_user_id for u in users} == {str(BOB.id), str(CAROL.id)}
+        assert {u.platform_user_id for u in users} == {str(BOB.id), str(CAROL.id), str(DAN.id)}
         faces = (await s.execute(select(Face))).scalars().all()
-        assert sorted(f.user_id for f in faces) == sorted(u.id for u in users)  # bob's and carol's
+        assert sorted(f.user_id for f in faces) == sorted(u.id for u in users)  # everyone's but alice's
 
 
 async def test_too_many_open_jobs_get_a_clear_reply(world: World) -> None:

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint soak bench gpu-smoke clean browser services
+.PHONY: run test lint soak bench gpu-smoke rehearsal clean browser services
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,6 +48,11 @@ bench: $(STAMP)
 OFFICIAL ?= ../stylegan2-ada-pytorch
 gpu-smoke: $(STAMP)
 	$(BIN)/python -m bench.gpu_smoke --official-code $(OFFICIAL)
+
+# Dress rehearsal: `stylebot run` on the GPU against the e2e fake Telegram server, 1 then 16 users;
+# latency through the chat (BENCHMARKS.md, "Through the chat"). Run it after gpu-smoke (warm cache).
+rehearsal: $(STAMP)
+	$(BIN)/python -m bench.rehearsal --official-code $(OFFICIAL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

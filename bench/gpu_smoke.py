@@ -164,7 +164,7 @@ class Worker:
         if code is not None:
             env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")])
         self.log = log
-        self.started = utcnow()  # naive UTC, as the jobs table's timestamps
+        self.started = utcnow()
         with log.open("wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "cli", "engine", "--config", str(config),
                                           "--worker-id", "smoke"], env=env, stdout=out, stderr=out,

@@ -123,7 +123,9 @@ def invert(
     mode = "const" if optimize_noise else noise_mode
 
     target_small = _loss_size(targets, loss_resolution)
-    last: dict[str, torch.Tensor] = {}  # the latest PSNR [B] (a graph's output when replayed)
+    # The latest PSNR [B] (a graph's output when replayed). Filled now: a compiled step that first
+    # saw it empty would be compiled again on the next step.
+    last: dict[str, torch.Tensor] = {"psnr": torch.zeros(n, device=device)}
     use_bf16 = device.type == "cuda" if bf16 is None else bf16
     perceptual_to = perceptual.against(target_small)
     identity_to = identity.against(targets) if identity is not None else None

@@ -86,10 +86,13 @@ def test_a_compiled_step_gives_the_inversion_an_eager_step_gives(
         return real_compile(fn, **kwargs)  # type: ignore[call-overload]
 
     monkeypatch.setattr(torch, "compile", spy)
+    torch._dynamo.reset()  # also clears the counters
     targets = _targets(G, 1, seed=8)
     eager = invert(G, targets, perceptual=demo_lpips(), steps=6)
     compiled = invert(G, targets, perceptual=demo_lpips(), steps=6, compile=True)
     assert len(compiled_fns) == 1
+    # One graph for the step: every extra compile is minutes of a GPU worker's warm-up.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert torch.allclose(compiled.latents, eager.latents, atol=1e-2)
     assert compiled.psnr == pytest.approx(eager.psnr, abs=0.01)
 

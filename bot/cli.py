@@ -110,6 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
     _common(q)
     dsub.add_parser("list", help="cached tables")
 
+    p = sub.add_parser("encoder", help="train an encoder (a first latent in one forward pass)")
+    esub = p.add_subparsers(dest="encoder_command", required=True, metavar="ACTION")
+    q = esub.add_parser("train", help="train on the generator's own samples (resumable)")
+    q.add_argument("-o", "--out", required=True,
+                   help="the encoder (.safetensors); its training state goes beside it, in "
+                        "*.train.safetensors, and a second run with the same --out resumes")
+    q.add_argument("--steps", type=int, required=True, help="train up to this step")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--lr", type=float, default=1e-4)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--save-every", type=int, default=500, help="steps between saves (default 500)")
+    q.add_argument("--arch", choices=["auto", "e4e", "small"], default="auto",
+                   help="e4e: IR-SE 50 at 256 px; small: CPU-sized; auto: small for the demo model")
+    q.add_argument("--init", default=None, help="start from this encoder: e4e-ffhq or a file")
+    q.add_argument("--restart", action="store_true", help="ignore a saved training state")
+    _common(q)
+
     p = sub.add_parser("weights", help="list, fetch, verify or convert model weights")
     wsub = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
     wsub.add_parser("list", help="what the cache holds and what can be fetched")

@@ -188,11 +188,27 @@ def _weights(args: argparse.Namespace) -> int:
     raise EngineError(f"unknown weights action {action!r}")
 
 
+def _encoder(args: argparse.Namespace) -> int:
+    from engine.encoder_cmd import TrainSettings, run_train, summary
+
+    bar = Bar("training encoder")
+    try:
+        report = run_train(
+            model=args.model, out=Path(args.out), steps=args.steps,
+            settings=TrainSettings(batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+            save_every=args.save_every, arch=args.arch, init=args.init, restart=args.restart,
+            device=args.device, progress=bar, say=say)
+    finally:
+        bar.close()
+    say(summary(report, Path(args.out)))
+    return 0
+
+
 def dispatch(args: argparse.Namespace) -> int:
     if args.command in ("edit", "directions"):
         from bot import cli_edit
 
         return cli_edit.edit(args) if args.command == "edit" else cli_edit.directions(args)
     commands = {"align": _align, "invert": _invert, "render": _render, "morph": _morph,
-                "weights": _weights}
+                "weights": _weights, "encoder": _encoder}
     return commands[args.command](args)

@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from engine.encoder import Encoder, EncoderConfig
 from engine.errors import CheckpointError
+from storage.files import write_atomic
 
 __all__ = ["LoadedEncoder", "load_encoder", "read_e4e_checkpoint", "save_encoder"]
 
@@ -168,11 +169,12 @@ def _build(cfg: EncoderConfig, state: Mapping[str, torch.Tensor], name: str) -> 
 
 
 def save_encoder(encoder: Encoder, path: str | Path, *, model_id: str, name: str = "") -> None:
-    """Write our format: e4e's parameter names, config and generator id in the metadata."""
+    """Write our format: e4e's parameter names, config and generator id in the metadata (through a
+    temporary file: ``path`` never holds half a file)."""
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     meta = {_FORMAT_KEY: _FORMAT, "config": encoder.cfg.to_json(), "model_id": model_id,
             "name": name}
-    save_file(state, str(path), metadata=meta)
+    write_atomic(Path(path), lambda f: f.write(save(state, metadata=meta)))
 
 
 def load_encoder(path: str | Path, *, w_avg: torch.Tensor | None = None,

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save
 
 from engine import weights
+from engine.checkpoints import read_safetensors
 from engine.encoder import Encoder, EncoderConfig
 from engine.encoder_io import load_encoder, save_encoder
 from engine.encoder_train import TrainState, evaluate_encoder, new_encoder, train_encoder
@@ -75,9 +75,7 @@ def _save_state(path: Path, state: TrainState, *, cfg: EncoderConfig, model_id: 
 
 def _load_state(path: Path) -> tuple[TrainState, EncoderConfig, str, TrainSettings]:
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        tensors, meta = read_safetensors(path)
         if meta.get("stylebot_format") != _STATE_FORMAT:
             raise ValueError("not an encoder training state")
         cfg = EncoderConfig.from_json(meta["config"])

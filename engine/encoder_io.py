@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save
 
+from engine.checkpoints import read_safetensors
 from engine.encoder import Encoder, EncoderConfig
 from engine.errors import CheckpointError
 from storage.files import write_atomic
@@ -189,12 +189,7 @@ def load_encoder(path: str | Path, *, w_avg: torch.Tensor | None = None,
         return LoadedEncoder(encoder.to(device), path.name, "e4e-pt", None)
     if suffix != ".safetensors":
         raise CheckpointError(f"unknown encoder file type {suffix!r}: use .safetensors or .pt")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except Exception as exc:
-        raise CheckpointError(f"{path.name} is not a valid .safetensors file: {exc}") from None
+    state, meta = read_safetensors(path)
     if meta.get(_FORMAT_KEY) != _FORMAT:
         raise CheckpointError(f"{path.name} is not a stylebot encoder file")
     try:

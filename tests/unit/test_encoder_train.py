@@ -8,16 +8,10 @@ from typing import Any
 import pytest
 import torch
 
+from engine import encoder_train
 from engine.encoder_cmd import TrainSettings, encoder_config, run_train, train_state_path
 from engine.encoder_io import load_encoder
-from engine.encoder_train import (
-    TrainState,
-    evaluate_encoder,
-    new_encoder,
-    sample_pairs,
-    train_encoder,
-    w_spread,
-)
+from engine.encoder_train import TrainState, evaluate_encoder, new_encoder, train_encoder
 from engine.errors import EngineError
 from engine.models import build_demo_generator
 from engine.perceptual import LPIPS, demo_lpips
@@ -25,23 +19,21 @@ from engine.stylegan2 import Generator
 
 
 @pytest.fixture(scope="module")
-def G() -> Generator:
-    return build_demo_generator()
-
-
-@pytest.fixture(scope="module")
-def perceptual() -> LPIPS:
-    return demo_lpips()
+def demo() -> tuple[Generator, LPIPS]:
+    """The demo generator and the demo LPIPS stand-in (no downloads)."""
+    return build_demo_generator(), demo_lpips()
 
 
 def _total(q: dict[str, float]) -> float:
     return q["latent"] + 0.8 * q["lpips"] + q["mse"]  # train_encoder's default weights
 
 
-def test_pairs_are_reproducible_and_around_w(G: Generator) -> None:
-    sigma = w_spread(G)
-    draw = [sample_pairs(G, batch_size=4, sigma=sigma, spread=0.2, mixing=0.5,
-                         generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+def test_pairs_are_reproducible_and_around_w(demo: tuple[Generator, LPIPS]) -> None:
+    G, _ = demo
+    sigma = encoder_train.w_spread(G)
+    draw = [encoder_train.sample_pairs(G, batch_size=4, sigma=sigma, spread=0.2, mixing=0.5,
+                                       generator=torch.Generator().manual_seed(7))
+            for _ in range(2)]
     assert torch.equal(draw[0][0], draw[1][0]) and torch.equal(draw[0][1], draw[1][1])
     wplus, images = draw[0]
     assert wplus.shape == (4, G.num_ws, G.w_dim) and images.shape == (4, 3, 64, 64)
@@ -52,7 +44,8 @@ def test_pairs_are_reproducible_and_around_w(G: Generator) -> None:
     assert float((wplus[:, 1] - wplus[:, 0]).abs().mean()) > 0.05 * float(sigma.mean())
 
 
-def test_training_lowers_the_loss_on_held_out_samples(G: Generator, perceptual: LPIPS) -> None:
+def test_training_lowers_the_loss_on_held_out_samples(demo: tuple[Generator, LPIPS]) -> None:
+    G, perceptual = demo
     cfg = encoder_config(G, "auto", is_demo=True)
     encoder = new_encoder(G, cfg)
     with torch.no_grad():  # a fresh encoder starts at the mean latent
@@ -73,8 +66,9 @@ def test_training_lowers_the_loss_on_held_out_samples(G: Generator, perceptual: 
 
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(
-    G: Generator, perceptual: LPIPS
+    demo: tuple[Generator, LPIPS],
 ) -> None:
+    G, perceptual = demo
     cfg = encoder_config(G, "small", is_demo=True)
     kwargs: dict[str, Any] = dict(perceptual=perceptual, steps=6, batch_size=2, lr=1e-3, warmup=3)
 

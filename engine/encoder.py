@@ -183,7 +183,7 @@ def _upsample_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 class Encoder(nn.Module):
     """Images [B, 3, S, S] in [-1, 1] (S = ``cfg.input_size``; smaller sides work too) -> W+
-    latents [B, num_ws, w_dim]: ``latent_avg`` plus the predicted offsets."""
+    latents [B, num_ws, w_dim] float32: ``latent_avg`` plus the predicted offsets."""
 
     latent_avg: torch.Tensor  # [num_ws, w_dim]
 
@@ -238,4 +238,4 @@ class Encoder(nn.Module):
                 features = _upsample_add(p2, self.latlayer2(c1))
             offsets.append(self.styles[i](features))
         ws = w.unsqueeze(1) + torch.stack(offsets, dim=1)  # [B, num_ws, w_dim]
-        return ws + self.latent_avg.to(ws.dtype)
+        return ws.float() + self.latent_avg  # float32 under autocast too: latent_avg kept exact

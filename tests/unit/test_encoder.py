@@ -195,6 +195,15 @@ def test_input_checks_and_resizing() -> None:
             enc(torch.zeros(1, 3, 128, 128))
         with pytest.raises(ValueError, match="multiple of 16"):
             enc(torch.zeros(1, 3, 40, 40))
+        # Under bfloat16 autocast (as on a GPU) the output is float32 and latent_avg exact.
+        enc.latent_avg.normal_()
+        for name, param in enc.named_parameters():
+            if ".linear." in name:
+                param.zero_()  # every head predicts 0: the output is latent_avg itself
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = enc(torch.rand(2, 3, 64, 64))
+        assert low.dtype == torch.float32 and torch.equal(low, enc.latent_avg.expand_as(low))
+        assert not torch.equal(enc.latent_avg, enc.latent_avg.bfloat16().float())
     big = torch.rand(1, 3, 256, 256)
     small = encoder_input(big, 64)
     assert small.shape == (1, 3, 64, 64)

@@ -5,7 +5,8 @@ Usage (on a CUDA machine, repository root): python -m bench.encoder_gpu [--out D
 1. The e4e parity fixture (tests/unit/data) on the GPU: max |ours - theirs| in strict float32 and
    with the engine's GPU settings (TF32).
 2. Encoder forward at B=1 and B=16 for the e4e architecture (IR-SE 50, 256 px, 18 W+ layers),
-   float32/TF32 and under bfloat16 autocast: milliseconds per call (CUDA events).
+   float32/TF32 and under bfloat16 autocast: milliseconds per call (torch.utils.benchmark, which
+   synchronises the GPU).
 3. ``train_encoder`` on a random config-f 1024 generator (channel base 32768) with LPIPS on a VGG16
    trunk (random weights, the real cost): steps per second at the batch size asked, peak memory,
    then a resume from a saved state on the GPU, and ``evaluate_encoder``'s PSNR.
@@ -19,12 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.benchmark import Timer
 
 from bench.make_e4e_fixture import to_input
 from engine.encoder import EncoderConfig
@@ -35,19 +36,6 @@ from engine.perceptual import LPIPS
 from engine.stylegan2 import Generator, GeneratorConfig
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "unit" / "data"
-
-
-def _event_ms(fn: Callable[[], Any], iters: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def _parity(dev: torch.device) -> dict[str, Any]:
@@ -78,7 +66,9 @@ def _forward(dev: torch.device) -> dict[str, Any]:
             def run(x: torch.Tensor = x, bf16: bool = bf16) -> None:
                 with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
                     enc(x)
-            row[f"B{b}_{'bf16' if bf16 else 'tf32'}_ms"] = round(_event_ms(run), 2)
+            run()  # warm-up (cuDNN autotuning)
+            seconds = Timer("run()", globals={"run": run}).timeit(20).mean
+            row[f"B{b}_{'bf16' if bf16 else 'tf32'}_ms"] = round(seconds * 1e3, 2)
     return row
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "load_checkpoint",
     "load_tensor_file",
     "read_nvidia_pickle",
+    "read_safetensors",
     "save_safetensors",
 ]
 
@@ -302,6 +303,16 @@ def load_tensor_file(path: Path, *, what: str) -> dict[str, torch.Tensor]:
     return obj
 
 
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a ``.safetensors`` file, and its metadata."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118
+    except Exception as exc:
+        raise CheckpointError(f"{path.name} is not a valid .safetensors file: {exc}") from None
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a generator checkpoint (.pkl, .pt/.pth, .safetensors) without running its code."""
     path = Path(path)
@@ -328,12 +339,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             state["latent_avg"] = data["latent_avg"]
         return _from_state(state, {}, "pt")
     if suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except Exception as exc:
-            raise CheckpointError(f"{path.name} is not a valid .safetensors file: {exc}") from None
+        state, meta = read_safetensors(path)
         return _from_state(state, meta, "safetensors")
     raise CheckpointError(f"unknown checkpoint type {suffix!r}: use .pkl, .pt or .safetensors")
 

@@ -12,7 +12,7 @@ from storage.specs import MORPH_FPS, MORPH_FRAMES
 
 __all__ = ["COMMANDS", "add_commands", "demo_banner", "dispatch", "serve"]
 
-COMMANDS = ("engine", "align", "invert", "render", "morph", "edit", "directions", "weights")
+COMMANDS = ("engine", "align", "invert", "render", "morph", "edit", "directions", "encoder", "weights")
 _DEFAULTS = EngineConfig()
 
 
@@ -109,6 +109,25 @@ def _edits(sub: Any) -> None:
     dsub.add_parser("list", help="cached tables")
 
 
+def _encoder(sub: Any) -> None:
+    p = sub.add_parser("encoder", help="train an encoder (a first latent in one forward pass)")
+    esub = p.add_subparsers(dest="encoder_command", required=True, metavar="ACTION")
+    q = esub.add_parser("train", help="train on the generator's own samples (resumable)")
+    q.add_argument("-o", "--out", required=True,
+                   help="the encoder (.safetensors); its training state goes beside it, in "
+                        "*.train.safetensors, and a second run with the same --out resumes")
+    q.add_argument("--steps", type=int, required=True, help="train up to this step")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--lr", type=float, default=1e-4)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--save-every", type=int, default=500, help="steps between saves (default 500)")
+    q.add_argument("--arch", choices=["auto", "e4e", "small"], default="auto",
+                   help="e4e: IR-SE 50 at 256 px; small: CPU-sized; auto: small for the demo model")
+    q.add_argument("--init", default=None, help="start from this encoder: e4e-ffhq or a file")
+    q.add_argument("--restart", action="store_true", help="ignore a saved training state")
+    _common(q)
+
+
 def _weights(sub: Any) -> None:
     p = sub.add_parser("weights", help="list, fetch, verify or convert model weights")
     wsub = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
@@ -128,6 +147,7 @@ def add_commands(sub: Any) -> None:
     _worker(sub)
     _images(sub)
     _edits(sub)
+    _encoder(sub)
     _weights(sub)
 
 
@@ -140,7 +160,8 @@ def dispatch(args: argparse.Namespace) -> int:
     from engine import commands
 
     run = {"align": commands.align, "invert": commands.invert, "render": commands.render,
-           "morph": commands.morph, "weights": commands.weights_command}[args.command]
+           "morph": commands.morph, "weights": commands.weights_command,
+           "encoder": commands.encoder}[args.command]
     return run(args)
 
 

@@ -136,3 +136,20 @@ def weights_command(args: argparse.Namespace) -> int:
         say(f"converted {args.source} -> {out}")
         return 0
     raise EngineError(f"unknown weights action {action!r}")
+
+
+def encoder(args: argparse.Namespace) -> int:
+    """`stylebot encoder train`: train (or resume training) an encoder for a generator."""
+    from engine.encoder_cmd import TrainSettings, run_train, summary
+
+    bar = Bar("training encoder")
+    try:
+        report = run_train(
+            model=args.model, out=Path(args.out), steps=args.steps,
+            settings=TrainSettings(batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+            save_every=args.save_every, arch=args.arch, init=args.init, restart=args.restart,
+            device=args.device, progress=bar, say=say)
+    finally:
+        bar.close()
+    say(summary(report, Path(args.out)))
+    return 0

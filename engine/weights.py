@@ -8,6 +8,10 @@ Hash kinds (:attr:`Asset.hash_kind`): a full sha256 upstream publishes; a publis
 (torchvision puts one in its file names); or, where nothing is published, the hash "recorded
 at first download" in ``weights/recorded_hashes.json`` that later downloads and ``verify``
 must match (trust on first use; a file placed by hand is recorded when ``fetch`` first sees it).
+
+An asset with no stable download URL (``url=None``: files shared on a file host, e.g. the e4e
+encoder on Google Drive) has a ``page`` to download it from by hand: ``fetch`` says where to get it
+and where to put it, and once it is there records its hash like any other.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ __all__ = [
     "stylebot_home", "verify", "weights_dir",
 ]
 
-AssetKind = Literal["generator", "clip", "perceptual", "identity"]
+AssetKind = Literal["generator", "clip", "perceptual", "identity", "encoder"]
 HashKind = Literal["published sha256", "published sha256 prefix", "recorded at first download"]
 
 DEFAULT_GENERATOR = "stylegan2-ffhq-1024"  # what model "auto" loads when it is cached
@@ -74,17 +78,20 @@ class Asset:
     ``size_bytes`` is approximate where given and ``None`` where we have not measured it; it
     is for display only and never checked. ``sha256`` / ``sha256_prefix`` are what upstream
     publishes (lower-case hex); with neither, the hash is recorded at first download.
+    ``url`` is ``None`` where no stable direct download exists; ``page`` then says where a person
+    downloads the file.
     """
 
     name: str
     kind: AssetKind
-    url: str
+    url: str | None
     filename: str
     description: str
     licence: str
     size_bytes: int | None = None
     sha256: str | None = None
     sha256_prefix: str | None = None
+    page: str | None = None
 
     @property
     def hash_kind(self) -> HashKind:
@@ -129,6 +136,17 @@ _MANIFEST_ASSETS = (
         description="FaceNet InceptionResnetV1 (VGGFace2), for the optional identity loss.",
         licence="MIT (facenet-pytorch); trained on VGGFace2, a research data set: check "
         "before commercial use.",
+    ),
+    Asset(
+        name="e4e-ffhq", kind="encoder", filename="e4e_ffhq_encode.pt", url=None,
+        page="https://drive.google.com/file/d/1cUv_reLE6k3604or78EranS7XzuVMWeO/view",
+        description="e4e FFHQ encoder (Tov et al. 2021, github.com/omertov/encoder4editing: "
+        "'FFHQ Inversion' in its README), the authors' checkpoint as saved (about 1.2 GB, with "
+        "their StyleGAN2 FFHQ decoder, which we ignore); read weights-only. Shared on Google "
+        "Drive only: download it by hand; its hash is recorded when first seen.",
+        licence="MIT (encoder4editing); the file also holds NVIDIA's StyleGAN2 FFHQ generator "
+        "(NVIDIA Source Code License-NC) and was trained on FFHQ (CC BY-NC-SA 4.0): "
+        "non-commercial use only.",
     ),
 )
 MANIFEST: Mapping[str, Asset] = MappingProxyType({a.name: a for a in _MANIFEST_ASSETS})
@@ -190,12 +208,22 @@ def locate(name_or_asset: str | Asset, *, home: Path | None = None) -> Path:
     asset = _resolve(name_or_asset)
     path = find(asset, home=home)
     if path is None:
+        if asset.url is None:
+            raise _by_hand(asset, asset_path(asset, home=home))
         raise WeightsMissingError(
             f"{asset.filename} ({asset.name}) is not downloaded: run "
             f"`stylebot weights fetch {asset.name}` or download {asset.url} "
             f"and place it at {asset_path(asset, home=home)}"
         )
     return path
+
+
+def _by_hand(asset: Asset, dest: Path) -> WeightsMissingError:
+    """The error for an asset without a direct download that is not in place yet."""
+    return WeightsMissingError(
+        f"{asset.name} has no direct download: get {asset.filename} from {asset.page} and place "
+        f"it at {dest}, then run `stylebot weights fetch {asset.name}` to record its hash"
+    )
 
 
 def sha256_file(path: Path, *, chunk_size: int = _CHUNK) -> str:
@@ -307,9 +335,13 @@ def fetch(
     ``timeout`` is per socket operation, in seconds. Raises :class:`WeightsMissingError`
     when the server cannot be reached or the transfer breaks (the ``.part`` is kept for a
     resume) and :class:`WeightsError` when the hash does not match (the ``.part`` is deleted).
+    An asset without a URL is only checked where a person placed it (:class:`WeightsMissingError`
+    saying where to get it when absent); ``force`` then records the present file's hash anew.
     """
     a = _resolve(asset)
     dest = asset_path(a, home=home)
+    if a.url is None:
+        return _placed_by_hand(a, dest, home=home, force=force)
     if not force and dest.is_file():
         existing = verify(a, home=home)
         if existing.ok and existing.expected is not None:
@@ -351,6 +383,25 @@ def fetch(
     return dest
 
 
+def _placed_by_hand(a: Asset, dest: Path, *, home: Path | None, force: bool) -> Path:
+    """``fetch`` for an asset without a URL: check the file a person placed, recording its hash
+    the first time (or anew with ``force``); it cannot be downloaded."""
+    if not dest.is_file():
+        raise _by_hand(a, dest)
+    sha = sha256_file(dest)
+    expected = _expected(a, home)
+    if expected is None or (force and not (a.sha256 or a.sha256_prefix)):
+        _record(a, sha, dest.stat().st_size, home)
+        return dest
+    if not _matches(a, sha, expected):
+        raise WeightsError(
+            f"{a.name} at {dest} does not match its {a.hash_kind} hash {expected} (got {sha}); "
+            f"replace it with the file from {a.page}, or run `stylebot weights fetch --force "
+            f"{a.name}` to record this file's hash instead"
+        )
+    return dest
+
+
 @contextlib.contextmanager
 def _locked_part(asset: Asset, part: Path) -> Iterator[BinaryIO]:
     """Open (creating) the ``.part`` for read/write, locked against a second downloader."""
@@ -371,6 +422,7 @@ def _download(
     chunk: int,
 ) -> str:
     """Stream the asset onto the end of ``f``; return the sha256 of all of ``f``."""
+    assert a.url is not None  # fetch() handles assets without a URL before downloading
     offset, info = f.seek(0, os.SEEK_END), {"asset": a.name}
     hasher = _keep_head(f, offset, chunk)
     opener = urllib.request.build_opener()  # reads *_proxy from the environment now

@@ -102,7 +102,8 @@ def _edits(sub: Any) -> None:
     q = dsub.add_parser("build", help="build the table for a generator and CLIP model")
     q.add_argument("--samples", type=int, default=_DEFAULTS.direction_samples,
                    help="sample images per channel")
-    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--batch-size", type=int, default=None,
+                   help="style channels rendered at once (default: the engine's)")
     q.add_argument("--rebuild", action="store_true", help="discard a cached table")
     q.add_argument("--clip", default="auto")
     _common(q)

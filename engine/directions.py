@@ -35,6 +35,7 @@ from engine.stylegan2 import Generator, NoiseMode, Styles
 from settings import EngineConfig
 
 __all__ = [
+    "CHUNK_SIZE",
     "ChannelTable",
     "TableBuild",
     "TableKeeper",
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 DEFAULT_SAMPLES = EngineConfig().direction_samples  # the one default: `[engine] direction_samples`
+CHUNK_SIZE = 64  # style channels rendered per batch while building a table
 
 log = logging.getLogger("stylebot.engine")
 
@@ -122,7 +124,7 @@ class TableBuild:
 
     def __init__(
         self, G: Generator, encode: ImageEncoder, *, model_hash: str, clip_key: str,
-        samples: int = DEFAULT_SAMPLES, alpha: float = 5.0, batch_size: int = 64, seed: int = 0,
+        samples: int = DEFAULT_SAMPLES, alpha: float = 5.0, batch_size: int = CHUNK_SIZE, seed: int = 0,
         truncation_psi: float = 0.7, noise_mode: NoiseMode = "const", work_dir: Path | None = None,
     ) -> None:
         if samples < 1:
@@ -240,7 +242,7 @@ def build_channel_table(
     clip_key: str,
     samples: int = DEFAULT_SAMPLES,
     alpha: float = 5.0,
-    batch_size: int = 64,
+    batch_size: int = CHUNK_SIZE,
     seed: int = 0,
     truncation_psi: float = 0.7,
     noise_mode: NoiseMode = "const",
@@ -281,7 +283,7 @@ def _busy(path: Path) -> EngineError:
 
 def load_or_build_table(
     G: Generator, encode: ImageEncoder, *, model_hash: str, clip_key: str, home: Path,
-    samples: int = DEFAULT_SAMPLES, rebuild: bool = False, batch_size: int = 64,
+    samples: int = DEFAULT_SAMPLES, rebuild: bool = False, batch_size: int = CHUNK_SIZE,
     progress: ProgressFn = no_progress,
 ) -> tuple[ChannelTable, bool]:
     """The cached table for (generator, CLIP), building it first when absent (resuming the
@@ -316,7 +318,7 @@ class TableKeeper:
 
     def __init__(
         self, G: Generator, encode: ImageEncoder, *, model_hash: str, clip_key: str, home: Path,
-        samples: int = DEFAULT_SAMPLES, batch_size: int = 64,
+        samples: int = DEFAULT_SAMPLES, batch_size: int = CHUNK_SIZE,
     ) -> None:
         self.G, self.encode, self.model_hash, self.clip_key = G, encode, model_hash, clip_key
         self.samples, self.batch_size = samples, batch_size

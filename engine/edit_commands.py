@@ -9,7 +9,7 @@ from pathlib import Path
 from engine.align import Alignment, load_photo
 from engine.clip_model import ClipModel, load_clip
 from engine.console import Bar, load_model, output_path, say
-from engine.directions import ChannelTable, load_or_build_table
+from engine.directions import CHUNK_SIZE, ChannelTable, load_or_build_table
 from engine.errors import EngineError
 from engine.generators import LoadedGenerator
 from engine.identity import load_identity
@@ -29,13 +29,13 @@ def _clip(args: argparse.Namespace, loaded: LoadedGenerator) -> ClipModel:
 
 
 def _table_for(args: argparse.Namespace, loaded: LoadedGenerator, clip_model: ClipModel,
-               *, samples: int, batch_size: int = 64, rebuild: bool = False) -> ChannelTable:
+               *, samples: int, batch_size: int | None = None, rebuild: bool = False) -> ChannelTable:
     bar = Bar("direction table", unit="channel")
     try:
         table, built = load_or_build_table(
             loaded.G, clip_model.encode_images, model_hash=loaded.content_hash,
             clip_key=clip_model.model_key, home=stylebot_home(), samples=samples,
-            batch_size=batch_size, rebuild=rebuild, progress=bar)
+            batch_size=batch_size or CHUNK_SIZE, rebuild=rebuild, progress=bar)
     finally:
         bar.close()
     if built:

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from engine.errors import EngineError
+from storage.specs import MORPH_FPS
 
 __all__ = ["VideoInfo", "encode_gif", "encode_mp4", "probe", "write_animation"]
 
@@ -74,7 +75,7 @@ def _pad_even(frames: np.ndarray) -> np.ndarray:
 
 
 def encode_mp4(
-    frames: np.ndarray, path: str | os.PathLike[str], *, fps: float = 24, crf: int = 20
+    frames: np.ndarray, path: str | os.PathLike[str], *, fps: float = MORPH_FPS, crf: int = 20
 ) -> Path:
     """Write frames [N, H, W, 3] uint8 as H.264 MP4 (yuv420p, faststart, no audio).
 
@@ -119,7 +120,7 @@ def encode_mp4(
 
 
 def encode_gif(
-    frames: np.ndarray, path: str | os.PathLike[str], *, fps: float = 24, loop: int = 0
+    frames: np.ndarray, path: str | os.PathLike[str], *, fps: float = MORPH_FPS, loop: int = 0
 ) -> Path:
     """Write frames [N, H, W, 3] uint8 as an animated GIF (adaptive palette per frame).
 
@@ -150,7 +151,7 @@ def encode_gif(
 
 
 def write_animation(
-    frames: np.ndarray, path: str | os.PathLike[str], *, fps: float = 24
+    frames: np.ndarray, path: str | os.PathLike[str], *, fps: float = MORPH_FPS
 ) -> Path:
     """Write frames [N, H, W, 3] uint8 as MP4 or GIF, chosen by the file suffix."""
     suffix = Path(path).suffix.lower()

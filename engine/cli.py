@@ -50,8 +50,12 @@ def _images(sub: Any) -> None:
                    help="writes latent.npy, latent.json, aligned.png, reconstruction.png, "
                         "alignment.json, report.json")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"optimisation steps (default {_DEFAULTS.invert_steps})")
+                   help=f"optimisation steps (default {_DEFAULTS.invert_steps}, "
+                        f"{_DEFAULTS.encoder_invert_steps} from an encoder)")
     p.add_argument("--optimize-noise", action="store_true", help="also fit per-layer noise")
+    p.add_argument("--encoder", default=_DEFAULTS.encoder,
+                   help="start from an encoder's guess: auto (the one trained for this model, if "
+                        "any) | none | e4e-ffhq | a file; writes first_look.png")
     _common(p)
 
     p = sub.add_parser("render", help="render a latent to an image")
@@ -114,8 +118,9 @@ def _encoder(sub: Any) -> None:
     p = sub.add_parser("encoder", help="train an encoder (a first latent in one forward pass)")
     esub = p.add_subparsers(dest="encoder_command", required=True, metavar="ACTION")
     q = esub.add_parser("train", help="train on the generator's own samples (resumable)")
-    q.add_argument("-o", "--out", required=True,
-                   help="the encoder (.safetensors); its training state goes beside it, in "
+    q.add_argument("-o", "--out", default=None,
+                   help="the encoder (.safetensors; default: where the engine looks for this "
+                        "model's encoder); its training state goes beside it, in "
                         "*.train.safetensors, and a second run with the same --out resumes")
     q.add_argument("--steps", type=int, required=True, help="train up to this step")
     q.add_argument("--batch-size", type=int, default=8)

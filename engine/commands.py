@@ -8,12 +8,14 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from engine import weights
 from engine.align import FaceDetector, align_face, load_photo
 from engine.checkpoints import build_generator, load_checkpoint, save_safetensors
 from engine.console import Bar, load_model, output_path, say
+from engine.encoder_io import open_encoder
 from engine.errors import EngineError
 from engine.images import tensor_to_pil
 from engine.latents import load_latent, save_latent
@@ -47,11 +49,20 @@ def invert(args: argparse.Namespace) -> int:
     if face.note:
         say(face.note)
     perceptual = load_perceptual(device=device)
+    found = open_encoder(args.encoder, loaded.G, model_id=loaded.model_id, device=device)
+    if found is not None:
+        say(f"starting from encoder {found.name}")
     out.mkdir(parents=True, exist_ok=True)
+
+    def first_look(images: torch.Tensor) -> None:
+        tensor_to_pil(images[0]).save(out / "first_look.png")
+
     bar = Bar("inverting")
     try:
         result = invert_faces(loaded.G, [face], perceptual=perceptual, steps=args.steps,
-                              optimize_noise=args.optimize_noise, progress=bar)
+                              encoder=found.encoder if found is not None else None,
+                              optimize_noise=args.optimize_noise, progress=bar,
+                              first_look=first_look)
     finally:
         bar.close()
     save_latent(out / "latent.npy", result.latents[0], model_id=loaded.model_id)
@@ -65,6 +76,7 @@ def invert(args: argparse.Namespace) -> int:
         "model": loaded.label,
         "resolution": loaded.G.resolution,
         "note": face.note,
+        "encoder": found.name if found is not None else None,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     say(f"PSNR {report['psnr']:.2f} dB, {report['seconds']:.1f} s; files in {out}")
@@ -145,11 +157,11 @@ def encoder(args: argparse.Namespace) -> int:
     bar = Bar("training encoder")
     try:
         report = run_train(
-            model=args.model, out=Path(args.out), steps=args.steps,
+            model=args.model, out=Path(args.out) if args.out else None, steps=args.steps,
             settings=TrainSettings(batch_size=args.batch_size, lr=args.lr, seed=args.seed),
             save_every=args.save_every, arch=args.arch, init=args.init, restart=args.restart,
             device=args.device, progress=bar, say=say)
     finally:
         bar.close()
-    say(summary(report, Path(args.out)))
+    say(summary(report))
     return 0

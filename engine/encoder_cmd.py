@@ -18,10 +18,9 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from engine import weights
 from engine.checkpoints import read_safetensors
 from engine.encoder import Encoder, EncoderConfig
-from engine.encoder_io import load_encoder, save_encoder
+from engine.encoder_io import check_fits, encoder_file, encoder_path, load_encoder, save_encoder
 from engine.encoder_train import TrainState, evaluate_encoder, new_encoder, train_encoder
 from engine.errors import CheckpointError, EngineError
 from engine.generators import LoadedGenerator, load_generator, resolve_device
@@ -94,22 +93,20 @@ def _load_state(path: Path) -> tuple[TrainState, EncoderConfig, str, TrainSettin
 
 
 def _initial(loaded: LoadedGenerator, arch: str, init: str | None) -> Encoder:
+    """A new encoder, or ``init`` (any with ``G``'s W+ shape: also one made for another generator)."""
     G = loaded.G
     if init is None:
         return new_encoder(G, encoder_config(G, arch, is_demo=loaded.is_demo))
-    asset = weights.MANIFEST.get(init)
-    path = weights.locate(init) if asset is not None and asset.kind == "encoder" else Path(init)
+    path = encoder_file(init)
     encoder = load_encoder(path, w_avg=G.w_avg.detach().cpu()).encoder
-    if encoder.num_ws != G.num_ws or encoder.cfg.w_dim != G.w_dim:
-        raise EngineError(f"{path.name} predicts [{encoder.num_ws}, {encoder.cfg.w_dim}] latents; "
-                          f"this generator takes [{G.num_ws}, {G.w_dim}]")
+    check_fits(encoder, G, path.name)
     return encoder.to(G.w_avg.device)
 
 
 def run_train(
     *,
     model: str,
-    out: Path,
+    out: Path | None,
     steps: int,
     settings: TrainSettings = TrainSettings(),
     save_every: int = 500,
@@ -120,16 +117,20 @@ def run_train(
     progress: ProgressFn = no_progress,
     say: Callable[[str], None] = lambda text: None,
 ) -> dict[str, Any]:
-    """Train (or resume training) an encoder for ``model``; returns a report (:func:`summary`)."""
-    if out.suffix != ".safetensors":
+    """Train (or resume training) an encoder for ``model``; returns a report (:func:`summary`).
+    ``out`` None: where the engine looks for this generator's encoder (``encoder_path``)."""
+    if out is not None and out.suffix != ".safetensors":
         raise EngineError("the encoder is written as .safetensors: name the output *.safetensors")
-    if not out.parent.is_dir():
+    if out is not None and not out.parent.is_dir():
         raise EngineError(f"output folder does not exist: {out.parent}")
     if steps < 1 or settings.batch_size < 1 or save_every < 0:
         raise EngineError("--steps and --batch-size must be at least 1, --save-every at least 0")
     loaded = load_generator(model, device=resolve_device(device))
     G = loaded.G
     say(f"model: {loaded.label} [{loaded.model_id}]")
+    if out is None:
+        out = encoder_path(loaded.model_id)
+        out.parent.mkdir(parents=True, exist_ok=True)
     state_file = train_state_path(out)
     resume: TrainState | None = None
     if state_file.exists() and not restart:
@@ -159,7 +160,8 @@ def run_train(
         say(f"already trained for {resume.step} steps; ask for more with --steps")
     quality = evaluate_encoder(G, encoder, perceptual=perceptual)
     trained = result.steps - result.start_step
-    report = {"steps": result.steps, "trained_now": trained, "seconds": round(result.seconds, 2),
+    report = {"out": str(out), "steps": result.steps, "trained_now": trained,
+              "seconds": round(result.seconds, 2),
               "steps_per_s": round(trained / result.seconds, 3) if trained else None,
               "psnr": round(quality["psnr"], 2), "lpips": round(quality["lpips"], 4),
               "latent": round(quality["latent"], 4), "model_id": loaded.model_id,
@@ -167,8 +169,8 @@ def run_train(
     return report
 
 
-def summary(report: dict[str, Any], out: Path) -> str:
+def summary(report: dict[str, Any]) -> str:
     """The line the CLI ends with."""
     return (f"encoder at step {report['steps']}: PSNR {report['psnr']} dB on held-out samples "
             f"({report['lpips_network']}: {report['lpips']}); {report['trained_now']} steps in "
-            f"{report['seconds']} s; written to {out}")
+            f"{report['seconds']} s; written to {report['out']}")

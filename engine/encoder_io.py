@@ -25,12 +25,15 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
+from engine import weights
 from engine.checkpoints import read_safetensors
 from engine.encoder import Encoder, EncoderConfig
 from engine.errors import CheckpointError
+from engine.stylegan2 import Generator
 from storage.files import write_atomic
 
-__all__ = ["LoadedEncoder", "load_encoder", "read_e4e_checkpoint", "save_encoder"]
+__all__ = ["LoadedEncoder", "check_fits", "encoder_file", "encoder_path", "load_encoder", "open_encoder",
+           "read_e4e_checkpoint", "save_encoder"]
 
 _FORMAT_KEY = "stylebot_format"
 _FORMAT = "encoder-v1"
@@ -198,3 +201,43 @@ def load_encoder(path: str | Path, *, w_avg: torch.Tensor | None = None,
         raise CheckpointError(f"{path.name} has a malformed encoder config: {exc}") from None
     encoder = _build(cfg, state, path.name)
     return LoadedEncoder(encoder.to(device), path.name, "safetensors", meta.get("model_id") or None)
+
+
+def encoder_path(model_id: str, *, home: Path | None = None) -> Path:
+    """Where ``stylebot encoder train`` writes the encoder for a generator (by its id, which is
+    derived from its weights' hash) and where the engine looks for one."""
+    return (home if home is not None else weights.stylebot_home()) / "encoders" / f"{model_id}.safetensors"
+
+
+def encoder_file(name: str, *, home: Path | None = None) -> Path:
+    """An encoder by weights name (``e4e-ffhq``) or file path."""
+    asset = weights.MANIFEST.get(name)
+    return weights.locate(name, home=home) if asset is not None and asset.kind == "encoder" else Path(name)
+
+
+def check_fits(encoder: Encoder, G: Generator, name: str) -> None:
+    """Refuse an encoder whose latents are not ``G``'s W+ shape."""
+    cfg = encoder.cfg
+    if (cfg.num_ws, cfg.w_dim) != (G.num_ws, G.w_dim):
+        raise CheckpointError(f"{name} predicts [{cfg.num_ws}, {cfg.w_dim}] latents; this "
+                              f"generator takes [{G.num_ws}, {G.w_dim}]")
+
+
+def open_encoder(name: str, G: Generator, *, model_id: str, home: Path | None = None,
+                 device: torch.device | str = "cpu") -> LoadedEncoder | None:
+    """The encoder that ``[engine] encoder`` names for generator ``G`` (id ``model_id``).
+
+    ``"none"``: None. ``"auto"``: the one trained for this generator (:func:`encoder_path`), or
+    None. A weights name (``e4e-ffhq``) or a file: that encoder, which must predict ``G``'s W+ and,
+    when it records the generator it was trained for (ours do), be this one's."""
+    if name == "none":
+        return None
+    path = encoder_path(model_id, home=home) if name == "auto" else encoder_file(name, home=home)
+    if name == "auto" and not path.is_file():
+        return None
+    found = load_encoder(path, w_avg=G.w_avg.detach().float().cpu(), device=device)
+    check_fits(found.encoder, G, path.name)
+    if found.model_id is not None and found.model_id != model_id:
+        raise CheckpointError(f"{path.name} was trained for model {found.model_id}, not for this one "
+                              f"({model_id}): train one with `stylebot encoder train`")
+    return found

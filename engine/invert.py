@@ -23,9 +23,13 @@ from engine.progress import ProgressFn, no_progress
 from engine.stylegan2 import Generator, NoiseMode
 from settings import EngineConfig
 
-__all__ = ["DEFAULT_STEPS", "InversionResult", "invert", "psnr"]
+__all__ = ["DEFAULT_STEPS", "ENCODER_LR", "ENCODER_STEPS", "InversionResult", "invert", "psnr"]
 
 DEFAULT_STEPS = EngineConfig().invert_steps  # the one default: `[engine] invert_steps`
+ENCODER_STEPS = EngineConfig().encoder_invert_steps  # ... and from an encoder's start
+# From a start near the answer, a large rate's first Adam steps (the rate in every coordinate) undo
+# it: BENCHMARKS.md, "Encoder start".
+ENCODER_LR = 0.01
 
 
 
@@ -38,6 +42,7 @@ class InversionResult:
     steps: int
     seconds: float
     noise: dict[str, torch.Tensor] = field(default_factory=dict)  # per layer [B,1,r,r] if optimised
+    start_psnr: list[float] = field(default_factory=list)  # dB of the encoder's start, when one was used
 
 
 def psnr(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -83,6 +88,7 @@ def invert(
     bf16: bool | None = None,
     pad: bool | None = None,
     compile: bool | None = None,
+    start: torch.Tensor | None = None,
     progress: ProgressFn = no_progress,
 ) -> InversionResult:
     """Invert ``targets`` [B, 3, R, R] in [-1, 1] (R = G.resolution) into W+ latents.
@@ -94,7 +100,9 @@ def invert(
     ``pad``: run the batch padded to ``batch_bucket(B)`` rows (copies of the last target, results
     dropped), so that a GPU sees few batch sizes; default on for CUDA devices. ``compile``: the
     step through ``torch.compile`` (``engine.optim.adam_steps``; compiling takes 1-3 minutes per
-    batch size, once per process); default on for CUDA devices.
+    batch size, once per process); default on for CUDA devices. ``start``: the latents [B, num_ws,
+    w_dim] to start from (an encoder's guess; give a smaller ``lr``, e.g. ``ENCODER_LR``), default
+    ``w_avg`` for every layer; a photo whose start was closer (PSNR) than the result keeps the start.
     ``progress(step, steps, {"loss": ..., "psnr": ...})`` is called every step on the CPU, every 10
     on a GPU (reading the figures waits for the GPU).
     """
@@ -103,14 +111,21 @@ def invert(
         raise ValueError(f"targets must be [B, 3, {res}, {res}], got {list(targets.shape)}")
     if steps < 1:
         raise ValueError("steps must be >= 1")
-    start = time.perf_counter()
+    began = time.perf_counter()
     device = G.w_avg.device
     targets = targets.to(device, torch.float32)
     b = targets.shape[0]
     n = padded_size(b, device, pad)
     targets = pad_rows(targets, n)
 
-    ws = G.w_avg.detach().reshape(1, 1, -1).repeat(n, G.num_ws, 1).clone()  # [n, num_ws, w_dim]
+    if start is None:
+        ws = G.w_avg.detach().reshape(1, 1, -1).repeat(n, G.num_ws, 1)  # [n, num_ws, w_dim]
+    elif start.shape != (b, G.num_ws, G.w_dim):
+        raise ValueError(f"start must be [{b}, {G.num_ws}, {G.w_dim}], got {list(start.shape)}")
+    else:
+        ws = pad_rows(start.detach().to(device, torch.float32), n)
+    first = ws.clone() if start is not None and not optimize_noise else None
+    ws = ws.clone()
     ws.requires_grad_(True)
     params = [ws]
     noise: dict[str, torch.Tensor] = {}
@@ -154,16 +169,27 @@ def invert(
     with torch.no_grad():
         final_noise = {k: v.detach() for k, v in noise.items()}
         images = G.synthesis(ws.detach(), noise_mode=mode, noise=final_noise or None)
-        p = psnr(images, targets)[:b]
-        d = perceptual_to(_loss_size(images, loss_resolution))[:b]
+        latents = ws.detach()
+        p = psnr(images, targets)
+        d = perceptual_to(_loss_size(images, loss_resolution))
+        start_psnr: list[float] = []
+        if first is not None:  # never end further from the photo than the start (shown first)
+            images0 = G.synthesis(first, noise_mode=mode)
+            p0, d0 = psnr(images0, targets), perceptual_to(_loss_size(images0, loss_resolution))
+            keep = p0 > p
+            latents = torch.where(keep[:, None, None], first, latents)
+            images = torch.where(keep[:, None, None, None], images0, images)
+            p, d = torch.where(keep, p0, p), torch.where(keep, d0, d)
+            start_psnr = [float(x) for x in p0[:b]]
     return InversionResult(
-        latents=ws.detach()[:b].float().cpu(),
+        latents=latents[:b].float().cpu(),
         images=images[:b].clamp(-1, 1).cpu(),
-        psnr=[float(x) for x in p],
-        lpips=[float(x) for x in d],
+        psnr=[float(x) for x in p[:b]],
+        lpips=[float(x) for x in d[:b]],
         steps=steps,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - began,
         noise={k: v[:b].cpu() for k, v in final_noise.items()},
+        start_psnr=start_psnr,
     )
 
 

@@ -7,7 +7,7 @@ disk vs rows and media keys).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +26,11 @@ from engine.edit import (
     optimize_l2_weight,
     render_global_edit,
 )
+from engine.encoder import Encoder, encoder_input
 from engine.generators import LoadedGenerator
 from engine.identity import IdentityLoss
 from engine.images import pil_to_tensor
-from engine.invert import DEFAULT_STEPS, InversionResult, invert
+from engine.invert import DEFAULT_STEPS, ENCODER_LR, ENCODER_STEPS, InversionResult, invert
 from engine.morph import Easing, LayerGroup, morph_latents, render_frames
 from engine.perceptual import LPIPS
 from engine.progress import ProgressFn, no_progress
@@ -39,6 +40,7 @@ from storage.specs import MORPH_FRAMES
 __all__ = [
     "BETA",
     "GlobalEdit",
+    "encode",
     "global_edit",
     "invert_faces",
     "inversion_quality",
@@ -58,20 +60,44 @@ def neutral_prompt(loaded: LoadedGenerator) -> str:
 
 def invert_faces(
     G: Generator, faces: Sequence[AlignedFace], *, perceptual: LPIPS,
-    identity: IdentityLoss | None = None, steps: int | None = None, optimize_noise: bool = False,
-    compile: bool | None = None, progress: ProgressFn = no_progress,
+    identity: IdentityLoss | None = None, encoder: Encoder | None = None, steps: int | None = None,
+    optimize_noise: bool = False, compile: bool | None = None, progress: ProgressFn = no_progress,
+    first_look: Callable[[torch.Tensor], None] | None = None,
 ) -> InversionResult:
-    """W+ latents for aligned faces, inverted together (``steps`` None: the default)."""
-    targets = torch.cat([pil_to_tensor(face.image) for face in faces])  # [B, 3, R, R]
-    return invert(G, targets.to(G.w_avg.device), perceptual=perceptual, identity=identity,
-                  steps=steps or DEFAULT_STEPS, optimize_noise=optimize_noise, compile=compile,
-                  progress=progress)
+    """W+ latents for aligned faces, inverted together (``steps`` None: the default).
+
+    With an ``encoder``, its guess is the start: rendered and handed to ``first_look`` ([B, 3, R, R]
+    in [-1, 1]) before the optimisation refines it in fewer steps by default."""
+    targets = torch.cat([pil_to_tensor(face.image) for face in faces]).to(G.w_avg.device)  # [B, 3, R, R]
+    if encoder is None:
+        return invert(G, targets, perceptual=perceptual, identity=identity,
+                      steps=steps or DEFAULT_STEPS, optimize_noise=optimize_noise, compile=compile,
+                      progress=progress)
+    start = encode(encoder, targets)
+    with torch.no_grad():
+        guess = G.synthesis(start).clamp(-1, 1)
+    if first_look is not None:
+        first_look(guess)
+    return invert(G, targets, perceptual=perceptual, identity=identity, start=start,
+                  lr=ENCODER_LR, steps=steps or ENCODER_STEPS, optimize_noise=optimize_noise,
+                  compile=compile, progress=progress)
+
+
+def encode(encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
+    """The encoder's latents [B, num_ws, w_dim] float32 for images [B, 3, R, R] in [-1, 1]."""
+    x = encoder_input(images.to(encoder.latent_avg.device), encoder.cfg.input_size)
+    cuda = x.device.type == "cuda"
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cuda):
+        return encoder(x)
 
 
 def inversion_quality(res: InversionResult, i: int) -> dict[str, Any]:
     """How close the ``i``-th reconstruction came, as stored beside a face and in report.json."""
-    return {"psnr": round(res.psnr[i], 3), "lpips": round(res.lpips[i], 5), "steps": res.steps,
-            "seconds": round(res.seconds, 3)}
+    quality = {"psnr": round(res.psnr[i], 3), "lpips": round(res.lpips[i], 5), "steps": res.steps,
+               "seconds": round(res.seconds, 3)}
+    if res.start_psnr:
+        quality["encoder_psnr"] = round(res.start_psnr[i], 3)
+    return quality
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ a failing batch is split and retried (also on CUDA out-of-memory).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -27,6 +28,7 @@ from engine.align import AlignedFace, Alignment, FaceDetector, align_face, load_
 from engine.clip_model import ClipModel, load_clip
 from engine.directions import ChannelTable, TableKeeper
 from engine.edit import GLOBAL_STRENGTH, render_global_edit
+from engine.encoder_io import open_encoder
 from engine.errors import EngineError
 from engine.generators import LoadedGenerator, load_generator
 from engine.identity import load_identity
@@ -34,6 +36,7 @@ from engine.images import map_in_threads, tensor_to_pil
 from engine.invert import invert
 from engine.morph import mix_latents, render_frames
 from engine.operations import (
+    encode,
     global_edit,
     inversion_quality,
     invert_faces,
@@ -45,7 +48,7 @@ from engine.operations import (
 from engine.optim import batch_bucket
 from engine.pasteback import paste_back, side_by_side
 from engine.perceptual import load_perceptual
-from engine.progress import ProgressFn, no_progress
+from engine.progress import PreviewFn, ProgressFn, no_preview, no_progress
 from engine.video import write_animation
 from engine.weights import stylebot_home
 from settings import EngineConfig
@@ -138,7 +141,8 @@ class Engine:
         home: Path | None = None, invert_steps: int = _DEFAULTS.invert_steps,
         edit_steps: int = _DEFAULTS.edit_steps, compile: bool = _DEFAULTS.compile,
         clip: str = _DEFAULTS.clip, table_samples: int = _DEFAULTS.direction_samples,
-        build_table_when_idle: bool = _DEFAULTS.build_directions,
+        build_table_when_idle: bool = _DEFAULTS.build_directions, encoder: str = _DEFAULTS.encoder,
+        encoder_invert_steps: int = _DEFAULTS.encoder_invert_steps,
     ) -> None:
         self.loaded: LoadedGenerator = load_generator(model, device=device, home=home)
         self.device = self.loaded.G.w_avg.device
@@ -146,7 +150,14 @@ class Engine:
         self.perceptual = load_perceptual(home=home, device=self.device)
         self.identity = load_identity(home=home, device=self.device)
         self.detector = FaceDetector(device=str(self.device))
-        self.invert_steps, self.edit_steps = invert_steps, edit_steps
+        self.edit_steps = edit_steps
+        self.encoder = open_encoder(encoder, self.loaded.G, model_id=self.loaded.model_id, home=home,
+                                    device=self.device)
+        if self.encoder is not None:
+            log.info("encoder %s: selfies start from its guess, then %d steps", self.encoder.name,
+                     encoder_invert_steps)
+            invert_steps = encoder_invert_steps
+        self.invert_steps = invert_steps
         self.compile = compile and self.device.type == "cuda"  # `[engine] compile`: GPU only
         self._clip_name = clip
         self._clip: ClipModel | None = None
@@ -159,7 +170,8 @@ class Engine:
         """The engine as ``[engine]`` sets it up, on ``device``."""
         return cls(model=config.model, device=device, invert_steps=config.invert_steps,
                    edit_steps=config.edit_steps, compile=config.compile, clip=config.clip,
-                   table_samples=config.direction_samples, build_table_when_idle=config.build_directions)
+                   table_samples=config.direction_samples, build_table_when_idle=config.build_directions,
+                   encoder=config.encoder, encoder_invert_steps=config.encoder_invert_steps)
 
     def _reset_state(self) -> None:
         """What the engine learns while it runs (subclasses that load differently call this)."""
@@ -254,8 +266,10 @@ class Engine:
         start = time.perf_counter()
         with torch.no_grad():
             target = G.synthesis(G.w_avg.reshape(1, 1, -1).repeat(1, G.num_ws, 1)).clamp(-1, 1)
-        invert(G, target.repeat(n, 1, 1, 1), perceptual=self.perceptual, identity=self.identity,
-               steps=5, compile=compile)
+        targets = target.repeat(n, 1, 1, 1)
+        guess = encode(self.encoder.encoder, targets) if self.encoder is not None else None
+        invert(G, targets, perceptual=self.perceptual, identity=self.identity, steps=5,
+               compile=compile, start=guess)
         log.info("batch size %d ready%s in %.0f s", n, " compiled" if compile else "",
                  time.perf_counter() - start)
 
@@ -291,11 +305,15 @@ class Engine:
         return {"model_label": self.loaded.label, "is_demo": self.loaded.is_demo}
 
     def run_batch(
-        self, kind: str, inputs: Sequence[JobInput], *, progress: ProgressFn = no_progress
+        self, kind: str, inputs: Sequence[JobInput], *, progress: ProgressFn = no_progress,
+        preview: PreviewFn = no_preview,
     ) -> list[JobOutcome]:
-        """Run same-kind jobs together. Never raises for one job's bad input."""
-        handler: Callable[[Sequence[JobInput], ProgressFn], list[JobOutcome]] = {
-            "invert": self._invert, "edit": self._edit, "morph": self._each(self._morph),
+        """Run same-kind jobs together. Never raises for one job's bad input. ``preview(job_id,
+        jpeg)``: a first look at a job's result before it is done (an encoder's guess)."""
+        invert: Handler = functools.partial(self._invert, preview=preview)
+        handler: Handler = {
+            "invert": invert, "edit": self._edit,
+            "morph": self._each(self._morph),
             "mix": self._each(self._mix),
         }[kind]
         with self._on_gpu(job=True):
@@ -328,7 +346,8 @@ class Engine:
     def _align(self, photo: bytes) -> AlignedFace:
         return align_face(load_photo(photo), size=self.loaded.G.resolution, detector=self.detector)
 
-    def _invert(self, inputs: Sequence[JobInput], progress: ProgressFn) -> list[JobOutcome]:
+    def _invert(self, inputs: Sequence[JobInput], progress: ProgressFn,
+                preview: PreviewFn = no_preview) -> list[JobOutcome]:
         G = self.loaded.G
         outcomes: dict[str, JobOutcome] = {}
         ready: list[tuple[JobInput, AlignedFace]] = []
@@ -342,9 +361,17 @@ class Engine:
                 outcomes[job.job_id] = JobOutcome.failed(job.job_id, exc)
         if ready:
             compiled = batch_bucket(len(ready)) in self._compiled  # else it would compile now
+
+            def first_look(images: torch.Tensor) -> None:
+                for (job, face), image in zip(ready, images, strict=True):
+                    panel = side_by_side([face.image, tensor_to_pil(image)], height=_PANEL_HEIGHT)
+                    preview(job.job_id, _jpeg(panel))
+
             res = invert_faces(G, [face for _, face in ready], perceptual=self.perceptual,
                                steps=self.invert_steps, identity=self.identity,
-                               compile=self.compile and compiled, progress=progress)
+                               encoder=self.encoder.encoder if self.encoder is not None else None,
+                               compile=self.compile and compiled, progress=progress,
+                               first_look=first_look)
 
             def outcome(i: int) -> JobOutcome:
                 job, face = ready[i]

@@ -135,7 +135,7 @@ class Worker:
         try:
             if inputs:
                 outcomes += await asyncio.to_thread(self.engine.run_batch, kind, inputs,
-                                                    progress=progress)
+                                                    progress=progress, preview=progress.preview)
         finally:
             heartbeat.cancel()
             progress.close()
@@ -226,12 +226,28 @@ class Worker:
                                      lease_s=self.settings.lease_s)
 
     async def _relay(self, progress: _ProgressRelay, job_ids: list[str]) -> None:
-        async for step, total, info in progress:
+        """Progress and first looks to the jobs' rows, for the bot to show. A first look is a file
+        named in ``progress_info["preview_key"]`` (kept in later updates; erased with the job)."""
+        previews: dict[str, str] = {}
+        done: float = 0.0
+        info: dict[str, Any] = {}
+        async for item in progress:
+            if isinstance(item, _Preview):
+                try:
+                    previews[item.job_id] = await asyncio.to_thread(self.media.put, item.jpeg,
+                                                                    suffix=".jpg")
+                except OSError as exc:  # the result still comes; only the first look is lost
+                    log.warning("job %s: could not store its first look: %s", item.job_id, exc)
+                    continue
+                ids = [item.job_id]
+            else:
+                step, total, info = item
+                done, ids = step / max(total, 1), job_ids
             async with self.sessions.begin() as s:
-                for job_id in job_ids:
-                    await repo.set_progress(s, job_id=job_id, progress=step / max(total, 1),
-                                            info=info)
-            await self.queue.announce(job_ids)
+                for job_id in ids:
+                    extra = {"preview_key": previews[job_id]} if job_id in previews else {}
+                    await repo.set_progress(s, job_id=job_id, progress=done, info={**info, **extra})
+            await self.queue.announce(ids)
 
 
 def _storage_failed(exc: OSError) -> str:
@@ -240,13 +256,26 @@ def _storage_failed(exc: OSError) -> str:
             + "; please try again later")
 
 
+@dataclass(frozen=True)
+class _Preview:
+    job_id: str
+    jpeg: bytes
+
+
+_Step = tuple[int, int, dict[str, Any]]
+
+
 class _ProgressRelay:
-    """progress(step, total, info) from the engine thread -> throttled async iterator."""
+    """progress(step, total, info) and preview(job_id, jpeg) from the engine thread -> an async
+    iterator (progress throttled, every preview)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, every_s: float) -> None:
         self.loop, self.every_s = loop, every_s
-        self.queue: asyncio.Queue[tuple[int, int, dict[str, Any]] | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[_Step | _Preview | None] = asyncio.Queue()
         self.last = 0.0
+
+    def preview(self, job_id: str, jpeg: bytes) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, _Preview(job_id, jpeg))
 
     def __call__(self, step: int, total: int, info: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -261,7 +290,7 @@ class _ProgressRelay:
     def __aiter__(self) -> _ProgressRelay:
         return self
 
-    async def __anext__(self) -> tuple[int, int, dict[str, Any]]:
+    async def __anext__(self) -> _Step | _Preview:
         item = await self.queue.get()
         if item is None:
             raise StopAsyncIteration

@@ -183,6 +183,8 @@ class EngineConfig(Section):
     batch_wait_ms: int = _int(20, 0)
     # The engine's defaults too. Why 300 and 100 (quality flattens, interactive time): BENCHMARKS.md.
     invert_steps: int = _int(300, 1)
+    encoder: NonEmpty = _text("auto", '"auto", "none", "e4e-ffhq" or a file path')
+    encoder_invert_steps: int = _int(100, 1)
     edit_steps: int = _int(100, 1)
     compile: bool = _bool(True)
     clip: NonEmpty = _text("auto", '"auto", "demo", "clip-vit-b32" or a file path')

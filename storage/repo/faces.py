@@ -129,13 +129,13 @@ async def _face_keys(s: AsyncSession, *where: Any) -> set[str]:
 
 
 async def _job_keys(s: AsyncSession, *where: Any) -> set[str]:
-    rows = await s.execute(select(Job.payload, Job.result).where(*where))
-    return {key for payload, result in rows for key in media_keys_in(payload) | media_keys_in(result)}
+    rows = await s.execute(select(Job.payload, Job.result, Job.progress_info).where(*where))
+    return {key for row in rows for key in media_keys_in(list(row))}
 
 
 async def referenced_media_keys(s: AsyncSession) -> set[str]:
-    """Every media key some row still references: faces, and jobs' payloads and results
-    (under keys ending in ``_key`` / ``_keys``). Pass it to ``MediaStore.sweep``."""
+    """Every media key some row still references: faces, and jobs' payloads, results and progress
+    (first looks) under keys ending in ``_key`` / ``_keys``. Pass it to ``MediaStore.sweep``."""
     return await _face_keys(s) | await _job_keys(s)
 
 
@@ -164,7 +164,7 @@ async def _erase_jobs_using(s: AsyncSession, face_ids: set[int], *, user_id: int
             job.error = "one of the faces was erased at its owner's request"
             job.lease_owner = job.lease_until = None
         else:
-            keys |= media_keys_in(job.payload) | media_keys_in(job.result)
+            keys |= media_keys_in([job.payload, job.result, job.progress_info])
             await s.delete(job)
     return keys
 

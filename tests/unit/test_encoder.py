@@ -15,6 +15,7 @@ with the authors' repository (github.com/omertov/encoder4editing at 99ea505), ru
 from __future__ import annotations
 
 import argparse
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageEnhance
 
 from bench.make_e4e_fixture import to_input
 from engine.encoder import Encoder, EncoderConfig, encoder_input
-from engine.encoder_io import load_encoder, read_e4e_checkpoint, save_encoder
+from engine.encoder_cmd import encoder_config
+from engine.encoder_io import encoder_path, load_encoder, open_encoder, read_e4e_checkpoint, save_encoder
+from engine.encoder_train import new_encoder
 from engine.errors import CheckpointError
+from engine.generators import LoadedGenerator, load_generator
+from engine.runner import Engine, JobInput, _jpeg
+from storage.specs import InvertSpec
 
 DATA = Path(__file__).parent / "data"
 CKPT = DATA / "e4e_random_stylegan32.pt"
@@ -212,3 +219,60 @@ def test_input_checks_and_resizing() -> None:
     assert encoder_input(torch.rand(1, 3, 32, 32), 64).shape == (1, 3, 64, 64)
     with pytest.raises(ValueError):
         EncoderConfig(input_size=48)
+
+
+def _demo_with_encoder(home: Path, *, model_id: str | None = None) -> tuple[LoadedGenerator, Path]:
+    """The demo generator and a small (untrained) encoder saved where the engine looks for it."""
+    loaded = load_generator("demo", home=home)
+    encoder = new_encoder(loaded.G, encoder_config(loaded.G, "small", is_demo=True))
+    path = encoder_path(loaded.model_id, home=home)
+    path.parent.mkdir(parents=True)
+    save_encoder(encoder, path, model_id=model_id or loaded.model_id)
+    return loaded, path
+
+
+def test_the_engine_finds_the_encoder_trained_for_its_model(tmp_path: Path) -> None:
+    loaded = load_generator("demo", home=tmp_path)
+    G, model_id = loaded.G, loaded.model_id
+    assert open_encoder("auto", G, model_id=model_id, home=tmp_path) is None  # none trained yet
+    _, path = _demo_with_encoder(tmp_path)
+    found = open_encoder("auto", G, model_id=model_id, home=tmp_path)
+    assert found is not None and found.model_id == model_id and found.name == path.name
+    assert open_encoder("none", G, model_id=model_id, home=tmp_path) is None
+    assert open_encoder(str(path), G, model_id=model_id, home=tmp_path) is not None
+
+
+def test_an_encoder_for_another_generator_is_refused(tmp_path: Path) -> None:
+    loaded, path = _demo_with_encoder(tmp_path, model_id="someone-else")
+    with pytest.raises(CheckpointError, match="trained for model someone-else"):
+        open_encoder("auto", loaded.G, model_id=loaded.model_id, home=tmp_path)
+    other = tmp_path / "wide.safetensors"
+    save_encoder(Encoder(EncoderConfig(num_ws=loaded.G.num_ws + 1, w_dim=loaded.G.w_dim,
+                                       input_size=32, stage_units=(1, 1, 1, 1),
+                                       stage_channels=(16, 32, 48, 64), head_channels=16,
+                                       se_reduction=4)), other, model_id=loaded.model_id)
+    with pytest.raises(CheckpointError, match="latents; this generator takes"):
+        open_encoder(str(other), loaded.G, model_id=loaded.model_id, home=tmp_path)
+
+
+def test_with_an_encoder_each_selfie_gets_a_first_look_then_fewer_steps(
+    tmp_path: Path, astronaut: Image.Image
+) -> None:
+    _demo_with_encoder(tmp_path)
+    engine = Engine(model="demo", device="cpu", home=tmp_path, invert_steps=50,
+                    encoder_invert_steps=2, clip="demo")
+    assert engine.encoder is not None
+    photos = [astronaut, ImageEnhance.Brightness(astronaut).enhance(0.5)]
+    inputs = [JobInput(job_id=f"j{i}", spec=InvertSpec(photo_key=f"k{i}"), photo=_jpeg(p))
+              for i, p in enumerate(photos)]
+    looks: list[tuple[str, bytes]] = []
+    steps: list[int] = []
+    out = engine.run_batch("invert", inputs, preview=lambda job_id, jpeg: looks.append((job_id, jpeg)),
+                           progress=lambda s, t, i: steps.append(s))
+    assert all(o.error is None for o in out)
+    assert [job_id for job_id, _ in looks] == ["j0", "j1"] and steps[-1] == 2
+    for (_, jpeg), o in zip(looks, out, strict=True):
+        look = Image.open(io.BytesIO(jpeg))
+        panel = Image.open(io.BytesIO(o.files["panel_key"][0]))
+        assert look.format == "JPEG" and look.size == panel.size  # replaced in place by the result
+        assert o.result["steps"] == 2 and o.result["encoder_psnr"] > 0

@@ -11,7 +11,7 @@ from torch._dynamo.exc import BackendCompilerFailed
 
 from engine import optim
 from engine.generators import build_demo_generator
-from engine.invert import invert, psnr
+from engine.invert import ENCODER_LR, invert, psnr
 from engine.optim import batch_bucket, lr_at
 from engine.perceptual import demo_lpips
 from engine.stylegan2 import Generator
@@ -143,3 +143,34 @@ def test_learning_rate_warms_up_and_decays() -> None:
     assert lrs[0] == 0.0 and max(lrs) == pytest.approx(0.1)
     assert lrs[10] > lrs[1] and lrs[99] < 0.01
 
+
+
+def test_a_start_near_the_answer_beats_w_avg_in_a_few_steps(G: Generator) -> None:
+    """An encoder's guess as the start: five steps from near the answer end far closer than five
+    steps from ``w_avg``."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        w = G.mapping(torch.randn(2, G.cfg.z_dim, generator=gen))
+        targets = G.synthesis(w).clamp(-1, 1)
+    guess = w + 0.05 * torch.randn(w.shape, generator=gen)
+    near = invert(G, targets, perceptual=demo_lpips(), steps=5, start=guess, lr=ENCODER_LR)
+    far = invert(G, targets, perceptual=demo_lpips(), steps=5)
+    assert min(near.psnr) > max(far.psnr) + 3, (near.psnr, far.psnr)
+    assert len(near.start_psnr) == 2 and not far.start_psnr
+    with pytest.raises(ValueError, match="start must be"):
+        invert(G, targets, perceptual=demo_lpips(), steps=1, start=guess[:1])
+
+
+def test_a_photo_never_ends_further_away_than_its_start(G: Generator) -> None:
+    """A rate far too large for a good start moves away from it: the start is kept, so the
+    result a user gets is never worse than the first look they saw."""
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        w = G.mapping(torch.randn(2, G.cfg.z_dim, generator=gen))
+        targets = G.synthesis(w).clamp(-1, 1)
+    guess = w + 0.05 * torch.randn(w.shape, generator=gen)
+    res = invert(G, targets, perceptual=demo_lpips(), steps=5, start=guess, lr=0.2)
+    assert res.psnr == pytest.approx(res.start_psnr, abs=1e-4) and min(res.psnr) > 25
+    assert torch.equal(res.latents, guess)
+    with torch.no_grad():
+        assert torch.allclose(psnr(G.synthesis(res.latents), targets), torch.tensor(res.psnr), atol=0.05)

@@ -1,15 +1,21 @@
-"""The encoder on a GPU: parity with the authors' latents, forward cost, training rate.
+"""The encoder on a GPU: parity, forward cost, training, and inversion from its start (issue 25).
 
-Usage (on a CUDA machine, repository root): python -m bench.encoder_gpu [--out DIR] [--steps N]
+Usage (on a CUDA machine, repository root): python -m bench.encoder_gpu [--out DIR] [--train-s S]
 
 1. The e4e parity fixture (tests/unit/data) on the GPU: max |ours - theirs| in strict float32 and
    with the engine's GPU settings (TF32).
 2. Encoder forward at B=1 and B=16 for the e4e architecture (IR-SE 50, 256 px, 18 W+ layers),
-   float32/TF32 and under bfloat16 autocast: milliseconds per call (torch.utils.benchmark, which
-   synchronises the GPU).
-3. ``train_encoder`` on a random config-f 1024 generator (channel base 32768) with LPIPS on a VGG16
-   trunk (random weights, the real cost): steps per second at the batch size asked, peak memory,
-   then a resume from a saved state on the GPU, and ``evaluate_encoder``'s PSNR.
+   float32/TF32 and under bfloat16 autocast: milliseconds per call (torch.utils.benchmark).
+3. ``train_encoder`` for ``--train-s`` seconds on the bench's random config-f 1024 generator
+   (bench.common, as bench.perf's inversion rows) with LPIPS on a VGG16 trunk (random weights, the
+   real cost): steps per second, peak memory, ``evaluate_encoder``'s PSNR.
+4. On bench.perf's in-range targets (seeds 0..): the encoder alone (PSNR, first-look latency:
+   encoder + render at B=1); our inversion from ``w_avg`` (300 steps, lr 0.2: the product without an
+   encoder); from the encoder's start at several rates (PSNR every 10 steps: the steps and seconds
+   to reach the w_avg run's PSNR and the baseline's); then the new default (encoder + its steps at
+   ENCODER_LR) at B=1 (p50) and batched (B=16, selfies per minute). All uncompiled (CUDA graphs on,
+   as the engine before a size is compiled): compiling each size costs minutes of GPU time.
+5. Optionally (--baseline-seeds) the Image2StyleGAN-style baseline of bench.perf on the same targets.
 
 Every network has random weights (no pretrained file can be fetched here). Prints each row and
 writes ``encoder_gpu.json`` in --out after each one.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -27,13 +34,17 @@ import numpy as np
 import torch
 from torch.utils.benchmark import Timer
 
+from bench.common import random_generator, random_losses, random_targets, timed
 from bench.make_e4e_fixture import to_input
-from engine.encoder import EncoderConfig
+from bench.perf import _VGGFeatures, baseline_invert
+from engine.encoder import Encoder, EncoderConfig
 from engine.encoder_io import load_encoder
 from engine.encoder_train import TrainState, evaluate_encoder, new_encoder, train_encoder
 from engine.generators import configure_cuda
+from engine.invert import DEFAULT_STEPS, ENCODER_LR, ENCODER_STEPS, invert, psnr
+from engine.operations import encode
 from engine.perceptual import LPIPS
-from engine.stylegan2 import Generator, GeneratorConfig
+from engine.stylegan2 import Generator
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "unit" / "data"
 
@@ -55,8 +66,6 @@ def _parity(dev: torch.device) -> dict[str, Any]:
 
 def _forward(dev: torch.device) -> dict[str, Any]:
     torch.manual_seed(0)
-    from engine.encoder import Encoder
-
     enc = Encoder(EncoderConfig()).to(dev).eval().requires_grad_(False)
     row: dict[str, Any] = {"row": "e4e encoder forward (IR-SE 50, 256 px, 18 ws)",
                            "params_M": round(sum(p.numel() for p in enc.parameters()) / 1e6, 1)}
@@ -72,54 +81,125 @@ def _forward(dev: torch.device) -> dict[str, Any]:
     return row
 
 
-def _generator(dev: torch.device) -> Generator:
-    torch.manual_seed(0)
-    cfg = GeneratorConfig.from_channel_base(z_dim=512, w_dim=512, resolution=1024,
-                                            channel_base=32768, channel_max=512, conv_clamp=256.0)
-    G = Generator(cfg).to(dev).eval().requires_grad_(False)
-    with torch.no_grad():
-        G.mapping.w_avg.copy_(G.mapping(torch.randn(4096, 512, device=dev))[:, 0].mean(0))
-    return G
-
-
-def _training(dev: torch.device, *, steps: int, batch_size: int) -> list[dict[str, Any]]:
-    G = _generator(dev)
-    with torch.random.fork_rng(devices=[]):
-        perceptual = LPIPS().to(dev)  # VGG16 trunk at 256 px, random weights
+def _train(G: Generator, perceptual: LPIPS, *, seconds: float, batch_size: int) -> tuple[Encoder, dict]:
+    """Train for about ``seconds``: a first 20 steps give the rate, a resumed run the rest."""
     encoder = new_encoder(G, EncoderConfig(num_ws=G.num_ws, w_dim=G.w_dim))
-    rates: list[float] = []
     saved: list[TrainState] = []
-    torch.cuda.reset_peak_memory_stats(dev)
+    torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
-    result = train_encoder(G, encoder, perceptual=perceptual, steps=steps, batch_size=batch_size,
-                           save_every=steps // 2, on_save=saved.append,
-                           progress=lambda s, t, i: rates.append(i.get("steps_per_s", 0.0)))
-    torch.cuda.synchronize()
+    first = train_encoder(G, encoder, perceptual=perceptual, steps=20, batch_size=batch_size,
+                          save_every=20, on_save=saved.append)
+    rate = 19 / max(first.seconds - first.seconds / 20, 1e-6)  # the first step tunes cuDNN
+    total = 20 + int(rate * max(seconds - (time.perf_counter() - began), 0))
+    rest = train_encoder(G, encoder, perceptual=perceptual, steps=total, batch_size=batch_size,
+                         resume=saved[0])
     wall = time.perf_counter() - began
-    rows = [{"row": f"train_encoder, config-f 1024, B={batch_size}, bf16", "steps": steps,
-             "steps_per_s": round(rates[-1], 3), "images_per_s": round(rates[-1] * batch_size, 1),
-             "wall_s_incl_first_step": round(wall, 1),
-             "first_losses": [round(v, 3) for v in result.losses[:3]],
-             "last_losses": [round(v, 3) for v in result.losses[-3:]],
-             "peak_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 1)}]
-    again = new_encoder(G, encoder.cfg)
-    resumed = train_encoder(G, again, perceptual=perceptual, steps=steps, batch_size=batch_size,
-                            resume=saved[0])
-    gap = max(float((a - b).abs().max()) for a, b in
-              zip(again.state_dict().values(), encoder.state_dict().values(), strict=True)
-              if a.is_floating_point())
     quality = evaluate_encoder(G, encoder, perceptual=perceptual)
-    rows.append({"row": "resume on the GPU + evaluation", "resumed_from": saved[0].step,
-                 "resumed_steps": len(resumed.losses), "max_weight_gap_vs_uninterrupted": gap,
-                 "eval": {k: round(v, 4) for k, v in quality.items()}})
-    return rows
+    return encoder, {
+        "row": f"train_encoder, config-f 1024, B={batch_size}, lr 1e-4 (the CLI's default)",
+        "steps": total, "wall_s": round(wall, 1), "steps_per_s": round((total - 20) / rest.seconds, 3),
+        "images_per_s": round(batch_size * (total - 20) / rest.seconds, 1),
+        "first_losses": [round(v, 3) for v in first.losses[:3]],
+        "last_losses": [round(v, 3) for v in rest.losses[-3:]],
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        "eval_on_training_like_samples": {k: round(v, 4) for k, v in quality.items()}}
+
+
+def _reach(curve: list[tuple[int, float, float]], target: float) -> tuple[int, float] | None:
+    """The first (step, seconds) of a curve of (step, seconds, PSNR) at or above ``target``."""
+    return next(((step, s) for step, s, q in curve if q >= target), None)
+
+
+def _curve(G: Generator, target: torch.Tensor, losses: tuple[LPIPS, Any], *, steps: int, lr: float,
+           start: torch.Tensor | None) -> tuple[list[tuple[int, float, float]], Any]:
+    """An inversion's PSNR every 10 steps with the seconds so far (its own clock; the schedule is
+    the ``steps``-long one, so an early point is a lower bound on a shorter run's end)."""
+    lpips, identity = losses
+    curve: list[tuple[int, float, float]] = []
+    began = time.perf_counter()
+    res = invert(G, target, perceptual=lpips, identity=identity, steps=steps, lr=lr, start=start,
+                 compile=False, progress=lambda s, t, i: curve.append(
+                     (s, time.perf_counter() - began, i["psnr"])))
+    return curve, res
+
+
+def _inversions(G: Generator, encoder: Encoder, *, seeds: int, lrs: list[float],
+                baseline_seeds: int) -> Any:
+    losses = random_losses(G.w_avg.device)
+    lpips, identity = losses
+    _, targets = random_targets(G, list(range(seeds)))
+    timed(lambda: G.synthesis(encode(encoder, targets[:1])))  # cuDNN tuning
+    looks = []
+    for _ in range(5):
+        t, _ = timed(lambda: G.synthesis(encode(encoder, targets[:1])))
+        looks.append(t)
+    starts = encode(encoder, targets)
+    with torch.no_grad():
+        alone = psnr(G.synthesis(starts).clamp(-1, 1), targets)
+    yield {"row": "encoder alone on in-range targets", "psnr_each": [round(float(x), 2) for x in alone],
+           "psnr": round(float(alone.mean()), 2),
+           "first_look_ms_b1_p50": round(1e3 * statistics.median(looks), 1)}
+    invert(G, targets[:1], perceptual=lpips, identity=identity, steps=12, compile=False)  # tuning
+    ours = [_curve(G, targets[i:i + 1], losses, steps=DEFAULT_STEPS, lr=0.2, start=None)
+            for i in range(seeds)]
+    ours_psnr = [res.psnr[0] for _, res in ours]
+    yield {"row": f"ours from w_avg, {DEFAULT_STEPS} steps, lr 0.2, B=1 (uncompiled)",
+           "psnr_each": [round(x, 2) for x in ours_psnr], "psnr": round(statistics.mean(ours_psnr), 2),
+           "s_p50": round(statistics.median(res.seconds for _, res in ours), 3)}
+    base: list[float] = []
+    if baseline_seeds:
+        vgg = _VGGFeatures().to(G.w_avg.device)
+        for i in range(baseline_seeds):
+            curve = baseline_invert(G, targets[i:i + 1], vgg)
+            base.append(curve[-1][2])
+            yield {"row": f"baseline (1500 steps) seed {i}", "psnr": round(curve[-1][2], 2),
+                   "s": round(curve[-1][1], 1),
+                   "s_to_ours_w_avg_psnr": (_reach(curve, ours_psnr[i]) or (None, None))[1]}
+    for lr in lrs:
+        rows = []
+        for i in range(seeds):
+            curve, res = _curve(G, targets[i:i + 1], losses, steps=DEFAULT_STEPS, lr=lr,
+                                start=starts[i:i + 1])
+            rows.append({"end_psnr": round(res.psnr[0], 2),
+                         "to_w_avg_psnr": _reach(curve, ours_psnr[i]),
+                         "to_baseline_psnr": _reach(curve, base[i]) if i < len(base) else None,
+                         "psnr_at": {s: round(q, 2) for s, _, q in curve if s in (10, 50, 100, 200)}})
+        yield {"row": f"from the encoder, {DEFAULT_STEPS}-step schedule, lr {lr}", "each": rows}
+    times, qs = [], []
+    for i in range(seeds):
+        def new_default(i: int = i) -> Any:
+            start = encode(encoder, targets[i:i + 1])
+            return invert(G, targets[i:i + 1], perceptual=lpips, identity=identity, start=start,
+                          lr=ENCODER_LR, steps=ENCODER_STEPS, compile=False)
+        t, res = timed(new_default)
+        times.append(t)
+        qs.append(res.psnr[0])
+    p50 = statistics.median(times)
+    ours_s = statistics.median(res.seconds for _, res in ours)
+    yield {"row": f"new default: encoder + {ENCODER_STEPS} steps at lr {ENCODER_LR}, B=1 (uncompiled)",
+           "s_each": [round(t, 3) for t in times], "s_p50": round(p50, 3),
+           "psnr_each": [round(q, 2) for q in qs], "psnr": round(statistics.mean(qs), 2),
+           "speedup_vs_w_avg_300": round(ours_s / p50, 2),
+           "psnr_delta_vs_w_avg_300": round(statistics.mean(qs) - statistics.mean(ours_psnr), 2)}
+    batch = targets.repeat((16 + seeds - 1) // seeds, 1, 1, 1)[:16]
+    def batched() -> Any:
+        return invert(G, batch, perceptual=lpips, identity=identity, start=encode(encoder, batch),
+                      lr=ENCODER_LR, steps=ENCODER_STEPS, compile=False)
+    timed(lambda: invert(G, batch, perceptual=lpips, identity=identity, steps=12, compile=False))
+    t, res = timed(batched)
+    yield {"row": "new default batched, B=16 (uncompiled)", "s": round(t, 2),
+           "selfies_per_min": round(60 * 16 / t, 1), "psnr": round(statistics.mean(res.psnr), 2)}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/latest"))
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--train-s", type=float, default=180)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--lrs", default="0.005,0.01,0.02,0.05")
+    parser.add_argument("--baseline-seeds", type=int, default=0)
+    parser.add_argument("--skip", default="", help="comma-separated: parity, forward")
     args = parser.parse_args(argv)
     dev = torch.device("cuda")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -132,10 +212,18 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "encoder_gpu.json").write_text(json.dumps(rows, indent=2) + "\n")
 
     emit(rows.pop())
-    emit(_parity(dev))
+    if "parity" not in args.skip:
+        emit(_parity(dev))
     configure_cuda()
-    emit(_forward(dev))
-    for row in _training(dev, steps=args.steps, batch_size=args.batch_size):
+    if "forward" not in args.skip:
+        emit(_forward(dev))
+    G = random_generator(1024, dev)  # bench.perf's: its inversion rows are comparable
+    with torch.random.fork_rng(devices=[]):
+        perceptual = LPIPS().to(dev)
+    encoder, row = _train(G, perceptual, seconds=args.train_s, batch_size=args.batch_size)
+    emit(row)
+    for row in _inversions(G, encoder, seeds=args.seeds, lrs=[float(x) for x in args.lrs.split(",")],
+                           baseline_seeds=args.baseline_seeds):
         emit(row)
 
 

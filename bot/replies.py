@@ -293,6 +293,15 @@ def working(job: Job) -> str:
     return f"Working... {int(job.progress * 100)}%"
 
 
+def first_look(job: Job, media: MediaStore) -> Reply:
+    """The encoder's guess at a selfie's latent, shown while the optimisation refines it; the
+    result replaces it (``preview_ref``)."""
+    caption = "A first look: aligned, and my quick guess. Refining it now..."
+    path = media.path(str((job.progress_info or {})["preview_key"]))
+    return Reply(reply_to=job.reply_to, text=caption, media=(Media(path, "photo", caption),),
+                 edit_of=(job.reply_to or {}).get("progress_ref"), final=False)
+
+
 def frames_range(max_frames: int) -> str:
     return f"A morph has between 2 and {max_frames} frames."
 
@@ -363,10 +372,12 @@ def _strength_note(result: dict[str, Any]) -> str:
 
 
 def final_reply(job: Job, media: MediaStore) -> Reply:
-    """The message that ends a job: its pictures, or why it failed."""
-    edit_of = (job.reply_to or {}).get("progress_ref")
+    """The message that ends a job: its pictures (in place of its first look, if one was shown), or
+    why it failed."""
+    to = job.reply_to or {}
     if job.status == "failed":
-        return Reply(reply_to=job.reply_to, text=f"Sorry: {job.error}", edit_of=edit_of)
+        return Reply(reply_to=job.reply_to, text=f"Sorry: {job.error}", edit_of=to.get("progress_ref"))
+    edit_of = to.get("preview_ref") or to.get("progress_ref")
     r = job.result or {}
     note = _demo_note(r)
     items: tuple[Media, ...]

@@ -116,7 +116,8 @@ class ReplyPump:
         progress: defaultdict[int, list[Job]] = defaultdict(list)
         for job in running:
             lane = repo.lane_of(job)
-            if lane not in busy and self._quiet_until.get(lane, 0.0) <= now and self._moved(job):
+            if lane not in busy and self._quiet_until.get(lane, 0.0) <= now and (
+                    self._moved(job) or _first_look_due(job)):
                 progress[lane].append(job)
         for lane in {repo.lane_of(job) for job in due} | set(progress):
             task = asyncio.create_task(self._serve_lane(lane, progress.get(lane, []), stop))
@@ -141,7 +142,7 @@ class ReplyPump:
         for job in progress:
             if self._quiet_until.get(lane, 0.0) > self.clock():
                 break
-            await self._progress(job)
+            await (self._first_look(job) if _first_look_due(job) else self._progress(job))
         return delivered
 
     # --- one job's final reply -------------------------------------------------------------------
@@ -207,6 +208,26 @@ class ReplyPump:
 
     # --- progress --------------------------------------------------------------------------------
 
+    async def _first_look(self, job: Job) -> None:
+        """Show the job's first look (best effort, once) while it is still running."""
+        async with self.sessions() as s:
+            fresh = await repo.get_job(s, job.id)
+        if fresh is None or fresh.status != "running" or fresh.replied_at is not None:
+            return  # done meanwhile: its result goes out instead
+        try:
+            ref = await self.deliver(replies.first_look(fresh, self.media))
+        except Undeliverable as exc:
+            await self.not_deliverable(job.id, exc.reason)
+            return
+        except TryLater as exc:
+            self._quiet_until[repo.lane_of(job)] = self.clock() + self.policy.wait_s(1, exc.retry_after)
+            return
+        except Exception:
+            log.warning("could not show the first look of job %s", job.id, exc_info=True)
+            ref = None
+        async with self.sessions.begin() as s:  # shown or not, never tried again
+            await repo.set_reply_ref(s, job_id=job.id, ref=ref or {}, name="preview_ref")
+
     async def _progress(self, job: Job) -> None:
         """Edit the job's progress message (best effort: a failure skips this update)."""
         self._shown_progress[job.id] = job.progress
@@ -230,3 +251,8 @@ class ReplyPump:
         step = 1.0 if to.get("group") else 0.1
         shown = self._shown_progress.get(job.id, -1.0)
         return to.get("progress_ref") is not None and job.progress - shown >= step
+
+
+def _first_look_due(job: Job) -> bool:
+    """A first look at the result came (an encoder's guess) and has not been shown."""
+    return bool((job.progress_info or {}).get("preview_key")) and "preview_ref" not in (job.reply_to or {})

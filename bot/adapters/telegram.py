@@ -372,13 +372,19 @@ class TelegramAdapter:
                 return dict(reply.edit_of)
             if reply.edit_only:
                 return None
+        # A first look, replaced by the result in place (its buttons: on the progress message).
+        if (reply.edit_of is not None and _one_photo_for(reply.edit_of, reply.media)
+                and await self._edit_photo(reply.edit_of, chat_id, reply.media[0])):
+            return dict(reply.edit_of)
         params = self._reply_params(reply)
         if reply.media:
             # Under the result itself only when no progress message will carry them (an album
             # cannot have buttons; the progress message above it is edited with them).
             sent = await self._send_media(chat_id, reply.media, reply.text, params,
                                           markup if reply.edit_of is None else None)
-            return {"chat_id": chat_id, "message_id": sent[0].message_id}
+            one_photo = len(sent) == 1 and bool(sent[0].photo)  # its picture can be edited later
+            ref = {"chat_id": chat_id, "message_id": sent[0].message_id}
+            return {**ref, "photo": True} if one_photo else ref
         message = await self.app.bot.send_message(chat_id, _clip(reply.text or "…", _TEXT_MAX),
                                                   reply_parameters=params, reply_markup=markup)
         return {"chat_id": chat_id, "message_id": message.message_id}
@@ -403,6 +409,20 @@ class TelegramAdapter:
             if _chat_gone(exc):
                 raise
             log.info("telegram: could not edit message %s: %s", ref.get("message_id"), exc)
+            return False
+        return True
+
+    async def _edit_photo(self, ref: dict[str, Any], chat_id: int, item: Media) -> bool:
+        """Replace the picture and caption of a photo message; False when it cannot be edited."""
+        try:
+            await self.app.bot.edit_message_media(
+                InputMediaPhoto(_file(item, attach=True),
+                                caption=_clip(item.caption or "", _CAPTION_MAX) or None),
+                chat_id=ref.get("chat_id", chat_id), message_id=int(ref["message_id"]))
+        except BadRequest as exc:
+            if _chat_gone(exc):
+                raise
+            log.info("telegram: could not edit photo %s: %s", ref.get("message_id"), exc)
             return False
         return True
 
@@ -433,6 +453,11 @@ class TelegramAdapter:
                 sent.append(await bot.send_document(chat_id, _file(m), caption=caption,
                                                     reply_parameters=p, reply_markup=k))
         return sent
+
+
+def _one_photo_for(ref: dict[str, Any], media: Sequence[Media]) -> bool:
+    """A single photo going where a single photo was sent (Telegram cannot turn text into a photo)."""
+    return bool(ref.get("photo")) and len(media) == 1 and media[0].kind == "photo"
 
 
 def _keyboard(rows: Sequence[Sequence[Button]]) -> InlineKeyboardMarkup | None:

@@ -267,12 +267,14 @@ async def jobs_in_progress(s: AsyncSession) -> list[Job]:
     return list(await s.scalars(query, execution_options={"populate_existing": True}))
 
 
-async def set_reply_ref(s: AsyncSession, *, job_id: str, ref: dict[str, Any]) -> bool:
-    """Keep the adapter's reference to the progress message in ``reply_to["progress_ref"]``."""
+async def set_reply_ref(s: AsyncSession, *, job_id: str, ref: dict[str, Any],
+                        name: str = "progress_ref") -> bool:
+    """Keep the adapter's reference to a message of the job's reply in ``reply_to[name]``: the
+    progress message, or (``preview_ref``) the first look at the result."""
     job = await s.get(Job, job_id)
     if job is None:
         return False
-    job.reply_to = {**(job.reply_to or {}), "progress_ref": plain_json(ref)}
+    job.reply_to = {**(job.reply_to or {}), name: plain_json(ref)}
     await s.flush()
     return True
 

@@ -428,6 +428,27 @@ class FakeTelegram:
             out.append(self._bot_message(params, **fields))
         return out
 
+    async def _m_editMessageMedia(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
+        msg = self.messages.get((int(params["chat_id"]), int(params["message_id"])))
+        if msg is None:
+            raise _ApiError("Bad Request: message to edit not found")
+        if not any(k in msg for k in ("photo", "video", "animation", "document")):
+            raise _ApiError("Bad Request: there is no media in the message to edit")
+        item = params["media"]
+        if not isinstance(item, dict) or item.get("type") != "photo":
+            raise _ApiError("Bad Request: unsupported media type in this fake")
+        fid = self._upload(item, files, "media")
+        for kind in ("photo", "video", "animation", "document", "caption"):
+            msg.pop(kind, None)
+        msg["photo"] = [{"file_id": fid, "file_unique_id": fid + "u", "width": 128, "height": 64}]
+        if item.get("caption"):
+            msg["caption"] = item["caption"]
+        msg.pop("reply_markup", None)
+        if (markup := _markup(params)) is not None:
+            msg["reply_markup"] = markup
+        msg["edit_date"] = int(time.time())
+        return msg
+
     async def _m_answerCallbackQuery(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
         if self.presses.pop(str(params["callback_query_id"]), None) is None:
             raise _ApiError("Bad Request: query is too old and response timeout expired or query ID "

@@ -82,25 +82,29 @@ def _forward(dev: torch.device) -> dict[str, Any]:
 
 
 def _train(G: Generator, perceptual: LPIPS, *, seconds: float, batch_size: int) -> tuple[Encoder, dict]:
-    """Train for about ``seconds``: a first 20 steps give the rate, a resumed run the rest."""
+    """Train for about ``seconds``: runs of 50 steps, each resumed from the last one's state."""
     encoder = new_encoder(G, EncoderConfig(num_ws=G.num_ws, w_dim=G.w_dim))
     saved: list[TrainState] = []
+    losses: list[float] = []
     torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
-    first = train_encoder(G, encoder, perceptual=perceptual, steps=20, batch_size=batch_size,
-                          save_every=20, on_save=saved.append)
-    rate = 19 / max(first.seconds - first.seconds / 20, 1e-6)  # the first step tunes cuDNN
-    total = 20 + int(rate * max(seconds - (time.perf_counter() - began), 0))
-    rest = train_encoder(G, encoder, perceptual=perceptual, steps=total, batch_size=batch_size,
-                         resume=saved[0])
+    trained_s = 0.0
+    while time.perf_counter() - began < seconds:
+        run = train_encoder(G, encoder, perceptual=perceptual, steps=(saved[-1].step if saved else 0) + 50,
+                            batch_size=batch_size, resume=saved[-1] if saved else None,
+                            on_save=saved.append)
+        losses += run.losses
+        trained_s += run.seconds if len(saved) > 1 else 0.0  # the first run tunes cuDNN
     wall = time.perf_counter() - began
+    steps = saved[-1].step
     quality = evaluate_encoder(G, encoder, perceptual=perceptual)
+    rate = (steps - 50) / trained_s if trained_s else float("nan")
     return encoder, {
         "row": f"train_encoder, config-f 1024, B={batch_size}, lr 1e-4 (the CLI's default)",
-        "steps": total, "wall_s": round(wall, 1), "steps_per_s": round((total - 20) / rest.seconds, 3),
-        "images_per_s": round(batch_size * (total - 20) / rest.seconds, 1),
-        "first_losses": [round(v, 3) for v in first.losses[:3]],
-        "last_losses": [round(v, 3) for v in rest.losses[-3:]],
+        "steps": steps, "wall_s": round(wall, 1), "steps_per_s": round(rate, 3),
+        "images_per_s": round(batch_size * rate, 1),
+        "first_losses": [round(v, 3) for v in losses[:3]],
+        "last_losses": [round(v, 3) for v in losses[-3:]],
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
         "eval_on_training_like_samples": {k: round(v, 4) for k, v in quality.items()}}
 

@@ -101,7 +101,8 @@ def sample_pairs(
     ws = G.mapping(z.flatten(0, 1)).unflatten(0, (2, b))  # [2, B, num_ws, w_dim]
     second = (mixed & (torch.arange(n)[None] >= cut)).to(device)  # [B, num_ws]
     wplus = torch.where(second[..., None], ws[1], ws[0]) + spread * sigma * offsets
-    return wplus, G.synthesis(wplus, noise_mode="const")
+    # Clamped as photos are: a random generator renders far outside [-1, 1] (seen on the GPU bench).
+    return wplus, G.synthesis(wplus, noise_mode="const").clamp(-1, 1)
 
 
 def _small(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -49,7 +49,8 @@ def invert(args: argparse.Namespace) -> int:
     if face.note:
         say(face.note)
     perceptual = load_perceptual(device=device)
-    found = open_encoder(args.encoder, loaded.G, model_id=loaded.model_id, device=device)
+    found = open_encoder(args.encoder, loaded.G, model_id=loaded.model_id, generator_name=loaded.name,
+                         device=device)
     if found is not None:
         say(f"starting from encoder {found.name}")
     out.mkdir(parents=True, exist_ok=True)

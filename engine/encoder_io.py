@@ -223,17 +223,23 @@ def check_fits(encoder: Encoder, G: Generator, name: str) -> None:
                               f"generator takes [{G.num_ws}, {G.w_dim}]")
 
 
-def open_encoder(name: str, G: Generator, *, model_id: str, home: Path | None = None,
-                 device: torch.device | str = "cpu") -> LoadedEncoder | None:
-    """The encoder that ``[engine] encoder`` names for generator ``G`` (id ``model_id``).
+def open_encoder(name: str, G: Generator, *, model_id: str, generator_name: str = "",
+                 home: Path | None = None, device: torch.device | str = "cpu") -> LoadedEncoder | None:
+    """The encoder that ``[engine] encoder`` names for generator ``G`` (id ``model_id``, loaded as
+    ``generator_name``).
 
-    ``"none"``: None. ``"auto"``: the one trained for this generator (:func:`encoder_path`), or
-    None. A weights name (``e4e-ffhq``) or a file: that encoder, which must predict ``G``'s W+ and,
-    when it records the generator it was trained for (ours do), be this one's."""
+    ``"none"``: None. ``"auto"``: the one trained for this generator (:func:`encoder_path`), else a
+    downloaded one made for it (``e4e-ffhq`` for ``stylegan2-ffhq-1024``), else None. A weights
+    name or a file: that encoder. It must predict ``G``'s W+ and, when it records the generator it
+    was trained for (ours do), be this one's."""
     if name == "none":
         return None
-    path = encoder_path(model_id, home=home) if name == "auto" else encoder_file(name, home=home)
-    if name == "auto" and not path.is_file():
+    path: Path | None = encoder_path(model_id, home=home) if name == "auto" else encoder_file(name, home=home)
+    if name == "auto" and path is not None and not path.is_file():
+        path = next((p for a in weights.MANIFEST.values()
+                     if a.kind == "encoder" and a.for_generator == generator_name
+                     and (p := weights.find(a, home=home)) is not None), None)
+    if path is None:
         return None
     found = load_encoder(path, w_avg=G.w_avg.detach().float().cpu(), device=device)
     check_fits(found.encoder, G, path.name)

@@ -151,8 +151,8 @@ class Engine:
         self.identity = load_identity(home=home, device=self.device)
         self.detector = FaceDetector(device=str(self.device))
         self.edit_steps = edit_steps
-        self.encoder = open_encoder(encoder, self.loaded.G, model_id=self.loaded.model_id, home=home,
-                                    device=self.device)
+        self.encoder = open_encoder(encoder, self.loaded.G, model_id=self.loaded.model_id,
+                                    generator_name=self.loaded.name, home=home, device=self.device)
         if self.encoder is not None:
             log.info("encoder %s: selfies start from its guess, then %d steps", self.encoder.name,
                      encoder_invert_steps)

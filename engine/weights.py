@@ -79,7 +79,7 @@ class Asset:
     is for display only and never checked. ``sha256`` / ``sha256_prefix`` are what upstream
     publishes (lower-case hex); with neither, the hash is recorded at first download.
     ``url`` is ``None`` where no stable direct download exists; ``page`` then says where a person
-    downloads the file.
+    downloads the file. ``for_generator``: an encoder's generator (the one it was trained with).
     """
 
     name: str
@@ -92,6 +92,7 @@ class Asset:
     sha256: str | None = None
     sha256_prefix: str | None = None
     page: str | None = None
+    for_generator: str | None = None
 
     @property
     def hash_kind(self) -> HashKind:
@@ -139,6 +140,7 @@ _MANIFEST_ASSETS = (
     ),
     Asset(
         name="e4e-ffhq", kind="encoder", filename="e4e_ffhq_encode.pt", url=None,
+        for_generator="stylegan2-ffhq-1024",  # NVIDIA's ffhq.pkl is the original StyleGAN2 FFHQ
         page="https://drive.google.com/file/d/1cUv_reLE6k3604or78EranS7XzuVMWeO/view",
         description="e4e FFHQ encoder (Tov et al. 2021, github.com/omertov/encoder4editing: "
         "'FFHQ Inversion' in its README), the authors' checkpoint as saved (about 1.2 GB, with "

@@ -276,3 +276,21 @@ def test_with_an_encoder_each_selfie_gets_a_first_look_then_fewer_steps(
         panel = Image.open(io.BytesIO(o.files["panel_key"][0]))
         assert look.format == "JPEG" and look.size == panel.size  # replaced in place by the result
         assert o.result["steps"] == 2 and o.result["encoder_psnr"] > 0
+
+
+def test_auto_takes_the_authors_encoder_only_for_the_generator_it_was_made_for(tmp_path: Path) -> None:
+    """NVIDIA's ffhq.pkl is the StyleGAN2 FFHQ generator e4e was trained with: a downloaded e4e
+    file serves it, and no other generator."""
+    from engine import weights
+    from engine.stylegan2 import Generator, GeneratorConfig
+
+    asset = weights.MANIFEST["e4e-ffhq"]
+    dest = weights.asset_path(asset, home=tmp_path)
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(CKPT.read_bytes())  # the authors' format, 8 W+ layers (a 32 px generator)
+    G = Generator(GeneratorConfig.from_channel_base(z_dim=512, w_dim=512, resolution=32,
+                                                    channel_base=1024, channel_max=64))
+    found = open_encoder("auto", G, model_id="sg2-x", generator_name=asset.for_generator or "",
+                         home=tmp_path)
+    assert found is not None and found.source_format == "e4e-pt"
+    assert open_encoder("auto", G, model_id="sg2-x", generator_name="other.pkl", home=tmp_path) is None

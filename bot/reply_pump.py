@@ -43,6 +43,9 @@ log = logging.getLogger("stylebot.replies")
 # Sends (or edits) a message; returns a reference the adapter can later edit, or None.
 Deliver = Callable[[Reply], Awaitable[dict[str, Any] | None]]
 
+# A chat's progress messages are edited at most this often (each job's in a private chat, one
+# job's at a time in a group): Telegram lets a bot send one group about 20 messages a minute.
+PROGRESS_EVERY_S = 3.0
 _INLINE_TRIES = 3  # a command's direct answer is tried this often while the user waits
 _INLINE_WAIT_S = 30.0  # ... and not when the platform asks for a longer pause
 
@@ -54,6 +57,7 @@ class ReplyPump:
         self.deliver, self.policy, self.clock = deliver, policy, clock
         self._lanes: dict[int, asyncio.Task[int]] = {}
         self._shown_progress: dict[str, float] = {}
+        self._edited_at: dict[int | str, float] = {}  # a lane's (or job's) last progress edit
         self._quiet_until: dict[int, float] = {}  # lanes a platform asked to slow down: no progress edits
 
     # --- a command's direct answer -----------------------------------------------------------------
@@ -116,9 +120,16 @@ class ReplyPump:
         progress: defaultdict[int, list[Job]] = defaultdict(list)
         for job in running:
             lane = repo.lane_of(job)
-            if lane not in busy and self._quiet_until.get(lane, 0.0) <= now and (
-                    self._moved(job) or _first_look_due(job)):
+            if lane in busy or self._quiet_until.get(lane, 0.0) > now:
+                continue
+            waited = now - self._edited_at.get(lane, -PROGRESS_EVERY_S) >= PROGRESS_EVERY_S
+            if _first_look_due(job) or (waited and self._moved(job)):
                 progress[lane].append(job)
+        for jobs in progress.values():
+            if (jobs[0].reply_to or {}).get("group"):  # the job shown longest ago, and first looks
+                edit = min((j for j in jobs if not _first_look_due(j)), default=None,
+                           key=lambda j: self._edited_at.get(j.id, -1.0))
+                jobs[:] = [j for j in jobs if j is edit or _first_look_due(j)]
         for lane in {repo.lane_of(job) for job in due} | set(progress):
             task = asyncio.create_task(self._serve_lane(lane, progress.get(lane, []), stop))
             self._lanes[lane] = task
@@ -142,7 +153,11 @@ class ReplyPump:
         for job in progress:
             if self._quiet_until.get(lane, 0.0) > self.clock():
                 break
-            await (self._first_look(job) if _first_look_due(job) else self._progress(job))
+            if _first_look_due(job):
+                await self._first_look(job)
+            else:
+                await self._progress(job)
+                self._edited_at[lane] = self._edited_at[job.id] = self.clock()
         return delivered
 
     # --- one job's final reply -------------------------------------------------------------------
@@ -189,6 +204,7 @@ class ReplyPump:
         async with self.sessions.begin() as s:
             await repo.end_reply(s, job_id=job.id, outcome=outcome, reason=reason)
         self._shown_progress.pop(job.id, None)
+        self._edited_at.pop(job.id, None)
         return int(outcome == "delivered")
 
     async def _postpone(self, job: Job, tidy: bool, failures: int, reason: str,
@@ -243,14 +259,9 @@ class ReplyPump:
             log.warning("could not update the progress message of job %s", job.id)
 
     def _moved(self, job: Job) -> bool:
-        """Whether the job's progress moved enough to edit its message again.
-
-        Private chats see every 10%; a group sees "Working..." once: platforms cap the messages a
-        bot may send to one group (Telegram: 20 a minute), and results matter more there."""
-        to = job.reply_to or {}
-        step = 1.0 if to.get("group") else 0.1
+        """Whether the job's progress moved since its message last showed it."""
         shown = self._shown_progress.get(job.id, -1.0)
-        return to.get("progress_ref") is not None and job.progress - shown >= step
+        return (job.reply_to or {}).get("progress_ref") is not None and job.progress > shown
 
 
 def _first_look_due(job: Job) -> bool:

@@ -21,6 +21,7 @@ import storage.repo as repo
 from bot.commands import Reply
 from bot.delivery import TryLater, Undeliverable
 from bot.replies import DONE
+from bot.reply_pump import PROGRESS_EVERY_S
 from bot.service import Service
 from storage.models import Job, utcnow
 
@@ -58,13 +59,15 @@ async def pump(tmp_path: Path) -> AsyncIterator[tuple[Service, Platform]]:
 
 
 async def _job(service: Service, chat: str, *, result: bool = False, progress_ref: int | None = None,
-               finish: bool = True) -> str:
+               finish: bool = True, group: bool = False) -> str:
     """A job in ``chat``, finished (a failure, or a picture with ``result``) unless ``finish`` is off."""
     async with service.sessions.begin() as s:
         c = await repo.get_or_create_chat(s, platform="test", platform_chat_id=chat, kind="private")
         to: dict[str, Any] = {"platform": "test", "chat": chat}
         if progress_ref is not None:
             to["progress_ref"] = {"message_id": progress_ref}
+        if group:
+            to["group"] = True
         job = await repo.create_job(s, kind="mix", model="m", payload={}, user_id=None, chat_id=c.id,
                                     reply_to=to)
         await repo.claim_jobs(s, worker="w", kinds=None, limit=1, lease_s=60)
@@ -206,3 +209,37 @@ async def test_a_chat_whose_platform_hangs_does_not_delay_another_chats_reply(
     stop.set()
     await asyncio.wait_for(runner, 10)
     assert len(platform.to("slow")) == 1
+
+
+async def test_progress_moves_every_few_seconds_one_job_at_a_time_in_a_group(
+    pump: tuple[Service, Platform]
+) -> None:
+    """Each private job's message shows its progress again once it moved and PROGRESS_EVERY_S
+    passed; a group (Telegram: 20 messages a minute) sees one job's edit per interval, in turns."""
+    service, platform = pump
+    now = [100.0]
+    service.replies.clock = lambda: now[0]
+    alice = await _job(service, "alice", progress_ref=7, finish=False)
+    club = [await _job(service, "club", progress_ref=ref, finish=False, group=True) for ref in (8, 9)]
+
+    async def progress(value: float) -> None:
+        async with service.sessions.begin() as s:
+            for job_id in (alice, *club):
+                await repo.set_progress(s, job_id=job_id, progress=value, info=None)
+
+    await service.pump_once()
+    assert [r.text for r in platform.to("alice")] == ["Working... 50%"]
+    assert len(platform.to("club")) == 1
+    await progress(0.6)
+    now[0] += PROGRESS_EVERY_S - 1
+    await service.pump_once()
+    assert len(platform.to("alice")) == 1 and len(platform.to("club")) == 1  # not yet
+    now[0] += 1
+    await service.pump_once()
+    assert [r.text for r in platform.to("alice")] == ["Working... 50%", "Working... 60%"]
+    edited = [r.edit_of for r in platform.to("club")]
+    assert len(edited) == 2 and edited[0] != edited[1]  # the other job's turn
+    now[0] += 2 * PROGRESS_EVERY_S
+    await service.pump_once()  # nothing moved: nothing edited
+    assert len(platform.to("alice")) == 2
+    assert all(r.edit_of and r.edit_only and not r.final for r in platform.taken)

@@ -79,7 +79,8 @@ def follow_up(job: Job, action: str, *, max_frames: int) -> JobSpec | None:
         if action in ("gif", "mp4"):
             return replace(spec, format="gif" if action == "gif" else "mp4")
         if action == "reverse":
-            return replace(spec, a_id=spec.b_id, b_id=spec.a_id)
+            return replace(spec, a_id=spec.b_id, b_id=spec.a_id,
+                           names=spec.names[::-1] if spec.names else None)
         frames = spec.frames * 2 if action == "slower" else spec.frames // 2
         return replace(spec, frames=max(2, min(max_frames, frames)))
     return None

@@ -14,7 +14,7 @@ from PIL import Image, PngImagePlugin
 
 from bot.commands import Media, Reply
 from storage.media import MediaStore
-from storage.models import Face, Job
+from storage.models import Face, Job, User
 
 __all__ = [
     "BUSY",
@@ -65,7 +65,15 @@ Send a selfie (in groups: a photo with the caption /selfie) and I save your face
 /mix @a @b coarse|middle|fine - style mixing
 /me - your saved faces
 /privacy everyone|chat|nobody - who may use your face in their morphs (default: chat)
-/forget - erase everything I keep about you"""
+/forget - erase everything I keep about you
+
+Try:
+/edit smiling face
+/edit old man 6 (strength from -10 to 10; negative goes the other way)
+/edit! face with a beard
+/morph @me @alice 48 gif
+/mix @me @alice coarse (your face with Alice's pose and face shape)
+Buttons under each result try variations (weaker, stronger, reverse...)."""
 
 RATE_LIMITED = "You're sending commands faster than I can keep up. Please wait a minute."
 BUSY = "I'm very busy right now. Please try again in a few minutes."
@@ -339,11 +347,26 @@ def privacy_text(policy: str) -> str:
     return f"Privacy: {policy} ({meaning}). Change it with /privacy everyone|chat|nobody."
 
 
+def quality_words(psnr: float) -> str:
+    """How close a reconstruction came, in words first (dB for those who know them)."""
+    word = "good" if psnr >= 28 else "fair" if psnr >= 22 else "poor"
+    return f"{word} ({psnr:.1f} dB)"
+
+
+def person_name(user: User) -> str:
+    """What captions call someone: their display name, else @username."""
+    return user.display_name or (f"@{user.username}" if user.username else "someone")
+
+
+_LAYER_WORDS = {"coarse": "pose and face shape", "middle": "features", "fine": "colours and texture",
+                "all": "whole face"}
+
+
 def faces_summary(faces: Sequence[Face], policy: str) -> str:
     if not faces:
         return "You have no saved faces. Send a selfie to add one.\n" + privacy_text(policy)
-    lines = [f"- {f.label}: saved {f.created_at:%Y-%m-%d}, quality {f.quality.get('psnr', 0):.1f} dB"
-             for f in faces]
+    lines = [f"- {f.label}: saved {f.created_at:%Y-%m-%d}, likeness "
+             f"{quality_words(f.quality.get('psnr', 0))}" for f in faces]
     return "Your faces:\n" + "\n".join(lines) + "\n" + privacy_text(policy)
 
 
@@ -382,8 +405,8 @@ def final_reply(job: Job, media: MediaStore) -> Reply:
     note = _demo_note(r)
     items: tuple[Media, ...]
     if job.kind == "invert":
-        caption = (f"Saved as your face. Left: aligned, right: reconstruction "
-                   f"(quality {r.get('psnr', 0):.1f} dB).{note}")
+        caption = (f"Saved as your face. Left: your photo aligned, right: my version of it "
+                   f"(likeness {quality_words(r.get('psnr', 0))}).{note}")
         if r.get("note"):
             caption += f"\n{r['note']}"
         items = (Media(media.path(r["panel_key"]), "photo", caption),)
@@ -393,8 +416,18 @@ def final_reply(job: Job, media: MediaStore) -> Reply:
         if r.get("pasted_key"):
             items += (Media(media.path(r["pasted_key"]), "photo", "In your photo"),)
     elif job.kind == "morph":
+        a, b = _names(job)
         items = (Media(media.path(r["media_key"]), "video" if r.get("format") == "mp4" else "animation",
-                       f"Morph, {r.get('frames')} frames{note}"),)
+                       f"Morph: {a} to {b}, {r.get('frames')} frames{note}"),)
     else:
-        items = (Media(media.path(r["media_key"]), "photo", f"A | B | mix ({r.get('layers')}){note}"),)
+        a, b = _names(job)
+        layers = _LAYER_WORDS.get(str(r.get("layers")), str(r.get("layers")))
+        items = (Media(media.path(r["media_key"]), "photo",
+                       f"{a} | {b} | {a} with {b}'s {layers}{note}"),)
     return Reply(reply_to=job.reply_to, text=items[0].caption or "", media=items, edit_of=edit_of)
+
+
+def _names(job: Job) -> tuple[str, str]:
+    """The two people of a morph or mix, by name (older jobs kept none: A and B)."""
+    names = getattr(job.spec, "names", None) or ["A", "B"]
+    return str(names[0]), str(names[1])

@@ -215,7 +215,7 @@ class Service:
             raise Refusal(replies.frames_range(self.config.limits.morph_max_frames))
         async with self.sessions.begin() as s:
             me, chat_id = await self._user_and_chat(s, cmd.origin)
-            faces = []
+            faces, names = [], []
             for target in (cmd.a, cmd.b):
                 person = await self._resolve(s, cmd.origin, me, target)
                 face = await repo.latest_face(s, user_id=person.id)
@@ -224,14 +224,15 @@ class Service:
                 if not await self._consents(s, person, me, chat_id):
                     raise Refusal(replies.no_consent(target.describe()))
                 faces.append(face)
+                names.append(replies.person_name(person))
             if faces[0].id == faces[1].id:
                 raise Refusal(replies.same_face(kind))
             spec: JobSpec
             if isinstance(cmd, Morph):
                 spec = MorphSpec(a_id=faces[0].id, b_id=faces[1].id, layers=cmd.layers,
-                                 frames=cmd.frames, format=cmd.fmt)
+                                 frames=cmd.frames, format=cmd.fmt, names=names)
             else:
-                spec = MixSpec(a_id=faces[0].id, b_id=faces[1].id, layers=cmd.layers)
+                spec = MixSpec(a_id=faces[0].id, b_id=faces[1].id, layers=cmd.layers, names=names)
             job = await self._submit(cmd.origin, spec, me.id, chat_id, s)
         await self._queued(cmd.origin, job, "the morph" if kind == "morph" else "the mix")
 

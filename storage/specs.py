@@ -67,6 +67,7 @@ class MorphSpec(_Spec):
     frames: int = MORPH_FRAMES
     format: Literal["mp4", "gif"] = "mp4"
     pingpong: bool = True
+    names: list[str] | None = None  # the two people, as captions name them
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +78,7 @@ class MixSpec(_Spec):
     a_id: int
     b_id: int
     layers: Literal["coarse", "middle", "fine"] = "coarse"
+    names: list[str] | None = None  # the two people, as captions name them
 
 
 JobSpec = InvertSpec | EditSpec | MorphSpec | MixSpec

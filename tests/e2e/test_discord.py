@@ -88,7 +88,7 @@ async def test_slash_selfies_then_morph_with_user_options(world: World) -> None:
                                             {"name": "frames", "type": 4, "value": 4}], users=[ANN, BOB])
     await fake.wait_for(lambda: _final(fake, token), timeout=120)
     [msg] = fake.for_token(token)
-    assert msg.filenames and msg.filenames[0].endswith(".mp4") and msg.text.startswith("Morph, ")
+    assert msg.filenames and msg.filenames[0].endswith(".mp4") and msg.text.startswith("Morph: Ann to Bob, ")
     assert b"ftyp" in msg.files[0][1][:16]
 
     assert msg.flags == 0  # a result is the group's to see

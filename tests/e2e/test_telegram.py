@@ -103,7 +103,7 @@ async def test_group_selfies_then_morph_sends_an_mp4(world: World) -> None:
     video = await tg.wait_for("sendVideo", replying_to(morph), timeout=120, after=n)
     data = video.files["video"]
     assert data[4:8] == b"ftyp" and len(data) > 1000
-    assert video.params["caption"].startswith("Morph, ")  # 8 frames there and back
+    assert video.params["caption"].startswith("Morph: Alice to Bob, ")
     assert str(video.params.get("supports_streaming")).lower() == "true"
     # Carol answers her own plain photo with /selfie: now it counts, and the photo replied to is used.
     reply = await tg.send_text(CAROL, GROUP, "/selfie", reply_to=ignored["message_id"])

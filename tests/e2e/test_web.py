@@ -254,7 +254,7 @@ def test_morph_plays_inline_as_mp4_and_as_gif(world: World) -> None:
                            "controls: v.controls, width: v.videoWidth, error: v.error && v.error.code})")
     assert state == {"muted": True, "loop": True, "autoplay": True, "controls": True, "width": 64,
                      "error": None}  # H.264 decodes in Debian's chromium
-    expect(alice.locator(f'article[data-id="{reply}"]')).to_contain_text("Morph, ")
+    expect(alice.locator(f'article[data-id="{reply}"]')).to_contain_text("Morph: alice to bob, ")
 
     _send(alice, "/morph @alice @bob 8 gif")
     message_id = _user_message(alice, "alice", "/morph @alice @bob 8 gif")

@@ -296,16 +296,16 @@ async def test_buttons_under_a_morph_check_consent_again(svc: tuple[Service, Inb
     await _give_face(service, "ann")
     await _give_face(service, "bob")
     ann, bob = await _face_id(service, "ann"), await _face_id(service, "bob")
-    morph = await _finished(service, "ann", MorphSpec(a_id=ann, b_id=bob, frames=8),
+    morph = await _finished(service, "ann", MorphSpec(a_id=ann, b_id=bob, frames=8, names=["Ann", "Bob"]),
                             {"format": "mp4", "media_key": "k"})
     # Bob is in the morph and the chat: he may press too; ann's face first, his second.
     await service.handle(Press(origin=_origin("bob"), data=buttons.encode(morph.id, "reverse")))
     await service.handle(Press(origin=_origin("ann"), data=buttons.encode(morph.id, "gif")))
     await service.handle(Press(origin=_origin("ann"), data=buttons.encode(morph.id, "slower")))
     made = [j.spec for j in await _jobs(service, "morph")][1:]
-    assert made == [MorphSpec(a_id=bob, b_id=ann, frames=8),
-                    MorphSpec(a_id=ann, b_id=bob, frames=8, format="gif"),
-                    MorphSpec(a_id=ann, b_id=bob, frames=16)]
+    assert made == [MorphSpec(a_id=bob, b_id=ann, frames=8, names=["Bob", "Ann"]),
+                    MorphSpec(a_id=ann, b_id=bob, frames=8, format="gif", names=["Ann", "Bob"]),
+                    MorphSpec(a_id=ann, b_id=bob, frames=16, names=["Ann", "Bob"])]
     await service.handle(SetPrivacy(origin=_origin("ann"), policy="nobody"))
     before = await _count(service, Job)
     await service.handle(Press(origin=_origin("bob"), data=buttons.encode(morph.id, "faster")))

@@ -7,11 +7,14 @@ import io
 import re
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from bot.replies import Refusal, check_photo, clean_text, queued
+from bot.replies import Refusal, check_photo, clean_text, final_reply, quality_words, queued
+from storage.media import MediaStore
+from storage.models import Job
 
 
 def _save(img: Image.Image, fmt: str, **params: object) -> bytes:
@@ -107,3 +110,24 @@ def test_the_queued_note_says_how_many_are_ahead_and_how_long(
     position: int, ready_in: float | None, says: str,
 ) -> None:
     assert queued("your selfie", position, ready_in) == says
+
+
+def test_captions_name_people_and_say_quality_in_words(tmp_path: Path) -> None:
+    media = MediaStore(tmp_path)
+    key = media.put(b"\x89PNG\r\n\x1a\n", suffix=".png")
+
+    def job(kind: str, payload: dict[str, object], result: dict[str, object]) -> Job:
+        return Job(id="j", kind=kind, status="done", payload=payload, result=result, reply_to={})
+
+    mix = final_reply(job("mix", {"a_id": 1, "b_id": 2, "layers": "coarse", "names": ["Ann", "@bob"]},
+                          {"media_key": key, "layers": "coarse"}), media)
+    assert mix.text == "Ann | @bob | Ann with @bob's pose and face shape"
+    morph = final_reply(job("morph", {"a_id": 1, "b_id": 2, "names": ["Ann", "@bob"]},
+                            {"media_key": key, "frames": 8, "format": "gif"}), media)
+    assert morph.text.startswith("Morph: Ann to @bob, 8 frames")
+    old = final_reply(job("mix", {"a_id": 1, "b_id": 2}, {"media_key": key, "layers": "fine"}), media)
+    assert old.text == "A | B | A with B's colours and texture"  # jobs from before names were kept
+    selfie = final_reply(job("invert", {"photo_key": key}, {"panel_key": key, "psnr": 23.46}), media)
+    assert "likeness fair (23.5 dB)" in selfie.text
+    assert [quality_words(p).split()[0] for p in (35.0, 28.0, 27.9, 22.0, 12.0)] == [
+        "good", "good", "fair", "fair", "poor"]

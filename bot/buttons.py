@@ -15,7 +15,8 @@ from bot.commands import Button
 from storage.models import Job
 from storage.specs import EditSpec, JobSpec, MorphSpec
 
-__all__ = ["STRENGTH_LIMIT", "STRENGTH_STEP", "buttons_for", "decode", "encode", "follow_up"]
+__all__ = ["DELETE", "STRENGTH_LIMIT", "STRENGTH_STEP", "buttons_for", "decode", "delete_buttons", "encode",
+           "follow_up"]
 
 STRENGTH_STEP = 2.0  # weaker / stronger move a global edit's strength by this
 STRENGTH_LIMIT = 10.0  # as /edit's strength: -10..10
@@ -26,6 +27,7 @@ SELFIE_EDITS = {"smile": "a smiling face", "older": "an old face", "younger": "a
                 "glasses": "a face with glasses"}
 _EDIT_ACTIONS = ("weaker", "stronger", "thorough")
 _MORPH_ACTIONS = ("gif", "mp4", "reverse", "slower", "faster")
+DELETE = "delete"  # under a gallery item (/me): erase that one face or result
 
 
 def encode(job_id: str, action: str) -> str:
@@ -57,6 +59,12 @@ def buttons_for(job: Job) -> tuple[tuple[Button, ...], ...]:
         other = "gif" if result.get("format", "mp4") == "mp4" else "mp4"
         return (_row(job, [other, "reverse", "slower", "faster"]),)
     return ()
+
+
+def delete_buttons(items: list[tuple[str, str]]) -> tuple[tuple[Button, ...], ...]:
+    """One delete button per gallery item, (label, job id) each: two to a row."""
+    row = [Button(f"Delete {label}", encode(job_id, DELETE)) for label, job_id in items]
+    return tuple(tuple(row[i:i + 2]) for i in range(0, len(row), 2))
 
 
 def follow_up(job: Job, action: str, *, max_frames: int) -> JobSpec | None:

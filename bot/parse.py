@@ -51,7 +51,7 @@ def _target(word: str, me_words: frozenset[str] = frozenset({"me", "@me", "mysel
         return Target(me=True)
     if word.startswith("@") and len(word) > 1:
         return Target(username=word[1:])
-    if word.startswith("<@") and word.endswith(">"):  # a Discord mention
+    if word.startswith("<@") and word.endswith(">"):  # Discord's mentions, Telegram's text mentions
         return Target(user_id=word.strip("<@!>"))
     raise Refusal(replies.NOT_A_PERSON.format(word[:40]))
 

@@ -86,6 +86,7 @@ FORGET_CONFIRM = ("This erases your saved faces, photos, results and settings, f
                   "Send /forget yes to confirm.")
 FORGOTTEN = "Done: I have erased everything I kept about you."
 NAME_LOOKS_TAKEN = "That name looks just like someone else's here. Please pick a name of your own."
+DELETED = "Deleted: its pictures and data are gone."
 DONE = "Done."  # a progress message, once the result went out beside it
 BUTTON_STALE = "That button doesn't work any more. Send the command again."
 BUTTON_NOT_YOURS = "Only the person whose face it is can use that button."
@@ -368,6 +369,26 @@ def faces_summary(faces: Sequence[Face], policy: str) -> str:
     lines = [f"- {f.label}: saved {f.created_at:%Y-%m-%d}, likeness "
              f"{quality_words(f.quality.get('psnr', 0))}" for f in faces]
     return "Your faces:\n" + "\n".join(lines) + "\n" + privacy_text(policy)
+
+
+def gallery_text(faces: Sequence[Face], results: Sequence[Job], policy: str) -> str:
+    """/me: the faces, the latest results (numbered as their delete buttons), the privacy setting."""
+    text = faces_summary(faces, policy)
+    if results:
+        lines = [f"{i}. {_result_words(job)}, {job.finished_at or job.created_at:%Y-%m-%d}"
+                 for i, job in enumerate(results, 1)]
+        text += "\nYour latest results:\n" + "\n".join(lines)
+    if faces or results:
+        text += "\nThe buttons below delete one item each, for good."
+    return text
+
+
+def _result_words(job: Job) -> str:
+    spec = job.spec
+    if job.kind == "edit":
+        return f"edit \"{getattr(spec, 'text', '')}\""
+    a, b = _names(job)
+    return f"{'morph' if job.kind == 'morph' else 'mix'} of {a} and {b}"
 
 
 def face_media(media: MediaStore, face: Face) -> Media:

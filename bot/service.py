@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 import storage.repo as repo
 from bot import buttons, replies
 from bot.commands import (
+    Button,
     Command,
     Edit,
     Forget,
@@ -51,6 +52,8 @@ from storage.specs import EditSpec, InvertSpec, JobSpec, MixSpec, MorphSpec
 __all__ = ["Deliver", "Service"]
 
 log = logging.getLogger("stylebot.service")
+
+_GALLERY_RESULTS = 5  # /me lists this many of the latest results, each with a delete button
 
 
 class Service:
@@ -90,11 +93,12 @@ class Service:
             await self.say(cmd.origin, str(refusal), private=True)
 
     async def say(self, origin: Origin, text: str, *, media: tuple[Media, ...] = (),
-                  private: bool = False) -> dict[str, Any] | None:
+                  private: bool = False, buttons: tuple[tuple[Button, ...], ...] = ()
+                  ) -> dict[str, Any] | None:
         """Answer a command now; None when the platform would not take it (logged in one line)."""
         try:
             return await self.replies.send_now(Reply(reply_to=origin.reply_to, text=text, media=media,
-                                                     private=private))
+                                                     private=private, buttons=buttons))
         except DeliveryFailed as exc:
             log.warning("could not answer a %s command: %s", origin.platform, exc.reason)
             return None
@@ -252,6 +256,9 @@ class Service:
         """A button under a result: the job it asks for, checked as a typed command would be."""
         self._rate_limit(cmd.origin)
         decoded = buttons.decode(cmd.data)
+        if decoded is not None and decoded[1] == buttons.DELETE:
+            await self._delete_item(cmd, decoded[0])
+            return
         async with self.sessions.begin() as s:
             job = await repo.get_job(s, decoded[0]) if decoded else None
             spec = buttons.follow_up(job, decoded[1], max_frames=self.config.limits.morph_max_frames) \
@@ -275,12 +282,32 @@ class Service:
         await self._queued(cmd.origin, new, "the morph" if isinstance(spec, MorphSpec) else "the edit")
 
     async def _show_faces(self, cmd: ShowFaces) -> None:
+        """The user's gallery: faces and latest results (pictures), then the list with a delete
+        button for each."""
         async with self.sessions.begin() as s:
             me, _ = await self._user_and_chat(s, cmd.origin)
             faces = await repo.list_faces(s, user_id=me.id)
-            text = replies.faces_summary(faces, me.privacy)
+            results = await repo.recent_results(s, user_id=me.id, limit=_GALLERY_RESULTS)
+            text = replies.gallery_text(faces, results, me.privacy)
             media = tuple(replies.face_media(self.media, f) for f in faces[:4])
-        await self.say(cmd.origin, text, media=media, private=True)
+            items = [(f"face {f.label}", f.job_id) for f in faces if f.job_id] + \
+                [(f"result {i}", job.id) for i, job in enumerate(results, 1)]
+        if media:
+            await self.say(cmd.origin, "Your faces:", media=media, private=True)
+        await self.say(cmd.origin, text, private=True, buttons=buttons.delete_buttons(items))
+
+    async def _delete_item(self, cmd: Press, job_id: str) -> None:
+        """A gallery item's delete button: that face or result, its files and rows, gone."""
+        async with self.sessions.begin() as s:
+            me = await repo.find_user(s, platform=cmd.origin.platform, platform_user_id=cmd.origin.user_id)
+            keys = await repo.erase_item(s, job_id=job_id, user_id=me.id) if me is not None else None
+        if keys is None:  # not theirs, or gone already: nothing said about whose it is
+            raise Refusal(replies.BUTTON_STALE)
+        async with self.sessions() as s:
+            still_used = await repo.referenced_media_keys(s)
+        for key in set(keys) - still_used:
+            self.media.delete(key)
+        await self.say(cmd.origin, replies.DELETED, private=True)
 
     async def _privacy(self, cmd: SetPrivacy) -> None:
         async with self.sessions.begin() as s:

@@ -32,6 +32,7 @@ from telegram import (
     InputFile,
     InputMediaPhoto,
     Message,
+    MessageEntity,
     ReplyParameters,
     Update,
     User,
@@ -264,7 +265,7 @@ class TelegramAdapter:
 
     def _command_text(self, message: Message, private: bool) -> str | None:
         """The text to parse, with a leading mention of the bot taken off; None: not for the bot."""
-        text = (message.text or message.caption or "").strip()
+        text = _mentions_as_ids(message).strip()
         username = self.app.bot.username
         mention = f"@{username}".lower() if username else None
         mentioned = False
@@ -458,6 +459,19 @@ class TelegramAdapter:
 def _one_photo_for(ref: dict[str, Any], media: Sequence[Media]) -> bool:
     """A single photo going where a single photo was sent (Telegram cannot turn text into a photo)."""
     return bool(ref.get("photo")) and len(media) == 1 and media[0].kind == "photo"
+
+
+def _mentions_as_ids(message: Message) -> str:
+    """The message's text with each mention of someone without a username (a ``text_mention``:
+    their name, linked to their account) written as ``<@id>``, a person the parser knows by id."""
+    text = message.text or message.caption or ""
+    entities = message.entities if message.text else message.caption_entities
+    units = text.encode("utf-16-le")  # entity offsets count UTF-16 code units
+    for e in sorted(entities or (), key=lambda e: e.offset, reverse=True):
+        if e.type == MessageEntity.TEXT_MENTION and e.user is not None:
+            units = units[:2 * e.offset] + f"<@{e.user.id}>".encode("utf-16-le") + \
+                units[2 * (e.offset + e.length):]
+    return units.decode("utf-16-le")
 
 
 def _keyboard(rows: Sequence[Sequence[Button]]) -> InlineKeyboardMarkup | None:

@@ -15,6 +15,7 @@ from storage.repo.delivery import (
     replies_due,
 )
 from storage.repo.faces import (
+    erase_item,
     face_media_keys,
     forget_user,
     get_face,
@@ -41,6 +42,7 @@ from storage.repo.jobs import (
     jobs_in_progress,
     queue_position,
     queued_job_ids,
+    recent_results,
     recover_jobs,
     release_jobs,
     requeue_expired,
@@ -69,6 +71,7 @@ __all__ = [
     "count_running",
     "create_job",
     "end_reply",
+    "erase_item",
     "face_media_keys",
     "fail_job",
     "find_user",
@@ -94,6 +97,7 @@ __all__ = [
     "postpone_reply",
     "queue_position",
     "queued_job_ids",
+    "recent_results",
     "recover_jobs",
     "referenced_media_keys",
     "release_jobs",

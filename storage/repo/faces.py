@@ -14,6 +14,7 @@ from storage.models import ChatMember, Face, FaceShare, Job, User, utcnow
 from storage.repo._util import expunge_where, insert_ignore, media_keys_in, plain_json
 
 __all__ = [
+    "erase_item",
     "face_media_keys",
     "forget_user",
     "get_face",
@@ -189,5 +190,32 @@ async def forget_user(s: AsyncSession, *, user_id: int) -> list[str]:
     await s.execute(delete(User).where(User.id == user_id))  # ON DELETE CASCADE does the rest
     expunge_where(s, (Face, Job, ChatMember), "user_id", {user_id})
     expunge_where(s, (FaceShare,), "face_id", face_ids)
+    await s.flush()
+    return sorted(keys)
+
+
+async def erase_item(s: AsyncSession, *, job_id: str, user_id: int) -> list[str] | None:
+    """Delete one finished job of the user's (a gallery item) and what it made: its face (shares
+    by cascade) and, as ``forget_user`` does, other people's morphs and mixes of that face. A face
+    whose job row is gone is found by the job id it keeps.
+
+    None when the user has no such finished job or face. Returns (sorted) the media keys the deleted rows
+    referenced; the caller deletes the files after the commit, keeping those still referenced."""
+    job = await s.get(Job, job_id)
+    if job is not None and (job.user_id != user_id or job.status not in ("done", "failed")):
+        return None
+    faces = list(await s.scalars(select(Face).where(Face.job_id == job_id, Face.user_id == user_id)))
+    if job is None and not faces:
+        return None
+    keys = media_keys_in([job.payload, job.result, job.progress_info]) if job is not None else set()
+    for face in faces:
+        keys |= face_media_keys(face)
+    face_ids = {face.id for face in faces}
+    keys |= await _erase_jobs_using(s, face_ids, user_id=user_id)
+    await s.execute(delete(Face).where(Face.id.in_(face_ids)))
+    expunge_where(s, (Face,), "id", face_ids)
+    expunge_where(s, (FaceShare,), "face_id", face_ids)
+    if job is not None:
+        await s.delete(job)
     await s.flush()
     return sorted(keys)

@@ -66,6 +66,7 @@ __all__ = [
     "recover_jobs",
     "release_jobs",
     "requeue_expired",
+    "recent_results",
     "set_progress",
     "set_reply_ref",
 ]
@@ -337,3 +338,11 @@ async def count_queued(
     if model is not None:
         query = query.where(Job.model == model)
     return int(await s.scalar(query) or 0)
+
+
+async def recent_results(s: AsyncSession, *, user_id: int, limit: int) -> list[Job]:
+    """The user's latest finished edits, morphs and mixes, newest first (their gallery)."""
+    query = (select(Job).where(Job.user_id == user_id, Job.status == "done",
+                               Job.kind.in_(("edit", "morph", "mix")))
+             .order_by(Job.finished_at.desc(), Job.id.desc()).limit(limit))
+    return list(await s.scalars(query))

@@ -218,12 +218,20 @@ class FakeTelegram:
             return {}
         return {"reply_to_message": self.messages[(chat.id, reply_to)]}
 
-    async def send_text(self, user: FakeUser, chat: FakeChat, text: str,
-                        reply_to: int | None = None) -> dict[str, Any]:
+    async def send_text(self, user: FakeUser, chat: FakeChat, text: str, reply_to: int | None = None,
+                        mentions: tuple[FakeUser, ...] = ()) -> dict[str, Any]:
+        """``mentions``: people named in ``text`` by their first name and linked to their account,
+        as Telegram clients do for people without a username (``text_mention`` entities)."""
         fields: dict[str, Any] = {"text": text, **self._reply(chat, reply_to)}
+        entities = []
         if text.startswith("/"):
-            length = len(text.split()[0])
-            fields["entities"] = [{"type": "bot_command", "offset": 0, "length": length}]
+            entities.append({"type": "bot_command", "offset": 0, "length": len(text.split()[0])})
+        for person in mentions:
+            at = text.index(person.first_name)
+            entities.append({"type": "text_mention", "offset": _utf16_len(text[:at]),
+                             "length": _utf16_len(person.first_name), "user": person.json()})
+        if entities:
+            fields["entities"] = entities
         return await self._push(self._message(user, chat, **fields))
 
     def add_file(self, data: bytes) -> str:
@@ -463,6 +471,11 @@ class FakeTelegram:
             raise _ApiError("Bad Request: invalid file_id")
         return {"file_id": file_id, "file_unique_id": file_id + "u",
                 "file_size": len(self.files[file_id]), "file_path": f"photos/{file_id}"}
+
+
+def _utf16_len(text: str) -> int:
+    """Telegram counts entity offsets and lengths in UTF-16 code units."""
+    return len(text.encode("utf-16-le")) // 2
 
 
 def _markup(params: dict[str, Any]) -> dict[str, Any] | None:

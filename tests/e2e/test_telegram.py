@@ -41,6 +41,8 @@ ALICE = FakeUser(id=1001, first_name="Alice", username="alice")
 BOB = FakeUser(id=1002, first_name="Bob", username="bob")
 CAROL = FakeUser(id=1003, first_name="Carol", username="carol")
 DAN = FakeUser(id=1004, first_name="Dan", username="dan")
+# No username; her name starts beyond the Basic Multilingual Plane (entity offsets count UTF-16).
+ZOE = FakeUser(id=1006, first_name="\N{CHERRY BLOSSOM} Zo\N{LATIN SMALL LETTER E WITH DIAERESIS}")
 GROUP = FakeChat(id=-100500, type="supergroup", title="Face Club")
 
 @pytest.fixture(scope="module")
@@ -113,6 +115,16 @@ async def test_group_selfies_then_morph_sends_an_mp4(world: World) -> None:
     await tg.wait_for("sendPhoto", replying_to(reply), timeout=120)
 
 
+async def test_someone_without_a_username_is_named_by_a_mention(world: World) -> None:
+    """Telegram links the name of a person who has no username (a text mention): that person."""
+    tg = world.tg
+    selfie = await tg.send_photo(ZOE, GROUP, astronaut(4), caption="/selfie")
+    await tg.wait_for("sendPhoto", replying_to(selfie), timeout=120)
+    morph = await tg.send_text(ALICE, GROUP, f"/morph @alice {ZOE.first_name} 4", mentions=(ZOE,))
+    video = await tg.wait_for("sendVideo", replying_to(morph), timeout=120)
+    assert video.params["caption"].startswith(f"Morph: Alice to {ZOE.first_name}, ")
+
+
 async def test_privacy_nobody_refuses_the_morph_politely(world: World) -> None:
     tg = world.tg
     bobs = await tg.send_text(BOB, GROUP, "/privacy nobody")
@@ -130,7 +142,7 @@ async def test_privacy_nobody_refuses_the_morph_politely(world: World) -> None:
     assert len(tg.called("sendVideo")) == videos
     async with world.service.sessions() as s:
         morphs = (await s.execute(select(func.count()).select_from(Job).where(Job.kind == "morph")))
-        assert morphs.scalar_one() == 1  # only the first, allowed, morph
+        assert morphs.scalar_one() == 2  # only the allowed ones (bob's, zoe's)
 
 
 async def test_edit_sends_the_edited_face(world: World) -> None:
@@ -220,7 +232,7 @@ async def test_forget_yes_erases_the_user(world: World) -> None:
     assert "erased everything" in said.params["text"]
     async with world.service.sessions() as s:
         users = (await s.execute(select(User).where(User.platform == "telegram"))).scalars().all()
-        assert {u.platform_user_id for u in users} == {str(BOB.id), str(CAROL.id), str(DAN.id)}
+        assert {u.platform_user_id for u in users} == {str(p.id) for p in (BOB, CAROL, DAN, ZOE)}
         faces = (await s.execute(select(Face))).scalars().all()
         assert sorted(f.user_id for f in faces) == sorted(u.id for u in users)  # everyone's but alice's
 

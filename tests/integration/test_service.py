@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 import storage.repo as repo
 from bot import buttons
 from bot.commands import Forget, Help, Mix, Morph, Origin, Press, Reply, Selfie, SetPrivacy, ShowFaces, Target
+from bot.replies import DELETED
 from bot.service import Service
 from storage.models import Face, Job, User, utcnow
 from storage.specs import EditSpec, JobSpec, MorphSpec
@@ -156,7 +157,7 @@ async def test_me_privacy_and_help(svc: tuple[Service, Inbox]) -> None:
     assert "no saved faces" in inbox.last
     await _give_face(service, "ann")
     await service.handle(ShowFaces(origin=_origin("ann")))
-    assert "default" in inbox.last and len(inbox.replies[-1].media) == 1
+    assert "default" in inbox.last and len(inbox.replies[-2].media) == 1  # pictures, then the list
     await service.handle(SetPrivacy(origin=_origin("ann")))
     assert "Privacy: chat" in inbox.last
     await service.handle(Help(origin=_origin("ann")))
@@ -325,3 +326,48 @@ async def test_the_queued_note_estimates_from_recent_runs(svc: tuple[Service, In
     await service.handle(Selfie(origin=_origin("cyd"), photo=_photo(3)))
     assert inbox.last == ("Got it. 1 job is ahead of yours in the queue. "
                           "It should be ready in about 10 s.")  # both fit one batch
+
+
+async def _selfie_done(service: Service, user: str) -> tuple[Job, set[str]]:
+    """A selfie the engine inverted: the job, its face, and the four files they name."""
+    await _give_face(service, f"{user}-friend")  # someone else's files, which must stay
+    async with service.sessions.begin() as s:
+        u = await repo.get_or_create_user(s, platform="test", platform_user_id=user, username=user)
+        keys = [service.media.put(_photo(i) + user.encode(), suffix=".png") for i in range(4)]
+        job = await repo.create_job(s, kind="invert", model="m", payload={"photo_key": keys[0]},
+                                    user_id=u.id, chat_id=None, reply_to={"chat": "g1"})
+        job.status, job.result = "done", {"panel_key": keys[3]}
+        await repo.save_face(s, job_id=job.id, user_id=u.id, label="default", model_id="m",
+                             latent=np.zeros((4, 8), np.float32), aligned_key=keys[1], photo_key=keys[0],
+                             reconstruction_key=keys[2], alignment={}, quality={"psnr": 30.0})
+    return job, set(keys)
+
+
+async def test_the_gallery_deletes_one_item_with_every_file_of_it(svc: tuple[Service, Inbox]) -> None:
+    service, inbox = svc
+    selfie, face_files = await _selfie_done(service, "ann")
+    edit_files = {service.media.put(_photo(9) + bytes([i]), suffix=".png") for i in range(3)}
+    k1, k2, k3 = sorted(edit_files)
+    await _finished(service, "ann", EditSpec(face_id=await _face_id(service, "ann"), text="smiling face"),
+                    {"before_after_key": k1, "pasted_key": k2, "face_key": k3, "method": "global"})
+    await service.handle(ShowFaces(origin=_origin("ann")))
+    assert '1. edit "smiling face"' in inbox.last
+    rows = inbox.replies[-1].buttons
+    assert [b.label for row in rows for b in row] == ["Delete face default", "Delete result 1"]
+    delete_face, delete_edit = rows[0]
+    everything = set(service.media.keys())
+    for who, data in (("bob", delete_face.data), ("bob", delete_edit.data),
+                      ("ann", f"b1 {'0' * 32} delete")):
+        await service.handle(Press(origin=_origin(who), data=data))
+        assert "doesn't work any more" in inbox.last and inbox.replies[-1].private
+    assert set(service.media.keys()) == everything
+
+    await service.handle(Press(origin=_origin("ann"), data=delete_edit.data))
+    assert inbox.last == DELETED and inbox.replies[-1].private
+    assert set(service.media.keys()) == everything - edit_files  # every file of the edit, no other
+    assert len(await _jobs(service, "edit")) == 0
+    await service.handle(Press(origin=_origin("ann"), data=delete_face.data))
+    assert set(service.media.keys()) == everything - edit_files - face_files
+    assert await _count(service, Face) == 1 and not await _jobs(service, "invert")  # the friend's stays
+    await service.handle(Press(origin=_origin("ann"), data=delete_face.data))
+    assert "doesn't work any more" in inbox.last

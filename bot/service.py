@@ -206,11 +206,7 @@ class Service:
         return user
 
     async def _consents(self, s: AsyncSession, owner: User, asker: User, chat_id: int) -> bool:
-        if owner.id == asker.id or owner.privacy == "everyone":
-            return True
-        if owner.privacy == "nobody":
-            return False
-        return await repo.shared_in_chat(s, user_id=owner.id, chat_id=chat_id)
+        return await repo.may_use_faces_of(s, owner=owner, asker_id=asker.id, chat_id=chat_id)
 
     async def _pair(self, cmd: Morph | Mix) -> None:
         self._rate_limit(cmd.origin)

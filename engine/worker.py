@@ -22,7 +22,7 @@ from settings import Config, EngineConfig, QueueConfig
 from storage.media import MediaStore
 from storage.models import Job
 from storage.queue import JobQueue, open_queue
-from storage.specs import JOB_KINDS, EditSpec, InvertSpec
+from storage.specs import JOB_KINDS, EditSpec, InvertSpec, MixSpec, MorphSpec
 
 __all__ = ["Worker", "WorkerSettings", "default_worker_id"]
 
@@ -158,6 +158,8 @@ class Worker:
                 face = await repo.get_face(s, int(face_id))
                 if face is None:
                     raise EngineError("that face was deleted; please send the selfie again")
+                if isinstance(spec, MorphSpec | MixSpec):  # its owner may have changed their mind
+                    await _check_consent(s, spec, name, face.user_id, job)
                 if face.model_id != self.engine.model_id:
                     raise EngineError("that face was saved with another model; please send the "
                                       "selfie again")
@@ -248,6 +250,15 @@ class Worker:
                     extra = {"preview_key": previews[job_id]} if job_id in previews else {}
                     await repo.set_progress(s, job_id=job_id, progress=done, info={**info, **extra})
             await self.queue.announce(ids)
+
+
+async def _check_consent(s: AsyncSession, spec: MorphSpec | MixSpec, name: str, owner_id: int,
+                         job: Job) -> None:
+    owner = await repo.get_user(s, owner_id)
+    if owner is None or not await repo.may_use_faces_of(s, owner=owner, asker_id=job.user_id,
+                                                        chat_id=job.chat_id):
+        who = spec.names[0 if name == "a" else 1] if spec.names else "someone in it"
+        raise EngineError(f"{who} no longer allows their face to be used here")
 
 
 def _storage_failed(exc: OSError) -> str:

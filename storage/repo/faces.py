@@ -21,6 +21,7 @@ __all__ = [
     "latent_of",
     "latest_face",
     "list_faces",
+    "may_use_faces_of",
     "orphaned_media_keys",
     "referenced_media_keys",
     "save_face",
@@ -122,6 +123,18 @@ async def shared_in_chat(s: AsyncSession, *, user_id: int, chat_id: int) -> bool
     query = (exists().where(FaceShare.face_id == Face.id, Face.user_id == user_id,
                             FaceShare.chat_id == chat_id))
     return bool(await s.scalar(select(query)))
+
+
+async def may_use_faces_of(s: AsyncSession, *, owner: User, asker_id: int | None,
+                           chat_id: int | None) -> bool:
+    """Whether ``owner``'s privacy lets the asker put their face in a morph or mix in the chat: the
+    owner always; anyone under "everyone"; under "chat" anyone in a chat where the owner shared a
+    face; nobody else. Checked when the job is asked for and again when it starts."""
+    if owner.id == asker_id or owner.privacy == "everyone":
+        return True
+    if owner.privacy == "nobody" or chat_id is None:
+        return False
+    return await shared_in_chat(s, user_id=owner.id, chat_id=chat_id)
 
 
 async def _face_keys(s: AsyncSession, *where: Any) -> set[str]:

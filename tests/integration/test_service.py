@@ -168,11 +168,14 @@ async def test_me_privacy_and_help(svc: tuple[Service, Inbox]) -> None:
 @pytest.mark.parametrize("presence", ["shared here", "member, shared elsewhere", "never here"])
 @pytest.mark.parametrize("asker", ["owner", "other"])
 @pytest.mark.parametrize("command", [Morph, Mix])
+@pytest.mark.parametrize("owner_first", [False, True])
 async def test_consent_matrix_policy_by_presence_by_asker(
-    svc: tuple[Service, Inbox], policy: str, presence: str, asker: str, command: type[Morph | Mix]
+    svc: tuple[Service, Inbox], policy: str, presence: str, asker: str, command: type[Morph | Mix],
+    owner_first: bool,
 ) -> None:
     """Who may put the owner's face in a morph or mix asked for in chat g1: the owner always; anyone
-    else when the policy is "everyone", or "chat" and the owner shared a face in g1; never "nobody"."""
+    else when the policy is "everyone", or "chat" and the owner shared a face in g1; never "nobody".
+    Whichever of the two faces is the owner's."""
     service, inbox = svc
     await _give_face(service, "asker", chat="g1")
     await _give_face(service, "owner", chat="g1" if presence == "shared here" else "other")
@@ -180,8 +183,9 @@ async def test_consent_matrix_policy_by_presence_by_asker(
         await service.handle(ShowFaces(origin=_origin("owner", chat="g1")))
     await service.handle(SetPrivacy(origin=_origin("owner", chat="other"), policy=policy))
     jobs = await _count(service, Job)
+    people = [Target(username="asker"), Target(username="owner")][::-1 if owner_first else 1]
     await service.handle(command(origin=_origin("owner" if asker == "owner" else "asker", chat="g1"),
-                                 a=Target(username="asker"), b=Target(username="owner")))
+                                 a=people[0], b=people[1]))
     allowed = asker == "owner" or policy == "everyone" or (policy == "chat" and presence == "shared here")
     if allowed:
         assert "queue" in inbox.last and await _count(service, Job) == jobs + 1

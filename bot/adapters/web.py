@@ -14,7 +14,9 @@ be someone else, so ``/morph @alice @bob`` can be shown on one machine.
 - ``POST /api/press`` (form: ``name``, ``data``, ``message``) presses a button under a bot message:
   the same :class:`bot.commands.Press` the other platforms send.
 - ``GET /media/{id}`` serves the files the service handed over in its replies (see
-  :class:`bot.adapters.web_http.MediaShelf`).
+  :class:`bot.adapters.web_http.MediaShelf`); once erased (a gallery delete, ``/forget``), they
+  leave every open tab. ``GET /thumb/{id}``: a sent photo's thumbnail, kept in memory while its
+  message is in the room (and until its sender says ``/forget yes``).
 
 Access rules (token, same origin, loopback host) are in :mod:`bot.adapters.web_http`. User text is only
 ever rendered with ``textContent`` by the page. Nothing about faces or the token is logged.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import itertools
 import json
 import logging
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiohttp import BodyPartReader, WSCloseCode, web
+from PIL import Image, ImageOps
 
 from bot import replies
 from bot.adapters.web_http import Access, MediaShelf, page_routes, security_headers
@@ -55,6 +59,8 @@ _MB = 1024 * 1024
 _TEXT_MAX_BYTES = 8192
 _NAME = re.compile(r"\w[\w.-]{0,31}")
 _SEND_TIMEOUT_S = 5.0
+_THUMB = 160  # px: the side of a sent photo's thumbnail
+_ERASED = "(erased)"
 
 
 
@@ -68,6 +74,7 @@ class _Message:
     text: str
     media: list[dict[str, Any]] = field(default_factory=list)
     photo: str | None = None  # the file name a user attached
+    thumb: str | None = None  # the id of its thumbnail (GET /thumb/{id}), kept in memory
     in_reply_to: str | None = None
     reply_name: str | None = None
     final: bool = True
@@ -80,7 +87,8 @@ class _Message:
         return {"id": self.id, "role": self.role, "name": self.name, "text": self.text,
                 "media": [{"url": f"media/{m['id']}", "kind": m["kind"], "caption": m["caption"]}
                           for m in self.media],
-                "photo": self.photo, "in_reply_to": self.in_reply_to, "reply_name": self.reply_name,
+                "photo": self.photo, "thumb": f"thumb/{self.thumb}" if self.thumb else None,
+                "in_reply_to": self.in_reply_to, "reply_name": self.reply_name,
                 "final": self.final, "buttons": self.buttons}
 
 
@@ -108,6 +116,7 @@ class WebAdapter:
         self._history: deque[_Message] = deque()
         self._by_id: dict[str, _Message] = {}
         self._media = MediaShelf(config.media_dir)
+        self._thumbs: dict[str, bytes] = {}  # thumbnail id -> JPEG, while its message is in the room
         self._sockets: set[web.WebSocketResponse] = set()
         self._banner = banner
         self._service: Service | None = None
@@ -128,7 +137,8 @@ class WebAdapter:
         app = web.Application(middlewares=[access.middleware], client_max_size=self._max_upload + _MB)
         app.add_routes([*page_routes(), web.get("/ws", self._ws), web.post("/api/send", self._send),
                         web.post("/api/press", self._press),
-                        web.get("/media/{media_id}", self._media.serve)])
+                        web.get("/media/{media_id}", self._media.serve),
+                        web.get("/thumb/{thumb_id}", self._thumb)])
         app.on_response_prepare.append(security_headers)
         app.on_shutdown.append(self._close_sockets)
         return app
@@ -200,9 +210,11 @@ class WebAdapter:
         if not await self._claim(name, service):
             return web.json_response({"error": NAME_LOOKS_TAKEN}, status=400)
         said = self._add(_Message(id=self._next_id(), role="user", name=name, text=post.text,
-                                  photo=(post.photo_name or "photo") if post.photo is not None else None))
+                                  photo=(post.photo_name or "photo") if post.photo is not None else None,
+                                  thumb=self._keep_thumbnail(post)))
         await self._broadcast("message", said)
         await self._handle(service, self._origin(name, said.id), post)
+        await self._drop_erased(name if _erases_all(post.text) else None)
         return web.json_response({"ok": True, "id": said.id})
 
     async def _press(self, request: web.Request) -> web.Response:
@@ -223,7 +235,53 @@ class WebAdapter:
             log.exception("web chat: could not handle a button press")
             with contextlib.suppress(Exception):
                 await service.say(origin, OOPS, private=True)
+        await self._drop_erased(None)
         return web.json_response({"ok": True})
+
+    def _keep_thumbnail(self, post: _Post) -> str | None:
+        """A small JPEG of a photo someone sent, for every tab to show; None when it is no photo."""
+        if post.photo is None:
+            return None
+        try:
+            check_photo(post.photo, max_bytes=self._max_upload)
+            with Image.open(io.BytesIO(post.photo)) as img:
+                img.draft("RGB", (_THUMB, _THUMB))  # JPEG: decode at a fraction of the size
+                small = ImageOps.exif_transpose(img).convert("RGB")
+                small.thumbnail((_THUMB, _THUMB))
+                buf = io.BytesIO()
+                small.save(buf, format="JPEG", quality=80)
+        except (Refusal, OSError, ValueError, Image.DecompressionBombError):
+            return None
+        thumb_id = secrets.token_urlsafe(16)
+        self._thumbs[thumb_id] = buf.getvalue()
+        return thumb_id
+
+    async def _thumb(self, request: web.Request) -> web.Response:
+        """GET /thumb/{id}: a photo's thumbnail while its message is in the room."""
+        data = self._thumbs.get(request.match_info["thumb_id"])
+        if data is None:
+            raise web.HTTPNotFound(text=replies.WEB_NO_SUCH_FILE)
+        return web.Response(body=data, content_type="image/jpeg")
+
+    async def _drop_erased(self, forgotten: str | None) -> None:
+        """After a command: pictures whose files were erased (a gallery delete, /forget) leave every
+        open tab; ``forgotten``: a person who erased everything, whose photos' thumbnails go too."""
+        for message in list(self._history):
+            alive = [m for m in message.media if self._media.exists(str(m["id"]))]
+            gone_thumb = message.thumb is not None and forgotten is not None and \
+                message.role == "user" and message.name.casefold() == forgotten.casefold()
+            if len(alive) == len(message.media) and not gone_thumb:
+                continue
+            for item in message.media:
+                if item not in alive:
+                    self._media.drop(str(item["id"]))
+            message.media = alive
+            if gone_thumb:
+                self._thumbs.pop(str(message.thumb), None)
+                message.thumb = None
+            if message.role == "bot" and not alive and not message.text.endswith(_ERASED):
+                message.text = f"{message.text} {_ERASED}".strip()
+            await self._broadcast("edit", message)
 
     def _origin(self, name: str, message_id: str | None) -> Origin:
         return Origin(platform=self.platform, user_id=name.casefold(), chat_id=ROOM_ID,
@@ -339,7 +397,15 @@ class WebAdapter:
             del self._by_id[old.id]
             for media_id in old.media_ids():
                 self._media.drop(media_id)
+            if old.thumb is not None:
+                self._thumbs.pop(old.thumb, None)
         return message
+
+
+def _erases_all(text: str) -> bool:
+    """``/forget yes``: the person asked to erase everything."""
+    words = text.strip().lower().split()
+    return len(words) >= 2 and words[0].split("@")[0] == "/forget" and words[1] == "yes"
 
 
 def _command(text: str) -> str:

@@ -128,6 +128,11 @@ class MediaShelf:
         self._items[media_id] = (resolved, _MEDIA_TYPES.get(resolved.suffix.lower(), ""))
         return media_id
 
+    def exists(self, media_id: str) -> bool:
+        """Whether the file behind ``media_id`` is still there (erased files are not)."""
+        item = self._items.get(media_id)
+        return item is not None and item[0].is_file()
+
     def drop(self, media_id: str) -> None:
         self._items.pop(media_id, None)
 

@@ -187,6 +187,8 @@ def test_the_page_says_it_runs_the_demo_model(world: World) -> None:
     expect(banner).to_be_visible()
     expect(banner).to_contain_text("Demo model: random weights, not a face model")
     expect(banner).to_contain_text("stylebot weights fetch stylegan2-ffhq-1024")
+    expect(banner.locator("code")).to_have_count(2)  # the commands as code, no backticks shown
+    assert "`" not in (banner.text_content() or "")
     expect(world.alice.locator("#status")).to_have_text("connected")
 
 
@@ -199,6 +201,10 @@ def test_selfies_by_button_and_by_drag_and_drop(world: World) -> None:
     bob = world.browser.new_page()  # another tab, another person: the room's history is there
     world.open(bob)
     expect(bob.locator(f'article[data-id="{a_id}"]')).to_contain_text("alice.jpg")
+    thumb = bob.locator(f'article[data-id="{a_id}"] img.thumb')  # what alice sent, small
+    expect(thumb).to_have_count(1)
+    bob.wait_for_function("(i) => i.complete && i.naturalWidth > 0", arg=thumb.element_handle())
+    assert 0 < max(thumb.evaluate("i => [i.naturalWidth, i.naturalHeight]")) <= 160
     bob.fill("#name", "bob")
     jpeg = base64.b64encode(_astronaut(world.tmp / "bob.jpg", rotate=4).read_bytes()).decode()
     files = bob.evaluate_handle(

@@ -152,9 +152,10 @@ async def test_a_photo_alone_is_a_selfie_of_the_named_person_in_the_shared_room(
     resp = await chat.post("Alice", photo=(_jpeg(), "me.jpg", "image/jpeg"))
     assert resp.status == 200
     said = await _event(ws, lambda e: e["type"] == "message")
-    assert said["message"] | {"id": None} == {
+    assert said["message"] | {"id": None, "thumb": None} == {
         "id": None, "role": "user", "name": "Alice", "text": "", "media": [], "photo": "me.jpg",
-        "in_reply_to": None, "reply_name": None, "final": True, "buttons": []}
+        "thumb": None, "in_reply_to": None, "reply_name": None, "final": True, "buttons": []}
+    assert said["message"]["thumb"].startswith("thumb/")
     answer = await _event(ws, _bot_says)
     assert answer["message"]["in_reply_to"] == said["message"]["id"]
     assert answer["message"]["reply_name"] == "Alice"
@@ -439,3 +440,51 @@ def test_demo_banner_when_the_demo_model_runs(tmp_path: Path, monkeypatch: pytes
     (weights / "ffhq.pkl").write_bytes(b"stand-in")
     assert banner("auto") is None  # the real generator is cached: auto uses it
     assert banner("demo") is not None
+
+
+async def test_a_sent_photo_shows_as_a_thumbnail_until_its_sender_forgets(chat: Chat) -> None:
+    ws, _ = await chat.room()
+    await chat.post("alice", photo=(_jpeg(900), "me.jpg", "image/jpeg"))
+    said = (await _event(ws, lambda e: e["type"] == "message"))["message"]
+    async with chat.http.get(chat.base + said["thumb"]) as resp:
+        assert resp.status == 200 and resp.content_type == "image/jpeg"
+        thumb = Image.open(io.BytesIO(await resp.read()))
+    assert thumb.size == (160, 160)
+    await chat.post("bob", "/forget yes")  # someone else erasing their data: alice's photo stays
+    async with chat.http.get(chat.base + said["thumb"]) as resp:
+        assert resp.status == 200
+    await chat.post("alice", "/forget yes")
+    edit = await _event(ws, lambda e: e["type"] == "edit" and e["message"]["id"] == said["id"])
+    assert edit["message"]["thumb"] is None and edit["message"]["photo"] == "me.jpg"
+    async with chat.http.get(chat.base + said["thumb"]) as resp:
+        assert resp.status == 404
+    await chat.post("carol", photo=(b"not a photo", "x.jpg", "image/jpeg"))
+    bad = await _event(ws, lambda e: e["type"] == "message" and e["message"]["name"] == "carol")
+    assert bad["message"]["thumb"] is None
+
+
+async def test_erased_pictures_leave_every_open_tab(chat: Chat) -> None:
+    """A result whose files were erased (a gallery delete, someone's /forget): once the command that
+    erased them is handled, every tab gets the message without them."""
+    one, _ = await chat.room()
+    two, _ = await chat.room()
+    kept = _media(chat, "kept.png", b"\x89PNG\r\n\x1a\nk")
+    erased = _media(chat, "gone.png", b"\x89PNG\r\n\x1a\ng")
+    for path in (kept, erased):
+        await chat.adapter.deliver(Reply(reply_to={"platform": "web"}, text=path.stem,
+                                         media=(Media(path, "photo", path.stem),)))
+    for ws in (one, two):
+        await _event(ws, _bot_says)
+        gone = (await _event(ws, _bot_says))["message"]
+    url = gone["media"][0]["url"]
+    erased.unlink()  # as the service deletes an erased item's files
+    await chat.post("alice", "/me")
+    for ws in (one, two):
+        edit = await _event(ws, lambda e: e["type"] == "edit")
+        assert edit["message"]["id"] == gone["id"] and edit["message"]["media"] == []
+        assert edit["message"]["text"] == "gone (erased)"
+    async with chat.http.get(chat.base + url) as resp:
+        assert resp.status == 404
+    _, hello = await chat.room()
+    assert [len(m["media"]) for m in hello["messages"] if m["role"] == "bot" and m["text"] in (
+        "kept", "gone (erased)")] == [1, 0]

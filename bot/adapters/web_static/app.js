@@ -53,6 +53,10 @@
     return figure;
   }
 
+  function withCode(text) { // `commands` as code, the rest as text (never as HTML)
+    return text.split("`").map((part, i) => (i % 2 ? el("code", null, part) : document.createTextNode(part)));
+  }
+
   function render(m) {
     const node = el("article", `msg ${m.role}`);
     node.dataset.id = m.id;
@@ -63,7 +67,16 @@
     head.append(el("span", "who", m.name));
     if (m.reply_name) head.append(el("span", "to", `to ${m.reply_name}`));
     node.append(head);
-    if (m.photo) node.append(el("p", "attachment", `Photo: ${m.photo}`));
+    if (m.thumb) {
+      const sent = el("figure", "sent");
+      const thumb = el("img", "thumb");
+      thumb.alt = `Photo: ${m.photo}`;
+      thumb.src = m.thumb;
+      sent.append(thumb, el("figcaption", null, m.photo));
+      node.append(sent);
+    } else if (m.photo) {
+      node.append(el("p", "attachment", `Photo: ${m.photo}`));
+    }
     const captions = new Set(m.media.map((item) => item.caption));
     if (m.text && !captions.has(m.text)) node.append(el("p", "text", m.text));
     for (const item of m.media) node.append(mediaNode(item));
@@ -125,7 +138,7 @@
       nodes.clear();
       timeline.replaceChildren();
       const banner = $("banner");
-      banner.textContent = event.banner || "";
+      banner.replaceChildren(...withCode(event.banner || ""));
       banner.hidden = !event.banner;
       event.messages.forEach(show);
     } else if (event.type === "message" || event.type === "edit") {

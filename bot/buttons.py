@@ -87,7 +87,8 @@ def follow_up(job: Job, action: str, *, max_frames: int) -> JobSpec | None:
         if action in ("gif", "mp4"):
             return replace(spec, format="gif" if action == "gif" else "mp4")
         if action == "reverse":
-            return replace(spec, a_id=spec.b_id, b_id=spec.a_id,
+            ids = [spec.a_id, spec.b_id, *(spec.more_ids or [])][::-1]
+            return replace(spec, a_id=ids[0], b_id=ids[1], more_ids=ids[2:] or None,
                            names=spec.names[::-1] if spec.names else None)
         frames = spec.frames * 2 if action == "slower" else spec.frames // 2
         return replace(spec, frames=max(2, min(max_frames, frames)))

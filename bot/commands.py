@@ -72,6 +72,7 @@ class Morph:
     frames: int = MORPH_FRAMES
     fmt: Literal["mp4", "gif"] = "mp4"
     layers: Literal["all", "coarse", "middle", "fine"] = "all"
+    more: tuple[Target, ...] = ()  # a group tour: after b, these, then back to a
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from bot.commands import (
     Target,
 )
 from bot.replies import Refusal
-from storage.specs import MORPH_FRAMES
+from storage.specs import MORPH_FRAMES, MORPH_MAX_PEOPLE
 
 __all__ = ["COMMANDS", "parse"]
 
@@ -34,7 +34,7 @@ COMMANDS: dict[str, str] = {
     "help": "What I can do",
     "selfie": "Save your face from a photo: /selfie [label]",
     "edit": "Edit your face with words: /edit smiling face [strength]",
-    "morph": "Animate between two faces: /morph @me @friend [frames] [gif|mp4]",
+    "morph": "Animate between faces: /morph @me @friend [@more...] [frames] [gif|mp4]",
     "mix": "Style mixing: /mix @a @b coarse|middle|fine",
     "me": "Your saved faces",
     "privacy": "Who may use your face: /privacy everyone|chat|nobody",
@@ -56,7 +56,9 @@ def _target(word: str, me_words: frozenset[str] = frozenset({"me", "@me", "mysel
     raise Refusal(replies.NOT_A_PERSON.format(word[:40]))
 
 
-def _pair(words: list[str], reply_target: Target | None) -> tuple[Target, Target, list[str]]:
+def _people(words: list[str], reply_target: Target | None, most: int = 2
+            ) -> tuple[list[Target], list[str]]:
+    """Two to ``most`` people named in ``words`` (a reply names the second), and the other words."""
     people = [w for w in words if w.startswith(("@", "<@")) or w.lower() in ("me", "myself")]
     rest = [w for w in words if w not in people]
     targets = [_target(w) for w in people]
@@ -64,9 +66,11 @@ def _pair(words: list[str], reply_target: Target | None) -> tuple[Target, Target
         targets.append(reply_target)
     elif not targets and reply_target is not None:
         targets = [Target(me=True), reply_target]
-    if len(targets) != 2:
+    if len(targets) < 2:
         raise Refusal(replies.NAME_TWO_PEOPLE)
-    return targets[0], targets[1], rest
+    if len(targets) > most:
+        raise Refusal(replies.NAME_TWO_PEOPLE if most == 2 else replies.too_many_people(most))
+    return targets, rest
 
 
 def parse(
@@ -104,7 +108,7 @@ def parse(
         return Edit(origin=origin, text=" ".join(words), strength=strength,
                     method="optimize" if m["bang"] else "global")
     if name == "morph":
-        a, b, extra = _pair(words, reply_target)
+        (a, b, *more), extra = _people(words, reply_target, most=MORPH_MAX_PEOPLE)
         frames, fmt = MORPH_FRAMES, "mp4"
         for word in extra:
             if word.isdigit():
@@ -113,9 +117,10 @@ def parse(
                 fmt = word.lower()
             else:
                 raise Refusal(replies.NOT_A_MORPH_OPTION.format(word[:40]))
-        return Morph(origin=origin, a=a, b=b, frames=frames, fmt=fmt)  # type: ignore[arg-type]
+        return Morph(origin=origin, a=a, b=b, frames=frames, fmt=fmt,  # type: ignore[arg-type]
+                     more=tuple(more))
     if name == "mix":
-        a, b, extra = _pair(words, reply_target)
+        (a, b), extra = _people(words, reply_target)
         layers = (extra[0].lower() if extra else "coarse")
         if layers not in ("coarse", "middle", "fine") or len(extra) > 1:
             raise Refusal(replies.MIX_LAYERS)

@@ -271,6 +271,10 @@ def clean_text(text: str, *, max_chars: int) -> str:
 
 # --- mistakes in a command (bot.parse) ---------------------------------------------------------
 
+def too_many_people(most: int) -> str:
+    return f"A morph goes through at most {most} faces."
+
+
 NAME_TWO_PEOPLE = "Name two people, e.g. /morph @me @friend (or reply to your friend's message)."
 SELFIE_NEEDS_A_PHOTO = "Send /selfie as the caption of a photo, or as a reply to a photo."
 STRENGTH_RANGE = "The strength is a number between -10 and 10."
@@ -329,8 +333,8 @@ def personal_in_a_channel(command: str) -> str:
 
 
 def same_face(kind: str) -> str:
-    """``/morph`` or ``/mix`` of one face with itself."""
-    return f"A {kind} needs two different faces."
+    """``/morph`` or ``/mix`` of one face with itself (or a tour naming someone twice)."""
+    return f"A {kind} needs different faces: each person once."
 
 
 def no_face_for(who: str) -> str:
@@ -387,8 +391,8 @@ def _result_words(job: Job) -> str:
     spec = job.spec
     if job.kind == "edit":
         return f"edit \"{getattr(spec, 'text', '')}\""
-    a, b = _names(job)
-    return f"{'morph' if job.kind == 'morph' else 'mix'} of {a} and {b}"
+    *first, last = _all_names(job)
+    return f"{'morph' if job.kind == 'morph' else 'mix'} of {', '.join(first)} and {last}"
 
 
 def face_media(media: MediaStore, face: Face) -> Media:
@@ -437,9 +441,10 @@ def final_reply(job: Job, media: MediaStore) -> Reply:
         if r.get("pasted_key"):
             items += (Media(media.path(r["pasted_key"]), "photo", "In your photo"),)
     elif job.kind == "morph":
-        a, b = _names(job)
+        people = _all_names(job)
+        route = " to ".join(people) + (f" and back to {people[0]}" if len(people) > 2 else "")
         items = (Media(media.path(r["media_key"]), "video" if r.get("format") == "mp4" else "animation",
-                       f"Morph: {a} to {b}, {r.get('frames')} frames{note}"),)
+                       f"Morph: {route}, {r.get('frames')} frames{note}"),)
     else:
         a, b = _names(job)
         layers = _LAYER_WORDS.get(str(r.get("layers")), str(r.get("layers")))
@@ -449,6 +454,14 @@ def final_reply(job: Job, media: MediaStore) -> Reply:
 
 
 def _names(job: Job) -> tuple[str, str]:
-    """The two people of a morph or mix, by name (older jobs kept none: A and B)."""
-    names = getattr(job.spec, "names", None) or ["A", "B"]
-    return str(names[0]), str(names[1])
+    """The two people of a mix (or the first two of a morph), by name."""
+    a, b, *_ = _all_names(job)
+    return a, b
+
+
+def _all_names(job: Job) -> list[str]:
+    """The people of a morph or mix in order, by name (older jobs kept none: A, B, ...)."""
+    spec = job.spec
+    count = 2 + len(getattr(spec, "more_ids", None) or [])
+    names = getattr(spec, "names", None) or []
+    return [str(names[i]) if i < len(names) else chr(ord("A") + i) for i in range(count)]

@@ -216,7 +216,7 @@ class Service:
         async with self.sessions.begin() as s:
             me, chat_id = await self._user_and_chat(s, cmd.origin)
             faces, names = [], []
-            for target in (cmd.a, cmd.b):
+            for target in (cmd.a, cmd.b, *(cmd.more if isinstance(cmd, Morph) else ())):
                 person = await self._resolve(s, cmd.origin, me, target)
                 face = await repo.latest_face(s, user_id=person.id)
                 if face is None:
@@ -225,12 +225,16 @@ class Service:
                     raise Refusal(replies.no_consent(target.describe()))
                 faces.append(face)
                 names.append(replies.person_name(person))
-            if faces[0].id == faces[1].id:
+            if len({f.id for f in faces}) < len(faces):
                 raise Refusal(replies.same_face(kind))
             spec: JobSpec
             if isinstance(cmd, Morph):
+                # A tour's legs share the frames a two-face morph may have there and back.
+                frames = cmd.frames if len(faces) == 2 else min(
+                    cmd.frames, max(2, 2 * self.config.limits.morph_max_frames // len(faces)))
                 spec = MorphSpec(a_id=faces[0].id, b_id=faces[1].id, layers=cmd.layers,
-                                 frames=cmd.frames, format=cmd.fmt, names=names)
+                                 frames=frames, format=cmd.fmt, names=names,
+                                 more_ids=[f.id for f in faces[2:]] or None)
             else:
                 spec = MixSpec(a_id=faces[0].id, b_id=faces[1].id, layers=cmd.layers, names=names)
             job = await self._submit(cmd.origin, spec, me.id, chat_id, s)
@@ -342,6 +346,8 @@ def _faces_of(spec: JobSpec) -> list[int]:
     """The saved faces a job would use."""
     if isinstance(spec, EditSpec):
         return [spec.face_id]
-    if isinstance(spec, MorphSpec | MixSpec):
+    if isinstance(spec, MorphSpec):
+        return [spec.a_id, spec.b_id, *(spec.more_ids or [])]
+    if isinstance(spec, MixSpec):
         return [spec.a_id, spec.b_id]
     return []

@@ -30,6 +30,7 @@ __all__ = [
     "mix_latents",
     "morph_latents",
     "render_frames",
+    "tour_latents",
 ]
 
 LayerGroup = Literal["all", "coarse", "middle", "fine"]
@@ -153,6 +154,17 @@ def _to_uint8(img: torch.Tensor) -> torch.Tensor:
     # img: [B, 3, H, W] in ~[-1, 1] -> [B, H, W, 3] uint8
     x = ((img.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return x.permute(0, 2, 3, 1)
+
+
+def tour_latents(latents: list[torch.Tensor], *, frames: int, layers: LayerGroup = "all",
+                 easing: Easing = "smooth") -> torch.Tensor:
+    """Latents [N, num_ws, w_dim] through every latent in turn and back to the first: ``frames``
+    per leg, each leg's last frame left out (the next leg starts there), so the result loops."""
+    if len(latents) < 2:
+        raise EngineError("a tour needs at least two latents")
+    legs = [morph_latents(a, b, frames=frames, layers=layers, easing=easing)[:-1]
+            for a, b in zip(latents, [*latents[1:], latents[0]], strict=True)]
+    return torch.cat(legs)
 
 
 def render_frames(

@@ -31,7 +31,7 @@ from engine.generators import LoadedGenerator
 from engine.identity import IdentityLoss
 from engine.images import pil_to_tensor
 from engine.invert import DEFAULT_STEPS, ENCODER_LR, ENCODER_STEPS, InversionResult, invert
-from engine.morph import Easing, LayerGroup, morph_latents, render_frames
+from engine.morph import Easing, LayerGroup, morph_latents, render_frames, tour_latents
 from engine.perceptual import LPIPS
 from engine.progress import ProgressFn, no_progress
 from engine.stylegan2 import Generator
@@ -146,8 +146,12 @@ def optimize_edit(
 def morph_frames(
     G: Generator, a: torch.Tensor, b: torch.Tensor, *, frames: int = MORPH_FRAMES,
     layers: LayerGroup = "all", easing: Easing = "smooth", pingpong: bool = False,
-    progress: ProgressFn | None = None,
+    more: Sequence[torch.Tensor] = (), progress: ProgressFn | None = None,
 ) -> np.ndarray:
-    """The frames [N, H, W, 3] uint8 of an animation from latent ``a`` to ``b`` (each [num_ws, w_dim])."""
-    ws = morph_latents(a, b, frames=frames, layers=layers, easing=easing, pingpong=pingpong)
+    """The frames [N, H, W, 3] uint8 of an animation from latent ``a`` to ``b`` (each [num_ws, w_dim]);
+    with ``more``, a loop from ``a`` through ``b`` and each of them back to ``a`` (``frames`` a leg)."""
+    if more:
+        ws = tour_latents([a, b, *more], frames=frames, layers=layers, easing=easing)
+    else:
+        ws = morph_latents(a, b, frames=frames, layers=layers, easing=easing, pingpong=pingpong)
     return render_frames(G, ws.to(G.w_avg.device), progress=progress)

@@ -475,8 +475,9 @@ class Engine:
         spec = job.spec
         assert isinstance(spec, MorphSpec)
         a, b = self._latent(job, "a"), self._latent(job, "b")
+        more = [self._latent(job, f"more{i}") for i in range(len(spec.more_ids or []))]
         images = morph_frames(self.loaded.G, a, b, frames=spec.frames, layers=spec.layers,
-                              pingpong=spec.pingpong)
+                              pingpong=spec.pingpong, more=more)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"morph.{spec.format}"
             write_animation(images, path, fps=MORPH_FPS)

@@ -151,8 +151,10 @@ class Worker:
         async with self.sessions() as s:
             latents: dict[str, Any] = {}
             photo = alignment = None
-            for name in ("face", "a", "b"):
-                face_id = getattr(spec, f"{name}_id", None)
+            refs = [(name, getattr(spec, f"{name}_id", None)) for name in ("face", "a", "b")]
+            if isinstance(spec, MorphSpec):
+                refs += [(f"more{i}", face_id) for i, face_id in enumerate(spec.more_ids or [])]
+            for name, face_id in refs:
                 if face_id is None:
                     continue
                 face = await repo.get_face(s, int(face_id))
@@ -257,7 +259,8 @@ async def _check_consent(s: AsyncSession, spec: MorphSpec | MixSpec, name: str, 
     owner = await repo.get_user(s, owner_id)
     if owner is None or not await repo.may_use_faces_of(s, owner=owner, asker_id=job.user_id,
                                                         chat_id=job.chat_id):
-        who = spec.names[0 if name == "a" else 1] if spec.names else "someone in it"
+        index = {"a": 0, "b": 1}[name] if name in ("a", "b") else 2 + int(name.removeprefix("more"))
+        who = spec.names[index] if spec.names and index < len(spec.names) else "someone in it"
         raise EngineError(f"{who} no longer allows their face to be used here")
 
 

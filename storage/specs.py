@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 __all__ = [
     "JOB_KINDS",
     "MORPH_FPS",
+    "MORPH_MAX_PEOPLE",
     "MORPH_FRAMES",
     "EditSpec",
     "InvertSpec",
@@ -24,6 +25,7 @@ __all__ = [
 
 MORPH_FRAMES = 32  # a morph's frames when none are asked for (chat and CLI alike)
 MORPH_FPS = 24.0  # and its frame rate
+MORPH_MAX_PEOPLE = 8  # faces one morph tours through (a group demo)
 LayerGroup = Literal["all", "coarse", "middle", "fine"]
 
 
@@ -67,7 +69,8 @@ class MorphSpec(_Spec):
     frames: int = MORPH_FRAMES
     format: Literal["mp4", "gif"] = "mp4"
     pingpong: bool = True
-    names: list[str] | None = None  # the two people, as captions name them
+    names: list[str] | None = None  # the people, as captions name them
+    more_ids: list[int] | None = None  # a tour: after b these faces, then back to a (no pingpong)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -103,11 +103,17 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: SlashHost, servic
 
     @tree.command(name="morph", description=desc("morph"))
     @app_commands.describe(a="From this person", b="To this person", frames="How many frames",
-                           format="mp4 or gif")
+                           format="mp4 or gif", c="Then to this person (a group tour)", d="Then",
+                           e="Then", f="Then", g="Then", h="Then, and back to the first")
     async def morph(interaction: discord.Interaction, a: discord.User, b: discord.User,
-                    frames: int = MORPH_FRAMES, format: Literal["mp4", "gif"] = "mp4") -> None:
+                    frames: int = MORPH_FRAMES, format: Literal["mp4", "gif"] = "mp4",
+                    c: discord.User | None = None, d: discord.User | None = None,
+                    e: discord.User | None = None, f: discord.User | None = None,
+                    g: discord.User | None = None, h: discord.User | None = None) -> None:
+        more = tuple(_target(u, interaction.user) for u in (c, d, e, f, g, h) if u is not None)
         await run(interaction, lambda o: Morph(origin=o, a=_target(a, interaction.user),
-                                               b=_target(b, interaction.user), frames=frames, fmt=format))
+                                               b=_target(b, interaction.user), frames=frames, fmt=format,
+                                               more=more))
 
     @tree.command(name="edit", description=desc("edit"))
     @app_commands.describe(text="What to change, e.g. smiling face", strength="-10 to 10 (default 4)",

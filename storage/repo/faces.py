@@ -160,7 +160,11 @@ async def orphaned_media_keys(s: AsyncSession, *, keys: Iterable[str]) -> set[st
     return candidates - await referenced_media_keys(s) if candidates else set()
 
 
-_FACE_REFS = ("face_id", "a_id", "b_id")  # where job payloads name the faces they use
+_FACE_REFS = ("face_id", "a_id", "b_id")  # where job payloads name the faces they use (and more_ids)
+
+
+def _faces_used(payload: dict[str, Any]) -> set[Any]:
+    return {payload.get(ref) for ref in _FACE_REFS} | set(payload.get("more_ids") or ())
 
 
 async def _erase_jobs_using(s: AsyncSession, face_ids: set[int], *, user_id: int) -> set[str]:
@@ -170,7 +174,7 @@ async def _erase_jobs_using(s: AsyncSession, face_ids: set[int], *, user_id: int
     if not face_ids:
         return set()
     jobs = await s.scalars(select(Job).where(Job.user_id != user_id, Job.kind.in_(("morph", "mix"))))
-    using = [j for j in jobs if face_ids & {j.payload.get(ref) for ref in _FACE_REFS}]
+    using = [j for j in jobs if face_ids & _faces_used(j.payload)]
     keys: set[str] = set()
     for job in using:
         if job.status in ("queued", "running"):

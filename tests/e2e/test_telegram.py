@@ -115,14 +115,16 @@ async def test_group_selfies_then_morph_sends_an_mp4(world: World) -> None:
     await tg.wait_for("sendPhoto", replying_to(reply), timeout=120)
 
 
-async def test_someone_without_a_username_is_named_by_a_mention(world: World) -> None:
+async def test_a_tour_of_three_naming_someone_without_a_username(world: World) -> None:
     """Telegram links the name of a person who has no username (a text mention): that person."""
     tg = world.tg
     selfie = await tg.send_photo(ZOE, GROUP, astronaut(4), caption="/selfie")
     await tg.wait_for("sendPhoto", replying_to(selfie), timeout=120)
-    morph = await tg.send_text(ALICE, GROUP, f"/morph @alice {ZOE.first_name} 4", mentions=(ZOE,))
+    # A group tour: alice, zoe, carol, and back to alice (4 frames a leg, each leg's end left out).
+    morph = await tg.send_text(ALICE, GROUP, f"/morph @alice {ZOE.first_name} @carol 4", mentions=(ZOE,))
     video = await tg.wait_for("sendVideo", replying_to(morph), timeout=120)
-    assert video.params["caption"].startswith(f"Morph: Alice to {ZOE.first_name}, ")
+    assert video.params["caption"].startswith(
+        f"Morph: Alice to {ZOE.first_name} to Carol and back to Alice, 9 frames")
 
 
 async def test_privacy_nobody_refuses_the_morph_politely(world: World) -> None:

@@ -123,9 +123,10 @@ async def test_consent_matrix(svc: tuple[Service, Inbox]) -> None:
     await service.handle(Morph(origin=_origin("ann"), a=Target(me=True), b=Target(username="zed")))
     assert "don't know @zed" in inbox.last
     await service.handle(Morph(origin=_origin("ann"), a=Target(me=True), b=Target(me=True)))
-    assert inbox.last == "A morph needs two different faces."
+    assert inbox.last == "A morph needs different faces: each person once."
     await service.handle(Mix(origin=_origin("ann"), a=Target(me=True), b=Target(me=True)))
-    assert inbox.last == "A mix needs two different faces." and await _count(service, Job) == jobs
+    assert inbox.last == "A mix needs different faces: each person once."
+    assert await _count(service, Job) == jobs
 
 
 async def test_forget_erases_rows_and_files_but_not_shared_files(svc: tuple[Service, Inbox]) -> None:
@@ -375,3 +376,31 @@ async def test_the_gallery_deletes_one_item_with_every_file_of_it(svc: tuple[Ser
     assert await _count(service, Face) == 1 and not await _jobs(service, "invert")  # the friend's stays
     await service.handle(Press(origin=_origin("ann"), data=delete_face.data))
     assert "doesn't work any more" in inbox.last
+
+
+async def test_a_group_tour_asks_every_face_and_forget_takes_it_away(svc: tuple[Service, Inbox]) -> None:
+    """/morph through three people: each must allow it (whichever place they have), the same face
+    twice is refused, long tours share the frames of a two-face morph; forget erases the tour."""
+    service, inbox = svc
+    for user in ("ann", "bob", "cyd"):
+        await _give_face(service, user)
+    await service.handle(SetPrivacy(origin=_origin("cyd"), policy="nobody"))
+    three = [Target(me=True), Target(username="bob"), Target(username="cyd")]
+    await service.handle(Morph(origin=_origin("ann"), a=three[0], b=three[1], more=(three[2],)))
+    assert inbox.last == "Sorry, @cyd hasn't allowed their face to be used here."
+    await service.handle(SetPrivacy(origin=_origin("cyd"), policy="chat"))
+    await service.handle(Morph(origin=_origin("ann"), a=three[0], b=three[1],
+                               more=(Target(username="ann"),)))
+    assert "each person once" in inbox.last and not await _jobs(service, "morph")
+    await service.handle(Morph(origin=_origin("ann"), a=three[0], b=three[1], more=(three[2],),
+                               frames=120))
+    [tour] = await _jobs(service, "morph")
+    faces = [await _face_id(service, u) for u in ("ann", "bob", "cyd")]
+    assert tour.spec == MorphSpec(a_id=faces[0], b_id=faces[1], more_ids=faces[2:], frames=80,
+                                  names=["@ann", "@bob", "@cyd"])  # 2 x 120 frames shared by 3 legs
+    async with service.sessions.begin() as s:
+        tour = await s.get(Job, tour.id)
+        assert tour is not None
+        tour.status, tour.result = "done", {"media_key": service.media.put(b"tour", suffix=".mp4")}
+    await service.handle(Forget(origin=_origin("cyd"), confirmed=True))
+    assert not await _jobs(service, "morph")  # cyd's face was in it

@@ -24,6 +24,7 @@ from engine.morph import (
     mix_latents,
     morph_latents,
     render_frames,
+    tour_latents,
 )
 from engine.stylegan2 import Generator
 from engine.video import encode_gif, encode_mp4, probe, write_animation
@@ -248,3 +249,20 @@ def test_unknown_suffix_is_refused(rendered: Rendered, tmp_path: Path) -> None:
     with pytest.raises(EngineError, match=r"\.webm.*use \.mp4 or \.gif"):
         write_animation(rendered.frames, tmp_path / "out.webm", fps=24)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tour_passes_through_every_face_and_loops_back() -> None:
+    """A group morph: each face exactly at the start of its leg, and the frame after the last one
+    would be the first face again (no frame shown twice when the video loops)."""
+    gen = torch.Generator().manual_seed(5)
+    faces = [torch.randn(6, 8, generator=gen) for _ in range(3)]
+    ws = tour_latents(faces, frames=5)
+    assert ws.shape == (3 * 4, 6, 8)
+    for i, face in enumerate(faces):
+        assert torch.equal(ws[4 * i], face)
+    # The last frame lies on the way from the third face back to the first, short of it.
+    way, done = faces[0] - faces[2], ws[-1] - faces[2]
+    t = float((done * way).sum() / (way * way).sum())
+    assert 0.5 < t < 1 and torch.allclose(done, t * way, atol=1e-5)
+    with pytest.raises(EngineError, match="at least two"):
+        tour_latents(faces[:1], frames=5)

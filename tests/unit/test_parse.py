@@ -21,6 +21,13 @@ def test_commands() -> None:
         origin=GROUP, a=Target(me=True), b=Target(username="Bob"), frames=16, fmt="gif")
     assert parse("/mix@stylebot @a @b fine", origin=GROUP, bot_username="StyleBot") == Mix(
         origin=GROUP, a=Target(username="a"), b=Target(username="b"), layers="fine")
+    assert parse("/morph @a @b @c <@7> 12", origin=GROUP) == Morph(  # a group tour
+        origin=GROUP, a=Target(username="a"), b=Target(username="b"), frames=12,
+        more=(Target(username="c"), Target(user_id="7")))
+    with pytest.raises(Refusal, match="at most 8 faces"):
+        parse("/morph " + " ".join(f"@p{i}" for i in range(9)), origin=GROUP)
+    with pytest.raises(Refusal, match="Name two people"):
+        parse("/mix @a @b @c coarse", origin=GROUP)  # a mix is of two
     assert isinstance(parse("/me", origin=DM), ShowFaces)
     assert parse("/forget", origin=DM) == Forget(origin=DM)
     assert parse("/forget yes", origin=DM) == Forget(origin=DM, confirmed=True)

@@ -388,9 +388,8 @@ def gallery_text(faces: Sequence[Face], results: Sequence[Job], policy: str) -> 
 
 
 def _result_words(job: Job) -> str:
-    spec = job.spec
     if job.kind == "edit":
-        return f"edit \"{getattr(spec, 'text', '')}\""
+        return f"edit \"{(job.payload or {}).get('text', '')}\""
     *first, last = _all_names(job)
     return f"{'morph' if job.kind == 'morph' else 'mix'} of {', '.join(first)} and {last}"
 
@@ -461,7 +460,7 @@ def _names(job: Job) -> tuple[str, str]:
 
 def _all_names(job: Job) -> list[str]:
     """The people of a morph or mix in order, by name (older jobs kept none: A, B, ...)."""
-    spec = job.spec
-    count = 2 + len(getattr(spec, "more_ids", None) or [])
-    names = getattr(spec, "names", None) or []
+    payload = job.payload or {}
+    count = 2 + len(payload.get("more_ids") or [])
+    names = payload.get("names") or []
     return [str(names[i]) if i < len(names) else chr(ord("A") + i) for i in range(count)]

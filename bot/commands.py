@@ -18,6 +18,7 @@ __all__ = [
     "Edit",
     "Forget",
     "Help",
+    "Lineup",
     "Media",
     "Mix",
     "Morph",
@@ -76,6 +77,15 @@ class Morph:
 
 
 @dataclass(frozen=True)
+class Lineup:
+    """Everyone in the chat who shared a face (and allows it), with one text edit, in a grid."""
+
+    origin: Origin
+    text: str
+    strength: float | None = None
+
+
+@dataclass(frozen=True)
 class Edit:
     origin: Origin
     text: str
@@ -122,7 +132,7 @@ class Press:
     data: str
 
 
-Command = Selfie | Morph | Edit | Mix | ShowFaces | Forget | SetPrivacy | Help | Press
+Command = Selfie | Morph | Edit | Mix | Lineup | ShowFaces | Forget | SetPrivacy | Help | Press
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from bot.commands import (
     Edit,
     Forget,
     Help,
+    Lineup,
     Mix,
     Morph,
     Origin,
@@ -36,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "edit": "Edit your face with words: /edit smiling face [strength]",
     "morph": "Animate between faces: /morph @me @friend [@more...] [frames] [gif|mp4]",
     "mix": "Style mixing: /mix @a @b coarse|middle|fine",
+    "lineup": "Everyone here with one edit: /lineup smiling face [strength]",
     "me": "Your saved faces",
     "privacy": "Who may use your face: /privacy everyone|chat|nobody",
     "forget": "Erase everything about you",
@@ -98,13 +100,17 @@ def parse(
         if photo is None:
             raise Refusal(replies.SELFIE_NEEDS_A_PHOTO)
         return Selfie(origin=origin, photo=photo, label=words[0] if words else "default")
-    if name == "edit":
+    if name in ("edit", "lineup"):
         strength = None
         if len(words) > 1 and _NUMBER.match(words[-1]):
             strength = float(words[-1])
             if not -10 <= strength <= 10:
                 raise Refusal(replies.STRENGTH_RANGE)
             words = words[:-1]
+        if name == "lineup":
+            if not words:
+                raise Refusal(replies.LINEUP_NEEDS_TEXT)
+            return Lineup(origin=origin, text=" ".join(words), strength=strength)
         return Edit(origin=origin, text=" ".join(words), strength=strength,
                     method="optimize" if m["bang"] else "global")
     if name == "morph":

@@ -63,6 +63,7 @@ Send a selfie (in groups: a photo with the caption /selfie) and I save your face
 /edit! <text> - slower, stronger edit
 /morph @me @friend [frames] [gif|mp4] - an animation from one face to another
 /mix @a @b coarse|middle|fine - style mixing
+/lineup <text> - everyone here who shared a face, with one edit, in a grid
 /me - your saved faces
 /privacy everyone|chat|nobody - who may use your face in their morphs (default: chat)
 /forget - erase everything I keep about you
@@ -72,6 +73,8 @@ Try:
 /edit old man 6 (strength from -10 to 10; negative goes the other way)
 /edit! face with a beard
 /morph @me @alice 48 gif
+/morph @me @alice @bob @carol (a tour through everyone, looping)
+/lineup smiling face
 /mix @me @alice coarse (your face with Alice's pose and face shape)
 Buttons under each result try variations (weaker, stronger, reverse...)."""
 
@@ -275,6 +278,9 @@ def too_many_people(most: int) -> str:
     return f"A morph goes through at most {most} faces."
 
 
+LINEUP_NEEDS_TEXT = "Say what to change, e.g. /lineup smiling face"
+LINEUP_NOBODY = ("Nobody here has shared a face I may use yet. Send a selfie (in groups: a photo "
+                 "with the caption /selfie).")
 NAME_TWO_PEOPLE = "Name two people, e.g. /morph @me @friend (or reply to your friend's message)."
 SELFIE_NEEDS_A_PHOTO = "Send /selfie as the caption of a photo, or as a reply to a photo."
 STRENGTH_RANGE = "The strength is a number between -10 and 10."
@@ -388,8 +394,8 @@ def gallery_text(faces: Sequence[Face], results: Sequence[Job], policy: str) -> 
 
 
 def _result_words(job: Job) -> str:
-    if job.kind == "edit":
-        return f"edit \"{(job.payload or {}).get('text', '')}\""
+    if job.kind in ("edit", "lineup"):
+        return f"{job.kind} \"{(job.payload or {}).get('text', '')}\""
     *first, last = _all_names(job)
     return f"{'morph' if job.kind == 'morph' else 'mix'} of {', '.join(first)} and {last}"
 
@@ -444,6 +450,11 @@ def final_reply(job: Job, media: MediaStore) -> Reply:
         route = " to ".join(people) + (f" and back to {people[0]}" if len(people) > 2 else "")
         items = (Media(media.path(r["media_key"]), "video" if r.get("format") == "mp4" else "animation",
                        f"Morph: {route}, {r.get('frames')} frames{note}"),)
+    elif job.kind == "lineup":
+        who = ", ".join(_all_names(job))
+        items = (Media(media.path(r["media_key"]), "photo",
+                       f"Lineup: {r.get('text', '')}{_strength_note(r)} - {who} (left to right, "
+                       f"top to bottom){note}{_slow_edit_note(r)}"),)
     else:
         a, b = _names(job)
         layers = _LAYER_WORDS.get(str(r.get("layers")), str(r.get("layers")))
@@ -461,6 +472,6 @@ def _names(job: Job) -> tuple[str, str]:
 def _all_names(job: Job) -> list[str]:
     """The people of a morph or mix in order, by name (older jobs kept none: A, B, ...)."""
     payload = job.payload or {}
-    count = 2 + len(payload.get("more_ids") or [])
+    count = len(payload["face_ids"]) if "face_ids" in payload else 2 + len(payload.get("more_ids") or [])
     names = payload.get("names") or []
     return [str(names[i]) if i < len(names) else chr(ord("A") + i) for i in range(count)]

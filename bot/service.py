@@ -29,6 +29,7 @@ from bot.commands import (
     Edit,
     Forget,
     Help,
+    Lineup,
     Media,
     Mix,
     Morph,
@@ -47,7 +48,7 @@ from settings import Config
 from storage.media import MediaStore
 from storage.models import Job, User
 from storage.queue import JobQueue
-from storage.specs import EditSpec, InvertSpec, JobSpec, MixSpec, MorphSpec
+from storage.specs import MORPH_MAX_PEOPLE, EditSpec, InvertSpec, JobSpec, LineupSpec, MixSpec, MorphSpec
 
 __all__ = ["Deliver", "Service"]
 
@@ -81,6 +82,8 @@ class Service:
                 await self._pair(cmd)
             elif isinstance(cmd, Edit):
                 await self._edit(cmd)
+            elif isinstance(cmd, Lineup):
+                await self._lineup(cmd)
             elif isinstance(cmd, ShowFaces):
                 await self._show_faces(cmd)
             elif isinstance(cmd, SetPrivacy):
@@ -252,6 +255,21 @@ class Service:
             job = await self._submit(cmd.origin, spec, me.id, chat_id, s)
         await self._queued(cmd.origin, job, "the edit")
 
+    async def _lineup(self, cmd: Lineup) -> None:
+        """Up to MORPH_MAX_PEOPLE of the latest faces shared in the chat whose owners allow it."""
+        self._rate_limit(cmd.origin)
+        text = replies.clean_text(cmd.text, max_chars=self.config.limits.text_max_chars)
+        async with self.sessions.begin() as s:
+            me, chat_id = await self._user_and_chat(s, cmd.origin)
+            people = [(face, owner) for face, owner in await repo.faces_shared_in(s, chat_id=chat_id)
+                      if await self._consents(s, owner, me, chat_id)][:MORPH_MAX_PEOPLE]
+            if not people:
+                raise Refusal(replies.LINEUP_NOBODY)
+            spec = LineupSpec(face_ids=[f.id for f, _ in people], text=text, strength=cmd.strength,
+                              names=[replies.person_name(owner) for _, owner in people])
+            job = await self._submit(cmd.origin, spec, me.id, chat_id, s)
+        await self._queued(cmd.origin, job, "the lineup")
+
     async def _press(self, cmd: Press) -> None:
         """A button under a result: the job it asks for, checked as a typed command would be."""
         self._rate_limit(cmd.origin)
@@ -350,4 +368,6 @@ def _faces_of(spec: JobSpec) -> list[int]:
         return [spec.a_id, spec.b_id, *(spec.more_ids or [])]
     if isinstance(spec, MixSpec):
         return [spec.a_id, spec.b_id]
+    if isinstance(spec, LineupSpec):
+        return list(spec.face_ids)
     return []

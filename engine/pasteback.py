@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_ERODE",
     "DEFAULT_FEATHER",
     "MaskShape",
+    "image_grid",
     "paste_back",
     "paste_mask",
     "side_by_side",
@@ -189,6 +190,22 @@ def side_by_side(images: Sequence[Image.Image], *, height: int, gap: int = 8) ->
         panel.paste(t, (x, 0))
         x += t.width + gap
     return panel
+
+
+def image_grid(images: Sequence[Image.Image], *, side: int, gap: int = 8,
+               columns: int = 4) -> Image.Image:
+    """Square images in rows of up to ``columns`` (left to right, top to bottom), ``side`` px each,
+    on white."""
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    cols = min(columns, len(images))
+    rows = -(-len(images) // cols)
+    grid = Image.new("RGB", (cols * side + gap * (cols - 1), rows * side + gap * (rows - 1)),
+                     (255, 255, 255))
+    for i, im in enumerate(images):
+        tile = im.convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
+        grid.paste(tile, ((i % cols) * (side + gap), (i // cols) * (side + gap)))
+    return grid
 
 
 def _translate(tx: float, ty: float) -> _F64:

@@ -46,13 +46,13 @@ from engine.operations import (
     optimize_strength,
 )
 from engine.optim import batch_bucket
-from engine.pasteback import paste_back, side_by_side
+from engine.pasteback import image_grid, paste_back, side_by_side
 from engine.perceptual import load_perceptual
 from engine.progress import PreviewFn, ProgressFn, no_preview, no_progress
 from engine.video import write_animation
 from engine.weights import stylebot_home
 from settings import EngineConfig
-from storage.specs import MORPH_FPS, EditSpec, JobSpec, MixSpec, MorphSpec
+from storage.specs import MORPH_FPS, EditSpec, JobSpec, LineupSpec, MixSpec, MorphSpec
 
 __all__ = ["Engine", "FaceOut", "JobInput", "JobOutcome", "split_on_failure"]
 
@@ -314,7 +314,7 @@ class Engine:
         handler: Handler = {
             "invert": invert, "edit": self._edit,
             "morph": self._each(self._morph),
-            "mix": self._each(self._mix),
+            "mix": self._each(self._mix), "lineup": self._each(self._lineup),
         }[kind]
         with self._on_gpu(job=True):
             return split_on_failure(handler, list(inputs), progress)
@@ -485,6 +485,29 @@ class Engine:
         return JobOutcome(job.job_id, result={"frames": len(images), "format": spec.format,
                                               **self._labels()},
                           files={"media_key": (data, f".{spec.format}")})
+
+    def _lineup(self, job: JobInput) -> JobOutcome:
+        """One text edit of several faces, in a grid: global directions when the table is ready,
+        else the optimisation method."""
+        spec = job.spec
+        assert isinstance(spec, LineupSpec)
+        G = self.loaded.G
+        ws = torch.stack([self._latent(job, f"more{i}") for i in range(len(spec.face_ids))])
+        table = self.table.ready()
+        info: dict[str, Any]
+        if table is not None:
+            edit = global_edit(G, ws, table, self.clip, spec.text, neutral=neutral_prompt(self.loaded),
+                               strength=spec.strength)
+            images, info = edit.images, {"method": "global", "strength": edit.strength}
+        else:
+            strength = _fallback_strength(EditSpec(face_id=0, text=spec.text, strength=spec.strength))
+            res = optimize_edit(G, ws, [spec.text] * len(ws), self.clip, strengths=[strength] * len(ws),
+                                steps=self.edit_steps, identity=self.identity)
+            images, info = res.images, {"method": "optimize", "table_progress": self.table.progress}
+        grid = image_grid([tensor_to_pil(img) for img in images], side=_PANEL_HEIGHT)
+        return JobOutcome(job.job_id, result={**info, **self._labels(), "text": spec.text,
+                                              "people": len(ws)},
+                          files={"media_key": (_png(grid), ".png")})
 
     def _mix(self, job: JobInput) -> JobOutcome:
         spec = job.spec

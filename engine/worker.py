@@ -22,7 +22,7 @@ from settings import Config, EngineConfig, QueueConfig
 from storage.media import MediaStore
 from storage.models import Job
 from storage.queue import JobQueue, open_queue
-from storage.specs import JOB_KINDS, EditSpec, InvertSpec, MixSpec, MorphSpec
+from storage.specs import JOB_KINDS, EditSpec, InvertSpec, JobSpec, LineupSpec, MixSpec, MorphSpec
 
 __all__ = ["Worker", "WorkerSettings", "default_worker_id"]
 
@@ -151,17 +151,12 @@ class Worker:
         async with self.sessions() as s:
             latents: dict[str, Any] = {}
             photo = alignment = None
-            refs = [(name, getattr(spec, f"{name}_id", None)) for name in ("face", "a", "b")]
-            if isinstance(spec, MorphSpec):
-                refs += [(f"more{i}", face_id) for i, face_id in enumerate(spec.more_ids or [])]
-            for name, face_id in refs:
-                if face_id is None:
-                    continue
+            for index, (name, face_id) in enumerate(_face_refs(spec)):
                 face = await repo.get_face(s, int(face_id))
                 if face is None:
                     raise EngineError("that face was deleted; please send the selfie again")
-                if isinstance(spec, MorphSpec | MixSpec):  # its owner may have changed their mind
-                    await _check_consent(s, spec, name, face.user_id, job)
+                if isinstance(spec, MorphSpec | MixSpec | LineupSpec):  # owners may change their minds
+                    await _check_consent(s, spec, index, face.user_id, job)
                 if face.model_id != self.engine.model_id:
                     raise EngineError("that face was saved with another model; please send the "
                                       "selfie again")
@@ -254,12 +249,23 @@ class Worker:
             await self.queue.announce(ids)
 
 
-async def _check_consent(s: AsyncSession, spec: MorphSpec | MixSpec, name: str, owner_id: int,
-                         job: Job) -> None:
+def _face_refs(spec: JobSpec) -> list[tuple[str, int]]:
+    """The faces a job uses, (latent name, face id), in the order its people are named."""
+    if isinstance(spec, EditSpec):
+        return [("face", spec.face_id)]
+    if isinstance(spec, MorphSpec | MixSpec):
+        more = spec.more_ids or [] if isinstance(spec, MorphSpec) else []
+        return [("a", spec.a_id), ("b", spec.b_id), *((f"more{i}", f) for i, f in enumerate(more))]
+    if isinstance(spec, LineupSpec):
+        return [(f"more{i}", f) for i, f in enumerate(spec.face_ids)]
+    return []
+
+
+async def _check_consent(s: AsyncSession, spec: MorphSpec | MixSpec | LineupSpec, index: int,
+                         owner_id: int, job: Job) -> None:
     owner = await repo.get_user(s, owner_id)
     if owner is None or not await repo.may_use_faces_of(s, owner=owner, asker_id=job.user_id,
                                                         chat_id=job.chat_id):
-        index = {"a": 0, "b": 1}[name] if name in ("a", "b") else 2 + int(name.removeprefix("more"))
         who = spec.names[index] if spec.names and index < len(spec.names) else "someone in it"
         raise EngineError(f"{who} no longer allows their face to be used here")
 

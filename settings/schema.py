@@ -209,6 +209,7 @@ class TimeoutsConfig(Section):
     edit: int = _int(600, 1)
     morph: int = _int(300, 1)
     mix: int = _int(120, 1)
+    lineup: int = _int(600, 1)
     directions: int = _int(7200, 1)
 
 

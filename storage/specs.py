@@ -18,6 +18,7 @@ __all__ = [
     "EditSpec",
     "InvertSpec",
     "JobSpec",
+    "LineupSpec",
     "MixSpec",
     "MorphSpec",
     "spec_of",
@@ -84,8 +85,20 @@ class MixSpec(_Spec):
     names: list[str] | None = None  # the two people, as captions name them
 
 
-JobSpec = InvertSpec | EditSpec | MorphSpec | MixSpec
-_BY_KIND: dict[str, type[JobSpec]] = {cls.kind: cls for cls in (InvertSpec, EditSpec, MorphSpec, MixSpec)}
+@dataclass(frozen=True, kw_only=True)
+class LineupSpec(_Spec):
+    """The same text edit of several people's faces, in one grid (a group demo)."""
+
+    kind: ClassVar[str] = "lineup"
+    face_ids: list[int]
+    text: str
+    names: list[str] | None = None  # the people, in the grid's order
+    strength: float | None = None
+
+
+JobSpec = InvertSpec | EditSpec | MorphSpec | MixSpec | LineupSpec
+_BY_KIND: dict[str, type[JobSpec]] = {cls.kind: cls for cls in (InvertSpec, EditSpec, MorphSpec, MixSpec,
+                                                                 LineupSpec)}
 JOB_KINDS = tuple(_BY_KIND)
 
 

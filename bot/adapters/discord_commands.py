@@ -27,7 +27,19 @@ from discord import app_commands
 
 from bot import commands
 from bot.adapters.discord_send import LiveInteractions
-from bot.commands import Command, Edit, Forget, Help, Mix, Morph, Origin, SetPrivacy, ShowFaces, Target
+from bot.commands import (
+    Command,
+    Edit,
+    Forget,
+    Help,
+    Lineup,
+    Mix,
+    Morph,
+    Origin,
+    SetPrivacy,
+    ShowFaces,
+    Target,
+)
 from bot.parse import COMMANDS
 from bot.replies import OOPS
 from bot.service import Service
@@ -131,6 +143,12 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: SlashHost, servic
                   layers: Literal["coarse", "middle", "fine"] = "coarse") -> None:
         await run(interaction, lambda o: Mix(origin=o, a=_target(a, interaction.user),
                                              b=_target(b, interaction.user), layers=layers))
+
+    @tree.command(name="lineup", description=desc("lineup"))
+    @app_commands.describe(text="What to change, e.g. smiling face", strength="-10 to 10 (default 4)")
+    async def lineup(interaction: discord.Interaction, text: str,
+                     strength: app_commands.Range[float, -10, 10] | None = None) -> None:
+        await run(interaction, lambda o: Lineup(origin=o, text=text, strength=strength))
 
     @tree.command(name="me", description=desc("me"))
     async def me(interaction: discord.Interaction) -> None:

@@ -17,6 +17,7 @@ from storage.repo.delivery import (
 from storage.repo.faces import (
     erase_item,
     face_media_keys,
+    faces_shared_in,
     forget_user,
     get_face,
     latent_of,
@@ -74,6 +75,7 @@ __all__ = [
     "end_reply",
     "erase_item",
     "face_media_keys",
+    "faces_shared_in",
     "fail_job",
     "find_user",
     "find_user_by_username",

@@ -16,6 +16,7 @@ from storage.repo._util import expunge_where, insert_ignore, media_keys_in, plai
 __all__ = [
     "erase_item",
     "face_media_keys",
+    "faces_shared_in",
     "forget_user",
     "get_face",
     "latent_of",
@@ -125,6 +126,20 @@ async def shared_in_chat(s: AsyncSession, *, user_id: int, chat_id: int) -> bool
     return bool(await s.scalar(select(query)))
 
 
+async def faces_shared_in(s: AsyncSession, *, chat_id: int) -> list[tuple[Face, User]]:
+    """Each person's latest face shared in the chat, with its owner, most recent first."""
+    rows = await s.execute(select(Face, User).join(FaceShare, FaceShare.face_id == Face.id)
+                           .join(User, User.id == Face.user_id).where(FaceShare.chat_id == chat_id)
+                           .order_by(Face.created_at.desc(), Face.id.desc()))
+    seen: set[int] = set()
+    out = []
+    for face, user in rows:
+        if user.id not in seen:
+            seen.add(user.id)
+            out.append((face, user))
+    return out
+
+
 async def may_use_faces_of(s: AsyncSession, *, owner: User, asker_id: int | None,
                            chat_id: int | None) -> bool:
     """Whether ``owner``'s privacy lets the asker put their face in a morph or mix in the chat: the
@@ -160,11 +175,12 @@ async def orphaned_media_keys(s: AsyncSession, *, keys: Iterable[str]) -> set[st
     return candidates - await referenced_media_keys(s) if candidates else set()
 
 
-_FACE_REFS = ("face_id", "a_id", "b_id")  # where job payloads name the faces they use (and more_ids)
+_FACE_REFS = ("face_id", "a_id", "b_id")  # where job payloads name the faces they use (and lists)
 
 
 def _faces_used(payload: dict[str, Any]) -> set[Any]:
-    return {payload.get(ref) for ref in _FACE_REFS} | set(payload.get("more_ids") or ())
+    return ({payload.get(ref) for ref in _FACE_REFS} | set(payload.get("more_ids") or ())
+            | set(payload.get("face_ids") or ()))
 
 
 async def _erase_jobs_using(s: AsyncSession, face_ids: set[int], *, user_id: int) -> set[str]:
@@ -173,7 +189,8 @@ async def _erase_jobs_using(s: AsyncSession, face_ids: set[int], *, user_id: int
     Returns the media keys the deleted rows referenced."""
     if not face_ids:
         return set()
-    jobs = await s.scalars(select(Job).where(Job.user_id != user_id, Job.kind.in_(("morph", "mix"))))
+    jobs = await s.scalars(select(Job).where(Job.user_id != user_id,
+                                             Job.kind.in_(("morph", "mix", "lineup"))))
     using = [j for j in jobs if face_ids & _faces_used(j.payload)]
     keys: set[str] = set()
     for job in using:

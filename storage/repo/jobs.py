@@ -343,6 +343,6 @@ async def count_queued(
 async def recent_results(s: AsyncSession, *, user_id: int, limit: int) -> list[Job]:
     """The user's latest finished edits, morphs and mixes, newest first (their gallery)."""
     query = (select(Job).where(Job.user_id == user_id, Job.status == "done",
-                               Job.kind.in_(("edit", "morph", "mix")))
+                               Job.kind.in_(("edit", "morph", "mix", "lineup")))
              .order_by(Job.finished_at.desc(), Job.id.desc()).limit(limit))
     return list(await s.scalars(query))

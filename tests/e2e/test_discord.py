@@ -50,12 +50,14 @@ async def test_connects_and_registers_slash_commands(world: World) -> None:
     assert not intents & (1 << 15)  # no privileged Message Content unless [discord] message_content
     assert fake.gateway_query.get("encoding") == "json"
     names = {c["name"] for c in fake.commands}
-    assert names == {"selfie", "morph", "edit", "mix", "me", "privacy", "forget", "help"}
+    assert names == {"selfie", "morph", "edit", "mix", "lineup", "me", "privacy", "forget", "help"}
     selfie = next(c for c in fake.commands if c["name"] == "selfie")
     photo = next(o for o in selfie["options"] if o["name"] == "photo")
     assert photo["type"] == 11 and photo["required"] is True  # an ATTACHMENT option
     morph = next(c for c in fake.commands if c["name"] == "morph")
     assert [o["type"] for o in morph["options"][:2]] == [6, 6]  # two USER options
+    more = [o for o in morph["options"] if o["name"] in "cdefgh"]  # a group tour's, optional
+    assert [(o["type"], o.get("required", False)) for o in more] == [(6, False)] * 6
 
 
 async def _slash_selfie(fake: FakeDiscord, user: str, data: bytes, name: str) -> str:

@@ -125,6 +125,11 @@ async def test_a_tour_of_three_naming_someone_without_a_username(world: World) -
     video = await tg.wait_for("sendVideo", replying_to(morph), timeout=120)
     assert video.params["caption"].startswith(
         f"Morph: Alice to {ZOE.first_name} to Carol and back to Alice, 9 frames")
+    lineup = await tg.send_text(CAROL, GROUP, "/lineup smiling face")
+    grid = await tg.wait_for("sendPhoto", replying_to(lineup), timeout=120)
+    caption = grid.params["caption"]
+    assert caption.startswith("Lineup: smiling face") and "(left to right, top to bottom)" in caption
+    assert all(name in caption for name in ("Alice", "Bob", "Carol", ZOE.first_name))
 
 
 async def test_privacy_nobody_refuses_the_morph_politely(world: World) -> None:

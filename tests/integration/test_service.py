@@ -20,11 +20,24 @@ from sqlalchemy import func, select
 
 import storage.repo as repo
 from bot import buttons
-from bot.commands import Forget, Help, Mix, Morph, Origin, Press, Reply, Selfie, SetPrivacy, ShowFaces, Target
-from bot.replies import DELETED
+from bot.commands import (
+    Forget,
+    Help,
+    Lineup,
+    Mix,
+    Morph,
+    Origin,
+    Press,
+    Reply,
+    Selfie,
+    SetPrivacy,
+    ShowFaces,
+    Target,
+)
+from bot.replies import DELETED, LINEUP_NOBODY
 from bot.service import Service
 from storage.models import Face, Job, User, utcnow
-from storage.specs import EditSpec, JobSpec, MorphSpec
+from storage.specs import EditSpec, JobSpec, LineupSpec, MorphSpec
 
 from .drills import Inbox
 
@@ -404,3 +417,19 @@ async def test_a_group_tour_asks_every_face_and_forget_takes_it_away(svc: tuple[
         tour.status, tour.result = "done", {"media_key": service.media.put(b"tour", suffix=".mp4")}
     await service.handle(Forget(origin=_origin("cyd"), confirmed=True))
     assert not await _jobs(service, "morph")  # cyd's face was in it
+
+
+async def test_a_lineup_takes_everyone_here_who_allows_it(svc: tuple[Service, Inbox]) -> None:
+    service, inbox = svc
+    await service.handle(Lineup(origin=_origin("ann", chat="empty"), text="smiling face"))
+    assert inbox.last == LINEUP_NOBODY and not await _jobs(service, "lineup")
+    for user in ("ann", "bob", "cyd"):
+        await _give_face(service, user)
+    await _give_face(service, "dee", chat="elsewhere")  # not shared here
+    await service.handle(SetPrivacy(origin=_origin("cyd"), policy="nobody"))
+    await service.handle(Lineup(origin=_origin("ann"), text="smiling face", strength=3))
+    assert "queue" in inbox.last
+    [job] = await _jobs(service, "lineup")
+    ids = {u: await _face_id(service, u) for u in ("ann", "bob")}
+    assert job.spec == LineupSpec(face_ids=[ids["bob"], ids["ann"]], text="smiling face", strength=3.0,
+                                  names=["@bob", "@ann"])  # latest first; cyd said nobody

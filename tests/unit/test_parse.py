@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.commands import Edit, Forget, Help, Mix, Morph, Origin, Selfie, SetPrivacy, ShowFaces, Target
+from bot.commands import Edit, Forget, Help, Lineup, Mix, Morph, Origin, Selfie, SetPrivacy, ShowFaces, Target
 from bot.parse import parse
 from bot.replies import Refusal
 
@@ -28,6 +28,10 @@ def test_commands() -> None:
         parse("/morph " + " ".join(f"@p{i}" for i in range(9)), origin=GROUP)
     with pytest.raises(Refusal, match="Name two people"):
         parse("/mix @a @b @c coarse", origin=GROUP)  # a mix is of two
+    assert parse("/lineup smiling face 3", origin=GROUP) == Lineup(origin=GROUP, text="smiling face",
+                                                                   strength=3.0)
+    with pytest.raises(Refusal, match="Say what to change"):
+        parse("/lineup", origin=GROUP)
     assert isinstance(parse("/me", origin=DM), ShowFaces)
     assert parse("/forget", origin=DM) == Forget(origin=DM)
     assert parse("/forget yes", origin=DM) == Forget(origin=DM, confirmed=True)

@@ -15,7 +15,7 @@ from engine.align import align_face, load_photo
 from engine.images import tensor_to_pil
 from engine.progress import ProgressFn, no_progress
 from engine.runner import Engine, JobInput, JobOutcome, _jpeg, split_on_failure
-from storage.specs import EditSpec, InvertSpec
+from storage.specs import EditSpec, InvertSpec, LineupSpec
 
 
 def _inputs(n: int) -> list[JobInput]:
@@ -139,3 +139,16 @@ def test_edits_use_the_optimisation_until_the_table_is_built_between_jobs(
     (fast,) = edit_engine.run_batch("edit", [_edit_job("e4", face, strength=-3.0)])
     assert fast.error is None and fast.result["method"] == "global" and "table_progress" not in fast.result
     assert not edit_engine.idle_work()  # nothing left to do between jobs
+
+
+def test_a_lineup_is_one_grid_of_everyone_with_the_same_edit(edit_engine: Engine) -> None:
+    latents = {f"more{i}": _latent(edit_engine, seed) for i, seed in enumerate((1, 2, 3))}
+    spec = LineupSpec(face_ids=[1, 2, 3], text="smiling face", names=["a", "b", "c"])
+    [out] = edit_engine.run_batch("lineup", [JobInput(job_id="l1", spec=spec, latents=latents)])
+    assert out.error is None, out.error
+    grid = Image.open(io.BytesIO(out.files["media_key"][0]))
+    assert grid.size == (3 * 256 + 2 * 8, 256) and out.result["people"] == 3
+    cells = [np.asarray(grid.crop((i * 264, 0, i * 264 + 256, 256))).astype(float) for i in range(3)]
+    assert all(np.abs(cells[i] - cells[j]).mean() > 1 for i in range(3) for j in range(i))  # 3 faces
+    [bad] = edit_engine.run_batch("lineup", [JobInput(job_id="l2", spec=spec, latents={})])
+    assert bad.error is not None and "another model" in bad.error

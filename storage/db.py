@@ -131,6 +131,10 @@ def _upgrade_sync(connection: Connection, url: str) -> None:
 
 async def _lock_for_migration(connection: AsyncConnection) -> None:
     if connection.dialect.name == "sqlite":
+        # A migration that rebuilds a table drops it: with foreign keys on, SQLite first deletes its
+        # rows, cascading to every row that references them. Off for this connection (outside the
+        # transaction, where the pragma works); checked before the commit.
+        await connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
         await connection.exec_driver_sql("BEGIN IMMEDIATE")
     elif connection.dialect.name == "postgresql":
         await connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
@@ -143,6 +147,10 @@ async def upgrade(url: str) -> None:
         async with engine.connect() as connection:
             await _lock_for_migration(connection)
             await connection.run_sync(_upgrade_sync, url)
+            if connection.dialect.name == "sqlite":
+                broken = (await connection.exec_driver_sql("PRAGMA foreign_key_check")).all()
+                if broken:
+                    raise RuntimeError(f"a migration left rows whose references are gone: {broken[:5]}")
             await connection.commit()
     finally:
         await engine.dispose()

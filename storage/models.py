@@ -42,6 +42,7 @@ __all__ = [
     "Base",
     "Chat",
     "ChatMember",
+    "ConsentGrant",
     "Face",
     "FaceShare",
     "Job",
@@ -50,9 +51,9 @@ __all__ = [
     "utcnow",
 ]
 
-PRIVACY_POLICIES = ("everyone", "chat", "nobody")
+PRIVACY_POLICIES = ("everyone", "chat", "ask", "nobody")
 CHAT_KINDS = ("private", "group")
-JOB_STATUSES = ("queued", "running", "done", "failed")
+JOB_STATUSES = ("held", "queued", "running", "done", "failed")  # held: waiting for consent
 REPLY_OUTCOMES = ("delivered", "undeliverable", "gave_up")
 
 NAMING_CONVENTION = {
@@ -168,6 +169,16 @@ class FaceShare(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class ConsentGrant(Base):
+    """"Always allow this person": ``grantee`` may use ``owner``'s faces without asking."""
+
+    __tablename__ = "consent_grants"
+
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    grantee_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
@@ -191,6 +202,8 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(64))
     reply_to: Mapped[dict[str, Any]] = mapped_column()  # opaque to storage: where the adapter replies
+    # People asked for their consent (privacy "ask"): {"waiting": [user ids], "allowed": [user ids]}
+    consent: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     chat_id: Mapped[int | None] = mapped_column(ForeignKey("chats.id", ondelete="SET NULL"))
     lease_owner: Mapped[str | None] = mapped_column(String(128))

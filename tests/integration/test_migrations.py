@@ -54,7 +54,7 @@ async def test_upgrade_builds_an_empty_database_to_head_and_is_idempotent(
     assert await current_revision(url) is None
     await upgrade(url)
     head = _head(url)
-    assert head == "0002"
+    assert head == "0003"
     assert await current_revision(url) == head
     assert await _tables(url) >= TABLES
     await upgrade(url)  # again: a no-op, not an error
@@ -93,6 +93,61 @@ async def test_jobs_replied_to_before_delivery_state_existed_count_as_delivered(
     finally:
         await engine.dispose()
     assert [tuple(r) for r in rows] == [("old", "delivered", 0, None), ("pending", None, 0, None)]
+
+
+def _to_0002(connection: Connection, url: str) -> None:
+    cfg = alembic_config(url)
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, "0002")
+
+
+async def test_consent_revision_keeps_every_row_and_the_cascades(fresh_url: str) -> None:
+    """0003 rebuilds users and jobs on SQLite: nothing referencing them may be lost on the way
+    (with foreign keys on, dropping a table deletes its rows and cascades), and the cascades work
+    after it; the new values are allowed, others still refused."""
+    url = fresh_url
+    at = "'2026-12-01 10:00:00+00:00'"
+    rows = [
+        f"INSERT INTO users (id, platform, platform_user_id, privacy, created_at) VALUES "
+        f"(1, 't', 'ann', 'chat', {at}), (2, 't', 'bob', 'nobody', {at})",
+        "INSERT INTO chats (id, platform, platform_chat_id, kind, created_at) VALUES "
+        f"(1, 't', 'g', 'group', {at})",
+        f"INSERT INTO chat_members (chat_id, user_id, seen_at) VALUES (1, 1, {at}), (1, 2, {at})",
+        "INSERT INTO faces (id, user_id, label, model_id, latent, num_ws, w_dim, aligned_key, photo_key, "
+        f"reconstruction_key, alignment, quality, created_at) VALUES (1, 1, 'default', 'm', X'00000000', "
+        f"1, 1, 'a', 'p', 'r', '{{}}', '{{}}', {at})",
+        f"INSERT INTO face_shares (face_id, chat_id, created_at) VALUES (1, 1, {at})",
+        "INSERT INTO jobs (id, kind, model, payload, status, attempts, max_attempts, timeout_s, progress, "
+        f"reply_to, user_id, chat_id, created_at) VALUES ('j1', 'mix', 'm', '{{}}', 'done', 1, 3, 60, 1, "
+        f"'{{}}', 1, 1, {at})",
+    ]
+    engine = make_db(url)
+    try:
+        async with engine.connect() as conn:
+            await conn.run_sync(_to_0002, url)
+            for sql in rows:
+                await conn.execute(text(sql.replace("X'00000000'", "'\\x00000000'")
+                                        if conn.dialect.name == "postgresql" else sql))
+            await conn.commit()
+        await upgrade(url)
+        counts = {}
+        async with engine.connect() as conn:
+            for table in ("users", "chats", "chat_members", "faces", "face_shares", "jobs"):
+                counts[table] = (await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one()
+            await conn.execute(text("UPDATE users SET privacy = 'ask' WHERE id = 2"))
+            await conn.execute(text("UPDATE jobs SET status = 'held' WHERE id = 'j1'"))
+            await conn.commit()
+            with pytest.raises(Exception, match="(?i)check"):
+                await conn.execute(text("UPDATE users SET privacy = 'bogus' WHERE id = 1"))
+            await conn.rollback()
+            await conn.execute(text("DELETE FROM users WHERE id = 1"))
+            await conn.commit()
+            left = {t: (await conn.execute(text(f"SELECT count(*) FROM {t}"))).scalar_one()
+                    for t in ("faces", "face_shares", "jobs", "chat_members")}
+    finally:
+        await engine.dispose()
+    assert counts == {"users": 2, "chats": 1, "chat_members": 2, "faces": 1, "face_shares": 1, "jobs": 1}
+    assert left == {"faces": 0, "face_shares": 0, "jobs": 0, "chat_members": 1}  # ann's went with her
 
 
 def _diff(connection: Connection) -> list[object]:

@@ -15,8 +15,18 @@ from bot.commands import Button
 from storage.models import Job
 from storage.specs import EditSpec, JobSpec, MorphSpec
 
-__all__ = ["DELETE", "STRENGTH_LIMIT", "STRENGTH_STEP", "buttons_for", "decode", "delete_buttons", "encode",
-           "follow_up"]
+__all__ = [
+    "CONSENT_ACTIONS",
+    "DELETE",
+    "consent_buttons",
+    "STRENGTH_LIMIT",
+    "STRENGTH_STEP",
+    "buttons_for",
+    "decode",
+    "delete_buttons",
+    "encode",
+    "follow_up",
+]
 
 STRENGTH_STEP = 2.0  # weaker / stronger move a global edit's strength by this
 STRENGTH_LIMIT = 10.0  # as /edit's strength: -10..10
@@ -28,6 +38,7 @@ SELFIE_EDITS = {"smile": "a smiling face", "older": "an old face", "younger": "a
 _EDIT_ACTIONS = ("weaker", "stronger", "thorough")
 _MORPH_ACTIONS = ("gif", "mp4", "reverse", "slower", "faster")
 DELETE = "delete"  # under a gallery item (/me): erase that one face or result
+CONSENT_ACTIONS = ("allow", "always", "deny")  # under a consent ask, for the person asked
 
 
 def encode(job_id: str, action: str) -> str:
@@ -59,6 +70,12 @@ def buttons_for(job: Job) -> tuple[tuple[Button, ...], ...]:
         other = "gif" if result.get("format", "mp4") == "mp4" else "mp4"
         return (_row(job, [other, "reverse", "slower", "faster"]),)
     return ()
+
+
+def consent_buttons(job_id: str, asker: str) -> tuple[tuple[Button, ...], ...]:
+    """Allow once / Always allow <asker> / Deny, under the ask for a held job."""
+    labels = {"allow": "Allow once", "always": f"Always allow {asker}"[:60], "deny": "Deny"}
+    return (tuple(Button(labels[a], encode(job_id, a)) for a in CONSENT_ACTIONS),)
 
 
 def delete_buttons(items: list[tuple[str, str]]) -> tuple[tuple[Button, ...], ...]:

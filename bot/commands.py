@@ -116,7 +116,7 @@ class Forget:
 @dataclass(frozen=True)
 class SetPrivacy:
     origin: Origin
-    policy: Literal["everyone", "chat", "nobody"] | None = None  # None: show the current one
+    policy: Literal["everyone", "chat", "ask", "nobody"] | None = None  # None: show the current one
 
 
 @dataclass(frozen=True)

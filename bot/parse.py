@@ -39,7 +39,7 @@ COMMANDS: dict[str, str] = {
     "mix": "Style mixing: /mix @a @b coarse|middle|fine",
     "lineup": "Everyone here with one edit: /lineup smiling face [strength]",
     "me": "Your saved faces",
-    "privacy": "Who may use your face: /privacy everyone|chat|nobody",
+    "privacy": "Who may use your face: /privacy everyone|chat|ask|nobody",
     "forget": "Erase everything about you",
 }
 
@@ -138,7 +138,7 @@ def parse(
     if name == "privacy":
         if not words:
             return SetPrivacy(origin=origin)
-        if words[0].lower() not in ("everyone", "chat", "nobody"):
+        if words[0].lower() not in ("everyone", "chat", "ask", "nobody"):
             raise Refusal(replies.PRIVACY_POLICIES)
         return SetPrivacy(origin=origin, policy=words[0].lower())  # type: ignore[arg-type]
     raise Refusal(replies.UNKNOWN_COMMAND.format(name[:32]))

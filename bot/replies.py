@@ -65,7 +65,7 @@ Send a selfie (in groups: a photo with the caption /selfie) and I save your face
 /mix @a @b coarse|middle|fine - style mixing
 /lineup <text> - everyone here who shared a face, with one edit, in a grid
 /me - your saved faces
-/privacy everyone|chat|nobody - who may use your face in their morphs (default: chat)
+/privacy everyone|chat|ask|nobody - who may use your face in morphs and lineups (default: chat)
 /forget - erase everything I keep about you
 
 Try:
@@ -285,7 +285,7 @@ NAME_TWO_PEOPLE = "Name two people, e.g. /morph @me @friend (or reply to your fr
 SELFIE_NEEDS_A_PHOTO = "Send /selfie as the caption of a photo, or as a reply to a photo."
 STRENGTH_RANGE = "The strength is a number between -10 and 10."
 MIX_LAYERS = "Say which styles to mix: /mix @a @b coarse|middle|fine"
-PRIVACY_POLICIES = "Privacy is one of: everyone, chat, nobody."
+PRIVACY_POLICIES = "Privacy is one of: everyone, chat, ask, nobody."
 NOT_A_PERSON = "I expected @someone or @me, not {!r}."  # .format(the word, cut to 40)
 NOT_A_MORPH_OPTION = "I didn't understand {!r}. Try /morph @me @friend 32 mp4"  # ... the word
 UNKNOWN_COMMAND = "I don't know /{}. Send /help for what I can do."  # ... the command, cut to 32
@@ -354,8 +354,28 @@ def no_consent(who: str) -> str:
 def privacy_text(policy: str) -> str:
     meaning = {"everyone": "anyone may use your face in their morphs",
                "chat": "people in chats where you shared your face may use it",
+               "ask": "I ask you each time someone wants your face (or always allow them)",
                "nobody": "only you may use your face"}[policy]
-    return f"Privacy: {policy} ({meaning}). Change it with /privacy everyone|chat|nobody."
+    return f"Privacy: {policy} ({meaning}). Change it with /privacy everyone|chat|ask|nobody."
+
+
+def ask_consent(owner: User, asker: User, kind: str, wait_min: int) -> str:
+    """The ask, in the chat where someone wants ``owner``'s face (only ``owner`` can answer)."""
+    return (f"{person_name(owner)}, {person_name(asker)} would like to use your face in a {kind}. "
+            f"Only you can answer; I'll wait {wait_min} minute{'s' if wait_min != 1 else ''}.")
+
+
+def said_no(who: str) -> str:
+    return f"{who} said no to using their face."
+
+
+def no_answer(wait_min: int) -> str:
+    return f"nobody answered my question within {wait_min} minute{'s' if wait_min != 1 else ''}."
+
+
+NOT_YOURS_TO_ANSWER = "Only the person who was asked can answer this."
+ANSWERED = {"allow": "Thanks: allowed this once.", "always": "Thanks: they may use your face from now on.",
+            "deny": "OK: your face will not be used."}
 
 
 def quality_words(psnr: float) -> str:

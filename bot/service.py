@@ -11,12 +11,14 @@ Answers that concern only the asker (refusals, errors, /me, /privacy, /forget) a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import math
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -46,7 +48,7 @@ from bot.replies import Refusal
 from bot.reply_pump import Deliver, ReplyPump
 from settings import Config
 from storage.media import MediaStore
-from storage.models import Job, User
+from storage.models import Job, User, utcnow
 from storage.queue import JobQueue
 from storage.specs import MORPH_MAX_PEOPLE, EditSpec, InvertSpec, JobSpec, LineupSpec, MixSpec, MorphSpec
 
@@ -54,6 +56,7 @@ __all__ = ["Deliver", "Service"]
 
 log = logging.getLogger("stylebot.service")
 
+_EXPIRY_EVERY_S = 5.0  # how often unanswered consent asks are looked for
 _GALLERY_RESULTS = 5  # /me lists this many of the latest results, each with a delete button
 
 
@@ -140,13 +143,13 @@ class Service:
             raise Refusal(replies.CHAT_JOBS_OPEN)
 
     async def _submit(self, origin: Origin, spec: JobSpec, user_id: int, chat_id: int,
-                      s: AsyncSession) -> Job:
+                      s: AsyncSession, *, waiting_for: Sequence[int] = ()) -> Job:
         await self._check_limits(s, user_id, chat_id)
         return await repo.create_job(
             s, kind=spec.kind, model=self.config.engine.model, payload=spec.payload(), user_id=user_id,
             chat_id=chat_id, reply_to={**origin.reply_to, "group": origin.chat_kind == "group"},
             max_attempts=self.config.queue.max_attempts,
-            timeout_s=float(getattr(self.config.timeouts, spec.kind)))
+            timeout_s=float(getattr(self.config.timeouts, spec.kind)), waiting_for=waiting_for)
 
     async def _queued(self, origin: Origin, job: Job, what: str) -> None:
         """The job row is committed: tell the workers and the user; remember the message.
@@ -209,7 +212,8 @@ class Service:
         return user
 
     async def _consents(self, s: AsyncSession, owner: User, asker: User, chat_id: int) -> bool:
-        return await repo.may_use_faces_of(s, owner=owner, asker_id=asker.id, chat_id=chat_id)
+        """Yes without asking (a button press, a lineup: people with privacy "ask" are not asked)."""
+        return await repo.consent_of(s, owner=owner, asker_id=asker.id, chat_id=chat_id) == "yes"
 
     async def _pair(self, cmd: Morph | Mix) -> None:
         self._rate_limit(cmd.origin)
@@ -218,14 +222,17 @@ class Service:
             raise Refusal(replies.frames_range(self.config.limits.morph_max_frames))
         async with self.sessions.begin() as s:
             me, chat_id = await self._user_and_chat(s, cmd.origin)
-            faces, names = [], []
+            faces, names, ask = [], [], []
             for target in (cmd.a, cmd.b, *(cmd.more if isinstance(cmd, Morph) else ())):
                 person = await self._resolve(s, cmd.origin, me, target)
                 face = await repo.latest_face(s, user_id=person.id)
                 if face is None:
                     raise Refusal(replies.no_face_for(target.describe()))
-                if not await self._consents(s, person, me, chat_id):
+                consent = await repo.consent_of(s, owner=person, asker_id=me.id, chat_id=chat_id)
+                if consent == "no":
                     raise Refusal(replies.no_consent(target.describe()))
+                if consent == "ask" and person not in ask:
+                    ask.append(person)
                 faces.append(face)
                 names.append(replies.person_name(person))
             if len({f.id for f in faces}) < len(faces):
@@ -240,8 +247,15 @@ class Service:
                                  more_ids=[f.id for f in faces[2:]] or None)
             else:
                 spec = MixSpec(a_id=faces[0].id, b_id=faces[1].id, layers=cmd.layers, names=names)
-            job = await self._submit(cmd.origin, spec, me.id, chat_id, s)
-        await self._queued(cmd.origin, job, "the morph" if kind == "morph" else "the mix")
+            job = await self._submit(cmd.origin, spec, me.id, chat_id, s,
+                                     waiting_for=[p.id for p in ask])
+        if not ask:
+            await self._queued(cmd.origin, job, "the morph" if kind == "morph" else "the mix")
+            return
+        wait_min = max(1, round(self.config.limits.consent_wait_s / 60))
+        for person in ask:  # asked here, where the asker is: only they can press the buttons
+            await self.say(cmd.origin, replies.ask_consent(person, me, kind, wait_min),
+                           buttons=buttons.consent_buttons(job.id, replies.person_name(me)))
 
     async def _edit(self, cmd: Edit) -> None:
         self._rate_limit(cmd.origin)
@@ -276,6 +290,9 @@ class Service:
         decoded = buttons.decode(cmd.data)
         if decoded is not None and decoded[1] == buttons.DELETE:
             await self._delete_item(cmd, decoded[0])
+            return
+        if decoded is not None and decoded[1] in buttons.CONSENT_ACTIONS:
+            await self._answer(cmd, decoded[0], decoded[1])
             return
         async with self.sessions.begin() as s:
             job = await repo.get_job(s, decoded[0]) if decoded else None
@@ -313,6 +330,32 @@ class Service:
         if media:
             await self.say(cmd.origin, "Your faces:", media=media, private=True)
         await self.say(cmd.origin, text, private=True, buttons=buttons.delete_buttons(items))
+
+    async def _answer(self, cmd: Press, job_id: str, action: str) -> None:
+        """Allow once, always allow, or deny: the answer of someone a held job asked."""
+        async with self.sessions.begin() as s:
+            me = await repo.find_user(s, platform=cmd.origin.platform, platform_user_id=cmd.origin.user_id)
+            job = await repo.get_job(s, job_id)
+            if job is None or job.status != "held":
+                raise Refusal(replies.BUTTON_STALE)
+            if me is None or me.id not in (job.consent or {}).get("waiting", []):
+                raise Refusal(replies.NOT_YOURS_TO_ANSWER)
+            answered = await repo.answer_consent(s, job_id=job_id, owner_id=me.id, allow=action != "deny",
+                                                 refusal=replies.said_no(replies.person_name(me)))
+            if answered is not None and action == "always" and job.user_id is not None:
+                await repo.always_allow(s, owner_id=me.id, grantee_id=job.user_id)
+        if answered is not None and answered.status == "queued":
+            await self.queue.notify([job_id])
+        await self.say(cmd.origin, replies.ANSWERED[action], private=True)
+
+    async def expire_asks(self) -> None:
+        """Held jobs nobody answered in ``[limits] consent_wait_s`` fail (their askers are told)."""
+        wait = self.config.limits.consent_wait_s
+        async with self.sessions.begin() as s:
+            expired = await repo.expire_held(s, older_than=utcnow() - timedelta(seconds=wait),
+                                             error=replies.no_answer(max(1, round(wait / 60))))
+        if expired:
+            await self.queue.announce(expired)
 
     async def _delete_item(self, cmd: Press, job_id: str) -> None:
         """A gallery item's delete button: that face or result, its files and rows, gone."""
@@ -356,8 +399,22 @@ class Service:
         return await self.replies.pump_once(stop=stop)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Send replies and progress until ``stop`` (:class:`bot.reply_pump.ReplyPump`)."""
-        await self.replies.run(stop)
+        """Send replies and progress until ``stop`` (:class:`bot.reply_pump.ReplyPump`); meanwhile
+        end the asks nobody answered in time."""
+        expiry = asyncio.create_task(self._expire_asks_until(stop))
+        try:
+            await self.replies.run(stop)
+        finally:
+            expiry.cancel()
+
+    async def _expire_asks_until(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.expire_asks()
+            except Exception:
+                log.exception("could not end the unanswered consent asks; trying again")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _EXPIRY_EVERY_S)
 
 
 def _faces_of(spec: JobSpec) -> list[int]:

@@ -264,8 +264,9 @@ def _face_refs(spec: JobSpec) -> list[tuple[str, int]]:
 async def _check_consent(s: AsyncSession, spec: MorphSpec | MixSpec | LineupSpec, index: int,
                          owner_id: int, job: Job) -> None:
     owner = await repo.get_user(s, owner_id)
-    if owner is None or not await repo.may_use_faces_of(s, owner=owner, asker_id=job.user_id,
-                                                        chat_id=job.chat_id):
+    allowed = (job.consent or {}).get("allowed", [])  # asked, and they said yes for this job
+    if owner is None or await repo.consent_of(s, owner=owner, asker_id=job.user_id, chat_id=job.chat_id,
+                                              allowed=allowed) != "yes":
         who = spec.names[index] if spec.names and index < len(spec.names) else "someone in it"
         raise EngineError(f"{who} no longer allows their face to be used here")
 

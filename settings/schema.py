@@ -200,6 +200,7 @@ class LimitsConfig(Section):
     per_user_per_minute: int = _int(6, 1)
     morph_max_frames: int = _int(120, 2)
     text_max_chars: int = _int(300, 1)
+    consent_wait_s: int = _int(300, 5)
 
 
 class TimeoutsConfig(Section):

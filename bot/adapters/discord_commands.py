@@ -157,7 +157,7 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: SlashHost, servic
     @tree.command(name="privacy", description=desc("privacy"))
     @app_commands.describe(policy="Leave empty to see your current setting")
     async def privacy(interaction: discord.Interaction,
-                      policy: Literal["everyone", "chat", "nobody"] | None = None) -> None:
+                      policy: Literal["everyone", "chat", "ask", "nobody"] | None = None) -> None:
         await run(interaction, lambda o: SetPrivacy(origin=o, policy=policy), personal=True)
 
     @tree.command(name="forget", description=desc("forget"))

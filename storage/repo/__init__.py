@@ -15,6 +15,8 @@ from storage.repo.delivery import (
     replies_due,
 )
 from storage.repo.faces import (
+    always_allow,
+    consent_of,
     erase_item,
     face_media_keys,
     faces_shared_in,
@@ -23,7 +25,6 @@ from storage.repo.faces import (
     latent_of,
     latest_face,
     list_faces,
-    may_use_faces_of,
     orphaned_media_keys,
     referenced_media_keys,
     save_face,
@@ -31,11 +32,13 @@ from storage.repo.faces import (
     shared_in_chat,
 )
 from storage.repo.jobs import (
+    answer_consent,
     claim_jobs,
     count_open_jobs,
     count_queued,
     count_running,
     create_job,
+    expire_held,
     fail_job,
     finish_job,
     get_job,
@@ -67,9 +70,11 @@ from storage.repo.people import (
 __all__ = [
     "TIDY",
     "add_member",
+    "answer_consent",
     "claim_jobs",
     "count_open_jobs",
     "count_queued",
+    "expire_held",
     "count_running",
     "create_job",
     "end_reply",
@@ -94,7 +99,8 @@ __all__ = [
     "latent_of",
     "latest_face",
     "list_faces",
-    "may_use_faces_of",
+    "always_allow",
+    "consent_of",
     "mark_replied",
     "mark_result_sent",
     "orphaned_media_keys",

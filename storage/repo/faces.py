@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from sqlalchemy import delete, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.media import is_media_key
-from storage.models import ChatMember, Face, FaceShare, Job, User, utcnow
+from storage.models import ChatMember, ConsentGrant, Face, FaceShare, Job, User, utcnow
 from storage.repo._util import expunge_where, insert_ignore, media_keys_in, plain_json
 
 __all__ = [
@@ -22,7 +22,8 @@ __all__ = [
     "latent_of",
     "latest_face",
     "list_faces",
-    "may_use_faces_of",
+    "always_allow",
+    "consent_of",
     "orphaned_media_keys",
     "referenced_media_keys",
     "save_face",
@@ -140,16 +141,26 @@ async def faces_shared_in(s: AsyncSession, *, chat_id: int) -> list[tuple[Face, 
     return out
 
 
-async def may_use_faces_of(s: AsyncSession, *, owner: User, asker_id: int | None,
-                           chat_id: int | None) -> bool:
-    """Whether ``owner``'s privacy lets the asker put their face in a morph or mix in the chat: the
-    owner always; anyone under "everyone"; under "chat" anyone in a chat where the owner shared a
-    face; nobody else. Checked when the job is asked for and again when it starts."""
+async def consent_of(s: AsyncSession, *, owner: User, asker_id: int | None, chat_id: int | None,
+                     allowed: Iterable[int] = ()) -> Literal["yes", "no", "ask"]:
+    """Whether ``owner``'s privacy lets the asker put their face in a morph, mix or lineup in the
+    chat: the owner always; anyone under "everyone"; under "chat" anyone in a chat where the owner
+    shared a face; under "ask" those they always allow, or (``allowed``) allowed for this job, else
+    "ask"; never under "nobody". Checked when the job is asked for and again when it starts."""
     if owner.id == asker_id or owner.privacy == "everyone":
-        return True
+        return "yes"
+    if owner.privacy == "ask":
+        granted = asker_id is not None and await s.get(ConsentGrant, (owner.id, asker_id)) is not None
+        return "yes" if granted or owner.id in set(allowed) else "ask"
     if owner.privacy == "nobody" or chat_id is None:
-        return False
-    return await shared_in_chat(s, user_id=owner.id, chat_id=chat_id)
+        return "no"
+    return "yes" if await shared_in_chat(s, user_id=owner.id, chat_id=chat_id) else "no"
+
+
+async def always_allow(s: AsyncSession, *, owner_id: int, grantee_id: int) -> None:
+    """``grantee`` may use ``owner``'s faces from now on without asking (idempotent)."""
+    await insert_ignore(s, ConsentGrant, {"owner_id": owner_id, "grantee_id": grantee_id,
+                                          "created_at": utcnow()}, ("owner_id", "grantee_id"))
 
 
 async def _face_keys(s: AsyncSession, *where: Any) -> set[str]:
@@ -194,7 +205,7 @@ async def _erase_jobs_using(s: AsyncSession, face_ids: set[int], *, user_id: int
     using = [j for j in jobs if face_ids & _faces_used(j.payload)]
     keys: set[str] = set()
     for job in using:
-        if job.status in ("queued", "running"):
+        if job.status in ("held", "queued", "running"):
             job.status, job.error_code, job.finished_at = "failed", "erased", utcnow()
             job.error = "one of the faces was erased at its owner's request"
             job.lease_owner = job.lease_until = None

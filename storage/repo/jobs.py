@@ -66,12 +66,14 @@ __all__ = [
     "recover_jobs",
     "release_jobs",
     "requeue_expired",
+    "answer_consent",
+    "expire_held",
     "recent_results",
     "set_progress",
     "set_reply_ref",
 ]
 
-_OPEN = ("queued", "running")
+_OPEN = ("held", "queued", "running")  # held too: asks count against the asker's limits
 _NOT_RUNNING: dict[str, Any] = {"lease_owner": None, "lease_until": None}
 _BACK_IN_QUEUE: dict[str, Any] = {
     "status": "queued", "lease_owner": None, "lease_until": None, "started_at": None, "batch_id": None,
@@ -90,15 +92,19 @@ async def _update(s: AsyncSession, *where: ColumnElement[bool], values: dict[str
 async def create_job(
     s: AsyncSession, *, kind: str, model: str, payload: dict[str, Any], user_id: int | None,
     chat_id: int | None, reply_to: dict[str, Any], max_attempts: int = 3, timeout_s: float = 600.0,
+    waiting_for: Sequence[int] = (),
 ) -> Job:
-    """A new queued job (id: uuid4 hex)."""
+    """A new queued job (id: uuid4 hex); held instead while ``waiting_for`` people are asked for
+    their consent (:func:`answer_consent`)."""
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
     if not timeout_s > 0:
         raise ValueError("timeout_s must be positive")
-    job = Job(id=uuid.uuid4().hex, kind=kind, model=model, payload=plain_json(payload), status="queued",
-              attempts=0, max_attempts=max_attempts, timeout_s=float(timeout_s), progress=0.0,
-              reply_to=plain_json(reply_to), user_id=user_id, chat_id=chat_id, created_at=utcnow())
+    job = Job(id=uuid.uuid4().hex, kind=kind, model=model, payload=plain_json(payload),
+              status="held" if waiting_for else "queued", attempts=0, max_attempts=max_attempts,
+              timeout_s=float(timeout_s), progress=0.0, reply_to=plain_json(reply_to), user_id=user_id,
+              chat_id=chat_id, created_at=utcnow(),
+              consent={"waiting": list(waiting_for), "allowed": []} if waiting_for else None)
     s.add(job)
     await s.flush()
     return job
@@ -306,7 +312,7 @@ async def count_running(s: AsyncSession) -> int:
 
 
 async def count_open_jobs(s: AsyncSession, *, user_id: int | None = None, chat_id: int | None = None) -> int:
-    """Queued and running jobs, optionally of one user and/or in one chat."""
+    """Held, queued and running jobs, optionally of one user and/or in one chat."""
     query = select(func.count()).select_from(Job).where(Job.status.in_(_OPEN))
     if user_id is not None:
         query = query.where(Job.user_id == user_id)
@@ -346,3 +352,31 @@ async def recent_results(s: AsyncSession, *, user_id: int, limit: int) -> list[J
                                Job.kind.in_(("edit", "morph", "mix", "lineup")))
              .order_by(Job.finished_at.desc(), Job.id.desc()).limit(limit))
     return list(await s.scalars(query))
+
+
+async def answer_consent(s: AsyncSession, *, job_id: str, owner_id: int, allow: bool,
+                         refusal: str = "") -> Job | None:
+    """A held job's answer from one person it waits for: allowed (queued once nobody else is
+    waited for) or refused (failed with ``refusal``). None when the job does not wait for them."""
+    job = await s.get(Job, job_id, with_for_update=True)
+    consent = dict(job.consent or {}) if job is not None else {}
+    if job is None or job.status != "held" or owner_id not in consent.get("waiting", []):
+        return None
+    waiting = [u for u in consent["waiting"] if u != owner_id]
+    if not allow:
+        job.status, job.error, job.error_code, job.finished_at = "failed", refusal, "refused", utcnow()
+    else:
+        job.consent = {"waiting": waiting, "allowed": [*consent.get("allowed", []), owner_id]}
+        if not waiting:
+            job.status = "queued"
+    await s.flush()
+    return job
+
+
+async def expire_held(s: AsyncSession, *, older_than: datetime, error: str) -> list[str]:
+    """Held jobs asked for before ``older_than`` fail with ``error`` (nobody answered in time)."""
+    jobs = list(await s.scalars(select(Job).where(Job.status == "held", Job.created_at < older_than)))
+    for job in jobs:
+        job.status, job.error, job.error_code, job.finished_at = "failed", error, "no_answer", utcnow()
+    await s.flush()
+    return [job.id for job in jobs]

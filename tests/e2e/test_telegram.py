@@ -132,8 +132,41 @@ async def test_a_tour_of_three_naming_someone_without_a_username(world: World) -
     assert all(name in caption for name in ("Alice", "Bob", "Carol", ZOE.first_name))
 
 
+async def _morph_jobs(world: World) -> int:
+    async with world.service.sessions() as s:
+        return int((await s.execute(select(func.count()).select_from(Job).where(Job.kind == "morph")))
+                   .scalar_one())
+
+
+async def test_privacy_ask_asks_bob_in_the_chat_and_waits_for_his_answer(world: World) -> None:
+    tg = world.tg
+    said = await tg.send_text(BOB, GROUP, "/privacy ask")
+    assert "Privacy: ask" in (await tg.wait_for("sendMessage", replying_to(said), timeout=10)).params["text"]
+    for answer, who in (("Deny", "no"), ("Allow once", "yes")):
+        n = len(tg.calls)
+        morph = await tg.send_text(ALICE, GROUP, "/morph @me @bob 4")
+        ask = await tg.wait_for("sendMessage", replying_to(morph), timeout=10, after=n)
+        assert ask.params["text"].startswith("Bob, Alice would like to use your face in a morph.")
+        message = tg.messages[(GROUP.id, ask.result["message_id"])]
+        labels = [b["text"] for row in message["reply_markup"]["inline_keyboard"] for b in row]
+        assert labels == ["Allow once", "Always allow Alice", "Deny"]
+        query = await tg.press(CAROL, message, button="Allow once")  # not hers to answer
+        refused = await tg.wait_for("answerCallbackQuery",
+                                    lambda c, q=query: c.params["callback_query_id"] == q, timeout=10)
+        assert "Only the person who was asked" in refused.params["text"]
+        await tg.press(BOB, message, button=answer)
+        if who == "no":
+            sorry = await tg.wait_for("sendMessage", lambda c, m=morph: replying_to(m)(c)
+                                      and c.params["text"].startswith("Sorry"), timeout=30, after=n)
+            assert sorry.params["text"] == "Sorry: Bob said no to using their face."
+        else:
+            video = await tg.wait_for("sendVideo", replying_to(morph), timeout=120, after=n)
+            assert video.params["caption"].startswith("Morph: Alice to Bob, ")
+
+
 async def test_privacy_nobody_refuses_the_morph_politely(world: World) -> None:
     tg = world.tg
+    morphs_before = await _morph_jobs(world)
     bobs = await tg.send_text(BOB, GROUP, "/privacy nobody")
     said = await tg.wait_for("sendMessage", replying_to(bobs), timeout=10)
     assert "Privacy: nobody" in said.params["text"]
@@ -147,9 +180,7 @@ async def test_privacy_nobody_refuses_the_morph_politely(world: World) -> None:
     assert refusal.params["text"] == "Sorry, @bob hasn't allowed their face to be used here."
     await asyncio.sleep(1.0)
     assert len(tg.called("sendVideo")) == videos
-    async with world.service.sessions() as s:
-        morphs = (await s.execute(select(func.count()).select_from(Job).where(Job.kind == "morph")))
-        assert morphs.scalar_one() == 2  # only the allowed ones (bob's, zoe's)
+    assert await _morph_jobs(world) == morphs_before  # refused: no job at all
 
 
 async def test_edit_sends_the_edited_face(world: World) -> None:

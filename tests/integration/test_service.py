@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from postgres_db import BACKENDS, fresh_postgres_database
 from service_on_disk import service_on_disk
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 import storage.repo as repo
 from bot import buttons
@@ -34,7 +34,7 @@ from bot.commands import (
     ShowFaces,
     Target,
 )
-from bot.replies import DELETED, LINEUP_NOBODY
+from bot.replies import ANSWERED, DELETED, LINEUP_NOBODY, NOT_YOURS_TO_ANSWER
 from bot.service import Service
 from storage.models import Face, Job, User, utcnow
 from storage.specs import EditSpec, JobSpec, LineupSpec, MorphSpec
@@ -433,3 +433,59 @@ async def test_a_lineup_takes_everyone_here_who_allows_it(svc: tuple[Service, In
     ids = {u: await _face_id(service, u) for u in ("ann", "bob")}
     assert job.spec == LineupSpec(face_ids=[ids["bob"], ids["ann"]], text="smiling face", strength=3.0,
                                   names=["@bob", "@ann"])  # latest first; cyd said nobody
+
+
+async def test_privacy_ask_waits_for_the_answer_allow_always_deny_or_none(
+    svc: tuple[Service, Inbox]
+) -> None:
+    service, inbox = svc
+    for user in ("ann", "bob", "cyd"):
+        await _give_face(service, user)
+    await service.handle(SetPrivacy(origin=_origin("bob"), policy="ask"))
+
+    async def ask() -> tuple[Job, Reply]:
+        async with service.sessions.begin() as s:  # the engine ran what was queued before
+            await s.execute(update(Job).where(Job.status == "queued").values(status="done"))
+        await service.handle(Morph(origin=_origin("ann"), a=Target(me=True), b=Target(username="bob")))
+        return (await _jobs(service, "morph"))[-1], inbox.replies[-1]
+
+    job, prompt = await ask()
+    assert job.status == "held" and not prompt.private
+    assert prompt.text == ("@bob, @ann would like to use your face in a morph. Only you can answer; "
+                           "I'll wait 5 minutes.")
+    allow_once, always, deny = prompt.buttons[0]
+    assert [b.label for b in prompt.buttons[0]] == ["Allow once", "Always allow @ann", "Deny"]
+    await service.handle(Press(origin=_origin("cyd"), data=allow_once.data))  # not asked
+    assert inbox.last == NOT_YOURS_TO_ANSWER and inbox.replies[-1].private
+    await service.handle(Press(origin=_origin("bob"), data=allow_once.data))
+    assert inbox.last == ANSWERED["allow"]
+    assert (await _jobs(service, "morph"))[-1].status == "queued"
+    await service.handle(Press(origin=_origin("bob"), data=deny.data))  # answered already
+    assert "doesn't work any more" in inbox.last
+
+    job, prompt = await ask()
+    await service.handle(Press(origin=_origin("bob"), data=prompt.buttons[0][2].data))
+    denied = (await _jobs(service, "morph"))[-1]
+    assert (denied.status, denied.error) == ("failed", "@bob said no to using their face.")
+
+    job, prompt = await ask()
+    await service.handle(Press(origin=_origin("bob"), data=prompt.buttons[0][1].data))
+    assert (await _jobs(service, "morph"))[-1].status == "queued"
+    n = len(inbox.replies)
+    async with service.sessions.begin() as s:
+        await s.execute(update(Job).where(Job.status == "queued").values(status="done"))
+    await service.handle(Morph(origin=_origin("ann"), a=Target(me=True), b=Target(username="bob")))
+    assert (await _jobs(service, "morph"))[-1].status == "queued"  # always allowed: no question
+    assert "queue" in inbox.last and len(inbox.replies) == n + 1
+
+    await service.handle(SetPrivacy(origin=_origin("ann"), policy="ask"))
+    await service.handle(Morph(origin=_origin("cyd"), a=Target(me=True), b=Target(username="ann")))
+    [waiting] = [j for j in await _jobs(service, "morph") if j.status == "held"]
+    await service.expire_asks()
+    assert [j.status for j in await _jobs(service, "morph") if j.id == waiting.id] == ["held"]
+    async with service.sessions.begin() as s:
+        await s.execute(update(Job).where(Job.id == waiting.id)
+                        .values(created_at=utcnow() - timedelta(seconds=301)))
+    await service.expire_asks()
+    [expired] = [j for j in await _jobs(service, "morph") if j.id == waiting.id]
+    assert (expired.status, expired.error) == ("failed", "nobody answered my question within 5 minutes.")

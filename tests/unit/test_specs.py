@@ -33,4 +33,4 @@ def test_keys_of_earlier_versions_are_ignored() -> None:
 
 
 def test_every_kind_the_worker_takes_has_a_spec() -> None:
-    assert JOB_KINDS == ("invert", "edit", "morph", "mix")
+    assert JOB_KINDS == ("invert", "edit", "morph", "mix", "lineup")

@@ -187,7 +187,8 @@ async def test_chatter_gets_a_hint_and_mistakes_get_the_parsers_reply(chat: Chat
     await chat.post("carol", "hello there")
     assert (await _event(ws, _bot_says))["message"]["text"] == NOT_A_COMMAND
     await chat.post("carol", "/privacy sometimes")
-    assert (await _event(ws, _bot_says))["message"]["text"] == "Privacy is one of: everyone, chat, nobody."
+    said = (await _event(ws, _bot_says))["message"]["text"]
+    assert said == "Privacy is one of: everyone, chat, ask, nobody."
     assert not chat.service.commands
 
 

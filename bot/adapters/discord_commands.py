@@ -165,6 +165,12 @@ def add_commands(tree: app_commands.CommandTree[Any], adapter: SlashHost, servic
     async def forget(interaction: discord.Interaction, confirm: bool = False) -> None:
         await run(interaction, lambda o: Forget(origin=o, confirmed=confirm), personal=True)
 
+    @tree.context_menu(name="Morph with me")
+    async def morph_with_me(interaction: discord.Interaction, user: discord.User) -> None:
+        """Right-click someone (or long-press) in the server: a morph of you and them."""
+        await run(interaction, lambda o: Morph(origin=o, a=Target(me=True),
+                                               b=_target(user, interaction.user)))
+
     @tree.command(name="help", description=desc("help"))
     async def help_(interaction: discord.Interaction) -> None:
         await run(interaction, lambda o: Help(origin=o))

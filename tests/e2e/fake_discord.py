@@ -225,6 +225,26 @@ class FakeDiscord:
         await self._dispatch("INTERACTION_CREATE", data)
         return token
 
+    async def user_menu(self, user: str, name: str, target: str) -> str:
+        """``user`` picks the app command ``name`` from ``target``'s context menu (a USER command:
+        an INTERACTION_CREATE of command type 2 with a target id); returns its token."""
+        command = next(c for c in self.commands if c["name"] == name and c.get("type") == 2)
+        token = f"interaction-token-{self._id()}"
+        data = {
+            "id": self._id(), "application_id": APP_ID, "type": 2, "token": token, "version": 1,
+            "guild_id": GUILD_ID, "channel_id": CHANNEL_ID, "channel": self._channel(),
+            "member": {**self._member(user, with_user=True), "permissions": "2147483647"},
+            "app_permissions": "2147483647", "locale": "en-US", "guild_locale": "en-US",
+            "attachment_size_limit": 10 * 1024 * 1024, "entitlements": [],
+            "authorizing_integration_owners": {"0": GUILD_ID}, "context": 0,
+            "data": {"id": command["id"], "name": name, "type": 2, "target_id": target,
+                     "resolved": {"users": {target: self.users[target]},
+                                  "members": {target: self._member(target, with_user=False)}},
+                     "guild_id": GUILD_ID},
+        }
+        await self._dispatch("INTERACTION_CREATE", data)
+        return token
+
     async def press(self, user: str, message: Sent, label: str | None = None, *,
                     custom_id: str | None = None) -> str:
         """``user`` presses the button labelled ``label`` under ``message`` (or one sending
@@ -351,7 +371,9 @@ class FakeDiscord:
         self._auth(request)
         body = await request.json()
         self.registrations += 1
-        self.commands = [{**c, "id": self._id(), "application_id": APP_ID, "version": "1"} for c in body]
+        # Discord answers every command with a description ("" for context-menu commands).
+        self.commands = [{"description": "", **c, "id": self._id(), "application_id": APP_ID,
+                          "version": "1"} for c in body]
         await self._touch()
         return _json(self.commands)
 

@@ -50,7 +50,10 @@ async def test_connects_and_registers_slash_commands(world: World) -> None:
     assert not intents & (1 << 15)  # no privileged Message Content unless [discord] message_content
     assert fake.gateway_query.get("encoding") == "json"
     names = {c["name"] for c in fake.commands}
-    assert names == {"selfie", "morph", "edit", "mix", "lineup", "me", "privacy", "forget", "help"}
+    assert names == {"selfie", "morph", "edit", "mix", "lineup", "me", "privacy", "forget", "help",
+                     "Morph with me"}
+    menu = next(c for c in fake.commands if c["name"] == "Morph with me")
+    assert menu["type"] == 2  # a USER command: in the menu of a person, no options
     selfie = next(c for c in fake.commands if c["name"] == "selfie")
     photo = next(o for o in selfie["options"] if o["name"] == "photo")
     assert photo["type"] == 11 and photo["required"] is True  # an ATTACHMENT option
@@ -94,6 +97,12 @@ async def test_slash_selfies_then_morph_with_user_options(world: World) -> None:
     assert b"ftyp" in msg.files[0][1][:16]
 
     assert msg.flags == 0  # a result is the group's to see
+
+    # Bob right-clicks Ann: "Morph with me" makes the morph of the two of them.
+    token = await fake.user_menu(BOB, "Morph with me", ANN)
+    await fake.wait_for(lambda: _final(fake, token), timeout=120)
+    [msg] = fake.for_token(token)
+    assert msg.text.startswith("Morph: Bob to Ann, ") and msg.filenames[0].endswith(".mp4")
 
     # Bob says nobody may use his face (only he sees the answer): Ann's morph is refused, to her alone.
     token = await fake.slash(BOB, "privacy", [{"name": "policy", "type": 3, "value": "nobody"}])

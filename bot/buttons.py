@@ -18,6 +18,7 @@ from storage.specs import EditSpec, JobSpec, MorphSpec
 __all__ = [
     "CONSENT_ACTIONS",
     "DELETE",
+    "MORPH_WITH",
     "consent_buttons",
     "STRENGTH_LIMIT",
     "STRENGTH_STEP",
@@ -26,18 +27,21 @@ __all__ = [
     "delete_buttons",
     "encode",
     "follow_up",
+    "people_buttons",
+    "person_of",
 ]
 
 STRENGTH_STEP = 2.0  # weaker / stronger move a global edit's strength by this
 STRENGTH_LIMIT = 10.0  # as /edit's strength: -10..10
 _PREFIX = "b1"
-_DATA = re.compile(r"b1 ([0-9a-f]{32}) ([a-z]+)")
+_DATA = re.compile(r"b1 ([0-9a-f]{32}) ([a-z]+|p[0-9]{1,12})")  # p<id>: a person, for "Morph with..."
 # One-tap edits under a new face: action -> the words, as /edit would get them.
 SELFIE_EDITS = {"smile": "a smiling face", "older": "an old face", "younger": "a young face",
                 "glasses": "a face with glasses"}
 _EDIT_ACTIONS = ("weaker", "stronger", "thorough")
 _MORPH_ACTIONS = ("gif", "mp4", "reverse", "slower", "faster")
 DELETE = "delete"  # under a gallery item (/me): erase that one face or result
+MORPH_WITH = "morphwith"  # under a new face: whom to morph with (a button for each person)
 CONSENT_ACTIONS = ("allow", "always", "deny")  # under a consent ask, for the person asked
 
 
@@ -61,7 +65,7 @@ def buttons_for(job: Job) -> tuple[tuple[Button, ...], ...]:
         return ()
     result = job.result or {}
     if job.kind == "invert":
-        return (_row(job, list(SELFIE_EDITS)),)
+        return (_row(job, list(SELFIE_EDITS)), _row(job, [MORPH_WITH]))
     if job.kind == "edit":
         if result.get("method") == "global":
             return (_row(job, list(_EDIT_ACTIONS)),)
@@ -70,6 +74,17 @@ def buttons_for(job: Job) -> tuple[tuple[Button, ...], ...]:
         other = "gif" if result.get("format", "mp4") == "mp4" else "mp4"
         return (_row(job, [other, "reverse", "slower", "faster"]),)
     return ()
+
+
+def people_buttons(job_id: str, people: list[tuple[int, str]]) -> tuple[tuple[Button, ...], ...]:
+    """One button per person (user id, name), for "Morph with...": three to a row."""
+    row = [Button(name[:40], encode(job_id, f"p{user_id}")) for user_id, name in people]
+    return tuple(tuple(row[i:i + 3]) for i in range(0, len(row), 3))
+
+
+def person_of(action: str) -> int | None:
+    """The user id a person button carries; None for other actions."""
+    return int(action[1:]) if action.startswith("p") and action[1:].isdigit() else None
 
 
 def consent_buttons(job_id: str, asker: str) -> tuple[tuple[Button, ...], ...]:

@@ -96,7 +96,9 @@ BUTTON_NOT_YOURS = "Only the person whose face it is can use that button."
 BUTTON_LABELS = {"smile": "Smile", "older": "Older", "younger": "Younger", "glasses": "Glasses",
                  "weaker": "Weaker", "stronger": "Stronger", "thorough": "Thorough (slower)",
                  "gif": "As GIF", "mp4": "As MP4", "reverse": "Reverse", "slower": "Slower",
-                 "faster": "Faster"}
+                 "faster": "Faster", "morphwith": "Morph with..."}
+MORPH_WITH_WHOM = "Morph with whom? (People here who shared a face.)"
+NOBODY_TO_MORPH_WITH = "Nobody else here has shared a face I may use yet."
 NOT_A_PHOTO = "That doesn't look like a photo I can read. Please send a JPEG or PNG."
 NOT_AN_IMAGE_FILE = "That file isn't a photo I can read. Please send a JPEG or PNG photo."  # Telegram
 NOT_A_COMMAND = "Send a photo of your face, or /help for what I can do."  # web chat

@@ -285,8 +285,9 @@ class Service:
         await self._queued(cmd.origin, job, "the lineup")
 
     async def _press(self, cmd: Press) -> None:
-        """A button under a result: the job it asks for, checked as a typed command would be."""
-        self._rate_limit(cmd.origin)
+        """A button under a result: the job it asks for, checked as a typed command would be.
+        Buttons that start no job of the presser's own (delete, answers, the people list) are not
+        counted against the rate limit; a person's button counts as the /morph it is."""
         decoded = buttons.decode(cmd.data)
         if decoded is not None and decoded[1] == buttons.DELETE:
             await self._delete_item(cmd, decoded[0])
@@ -294,6 +295,10 @@ class Service:
         if decoded is not None and decoded[1] in buttons.CONSENT_ACTIONS:
             await self._answer(cmd, decoded[0], decoded[1])
             return
+        if decoded is not None and (decoded[1] == buttons.MORPH_WITH or buttons.person_of(decoded[1])):
+            await self._morph_with(cmd, decoded[0], buttons.person_of(decoded[1]))
+            return
+        self._rate_limit(cmd.origin)
         async with self.sessions.begin() as s:
             job = await repo.get_job(s, decoded[0]) if decoded else None
             spec = buttons.follow_up(job, decoded[1], max_frames=self.config.limits.morph_max_frames) \
@@ -330,6 +335,34 @@ class Service:
         if media:
             await self.say(cmd.origin, "Your faces:", media=media, private=True)
         await self.say(cmd.origin, text, private=True, buttons=buttons.delete_buttons(items))
+
+    async def _morph_with(self, cmd: Press, job_id: str, person_id: int | None) -> None:
+        """Under a new face: "Morph with..." lists the people here who shared a face (a button
+        each); a press on one is /morph @me @them."""
+        async with self.sessions.begin() as s:
+            job = await repo.get_job(s, job_id)
+            if job is None or job.kind != "invert" or job.status != "done":
+                raise Refusal(replies.BUTTON_STALE)
+            me, chat_id = await self._user_and_chat(s, cmd.origin)
+            if job.user_id != me.id:
+                raise Refusal(replies.BUTTON_NOT_YOURS)
+            if person_id is not None:
+                other = await repo.get_user(s, person_id)
+                if other is None:
+                    raise Refusal(replies.BUTTON_STALE)
+                target = Target(user_id=other.platform_user_id, username=other.username)
+            else:
+                people = [(owner.id, replies.person_name(owner))
+                          for _, owner in await repo.faces_shared_in(s, chat_id=chat_id)
+                          if owner.id != me.id and await repo.consent_of(
+                              s, owner=owner, asker_id=me.id, chat_id=chat_id) != "no"]
+        if person_id is not None:
+            await self._pair(Morph(origin=cmd.origin, a=Target(me=True), b=target))
+        elif not people:
+            await self.say(cmd.origin, replies.NOBODY_TO_MORPH_WITH, private=True)
+        else:
+            await self.say(cmd.origin, replies.MORPH_WITH_WHOM,
+                           buttons=buttons.people_buttons(job_id, people[:MORPH_MAX_PEOPLE]))
 
     async def _answer(self, cmd: Press, job_id: str, action: str) -> None:
         """Allow once, always allow, or deny: the answer of someone a held job asked."""

@@ -206,7 +206,7 @@ async def test_buttons_under_a_selfie_edit_it_for_its_owner_only(world: World) -
     await fake.wait_for(lambda: _final(fake, selfie), timeout=120)
     [result] = fake.for_token(selfie)
     labels = [c["label"] for row in result.components for c in row["components"]]
-    assert labels == ["Smile", "Older", "Younger", "Glasses"]
+    assert labels == ["Smile", "Older", "Younger", "Glasses", "Morph with..."]
     async with world.service.sessions() as s:
         edits = len((await s.scalars(select(Job).where(Job.kind == "edit"))).all())
     # Cyd's press under Dee's face, and a forged one: answered only to the presser, nothing queued.
@@ -223,6 +223,15 @@ async def test_buttons_under_a_selfie_edit_it_for_its_owner_only(world: World) -
     assert edited.text.startswith("Before / after: a smiling face") and edited.flags == 0
     async with world.service.sessions() as s:
         assert len((await s.scalars(select(Job).where(Job.kind == "edit"))).all()) == edits + 1
+    # "Morph with..." lists the people here who shared a face and allow it (Bob said nobody).
+    token = await fake.press(DEE, result, "Morph with...")
+    await fake.wait_for(lambda: any(m.components for m in fake.for_token(token)), timeout=10)
+    [menu] = [m for m in fake.for_token(token) if m.components]
+    people = [c["label"] for row in menu.components for c in row["components"]]
+    assert "Ann" in people and "Bob" not in people and "Dee" not in people
+    token = await fake.press(DEE, menu, "Ann")
+    await fake.wait_for(lambda: _final(fake, token), timeout=120)
+    assert any(m.text.startswith("Morph: Dee to Ann, ") for m in fake.for_token(token))
 
 
 async def test_too_many_commands_a_minute_get_a_clear_reply(world: World) -> None:

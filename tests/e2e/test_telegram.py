@@ -209,7 +209,7 @@ async def test_buttons_under_a_selfie_edit_it_for_its_owner_only(world: World) -
                       and c.params["text"] == "Done.", timeout=20, after=n)
     message = tg.messages[(GROUP.id, mid)]
     labels = [b["text"] for row in message["reply_markup"]["inline_keyboard"] for b in row]
-    assert labels == ["Smile", "Older", "Younger", "Glasses"]
+    assert labels == ["Smile", "Older", "Younger", "Glasses", "Morph with..."]
     edits = await _edit_jobs(world)
     # Carol is in the group but it is not her face; a forged press names a job that never was.
     for who, press in ((CAROL, {"button": "Smile"}), (DAN, {"data": "b1 " + "f" * 32 + " smile"})):

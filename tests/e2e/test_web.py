@@ -274,7 +274,8 @@ def test_morph_plays_inline_as_mp4_and_as_gif(world: World) -> None:
 def test_buttons_under_a_selfie_edit_it_for_its_owner_only(world: World) -> None:
     alice = world.alice
     selfie = alice.locator('article.bot[data-person="alice"]', has_text="Saved as your face").first
-    expect(selfie.locator(".buttons button")).to_have_text(["Smile", "Older", "Younger", "Glasses"])
+    expect(selfie.locator(".buttons button")).to_have_text(
+        ["Smile", "Older", "Younger", "Glasses", "Morph with..."])
     selfie_id = selfie.get_attribute("data-id")
     assert selfie_id is not None
 

@@ -34,7 +34,7 @@ from bot.commands import (
     ShowFaces,
     Target,
 )
-from bot.replies import ANSWERED, DELETED, LINEUP_NOBODY, NOT_YOURS_TO_ANSWER
+from bot.replies import ANSWERED, DELETED, LINEUP_NOBODY, MORPH_WITH_WHOM, NOT_YOURS_TO_ANSWER
 from bot.service import Service
 from storage.models import Face, Job, User, utcnow
 from storage.specs import EditSpec, JobSpec, LineupSpec, MorphSpec
@@ -489,3 +489,28 @@ async def test_privacy_ask_waits_for_the_answer_allow_always_deny_or_none(
     await service.expire_asks()
     [expired] = [j for j in await _jobs(service, "morph") if j.id == waiting.id]
     assert (expired.status, expired.error) == ("failed", "nobody answered my question within 5 minutes.")
+
+
+async def test_morph_with_lists_the_people_here_and_a_press_morphs(svc: tuple[Service, Inbox]) -> None:
+    service, inbox = svc
+    selfie, _ = await _selfie_done(service, "ann")
+    async with service.sessions.begin() as s:  # ann's face shared here, as the worker shares it
+        chat = await repo.get_or_create_chat(s, platform="test", platform_chat_id="g1", kind="group")
+        face = await repo.latest_face(s, user_id=(await repo.find_user(s, platform="test",
+                                                                       platform_user_id="ann")).id)
+        await repo.share_face(s, face_id=face.id, chat_id=chat.id)
+    for user in ("bob", "cyd"):
+        await _give_face(service, user)
+    await _give_face(service, "dee", chat="elsewhere")
+    await service.handle(SetPrivacy(origin=_origin("cyd"), policy="nobody"))
+    await service.handle(Press(origin=_origin("bob"), data=buttons.encode(selfie.id, "morphwith")))
+    assert "Only the person whose face it is" in inbox.last
+    await service.handle(Press(origin=_origin("ann"), data=buttons.encode(selfie.id, "morphwith")))
+    assert inbox.last == MORPH_WITH_WHOM
+    people = [b for row in inbox.replies[-1].buttons for b in row]
+    assert [b.label for b in people] == ["@bob", "@ann-friend"]  # not ann, cyd (nobody), dee (elsewhere)
+    await service.handle(Press(origin=_origin("ann"), data=people[0].data))
+    [morph] = await _jobs(service, "morph")
+    assert morph.spec == MorphSpec(a_id=face.id, b_id=await _face_id(service, "bob"), names=["@ann", "@bob"])
+    await service.handle(Press(origin=_origin("ann"), data=f"b1 {selfie.id} p99999"))
+    assert "doesn't work any more" in inbox.last

@@ -201,49 +201,41 @@ class FakeDiscord:
         await self._dispatch("MESSAGE_CREATE", data)
         return channel
 
+    async def _interact(self, user: str, kind: int, channel_id: str, **fields: Any) -> str:
+        """Push an INTERACTION_CREATE of ``kind`` (2: a command, 3: a component) from ``user`` in
+        the guild; returns its token."""
+        token = f"interaction-token-{self._id()}"
+        await self._dispatch("INTERACTION_CREATE", {
+            "id": self._id(), "application_id": APP_ID, "type": kind, "token": token, "version": 1,
+            "guild_id": GUILD_ID, "channel_id": channel_id, "channel": self._channel(),
+            "member": {**self._member(user, with_user=True), "permissions": "2147483647"},
+            "app_permissions": "2147483647", "locale": "en-US", "guild_locale": "en-US",
+            "attachment_size_limit": 10 * 1024 * 1024, "entitlements": [],
+            "authorizing_integration_owners": {"0": GUILD_ID}, "context": 0, **fields})
+        return token
+
     async def slash(self, user: str, name: str, options: list[dict[str, Any]] | None = None, *,
                     attachments: Sequence[dict[str, Any]] = (), users: Sequence[str] = ()) -> str:
         """Push an application-command INTERACTION_CREATE in the guild; returns its token."""
         command = next(c for c in self.commands if c["name"] == name)
-        token = f"interaction-token-{self._id()}"
         resolved: dict[str, Any] = {}
         if attachments:
             resolved["attachments"] = {a["id"]: a for a in attachments}
         if users:
             resolved["users"] = {u: self.users[u] for u in users}
             resolved["members"] = {u: self._member(u, with_user=False) for u in users}
-        data = {
-            "id": self._id(), "application_id": APP_ID, "type": 2, "token": token, "version": 1,
-            "guild_id": GUILD_ID, "channel_id": CHANNEL_ID, "channel": self._channel(),
-            "member": {**self._member(user, with_user=True), "permissions": "2147483647"},
-            "app_permissions": "2147483647", "locale": "en-US", "guild_locale": "en-US",
-            "attachment_size_limit": 10 * 1024 * 1024, "entitlements": [],
-            "authorizing_integration_owners": {"0": GUILD_ID}, "context": 0,
-            "data": {"id": command["id"], "name": name, "type": 1, "options": options or [],
-                     "resolved": resolved, "guild_id": GUILD_ID},
-        }
-        await self._dispatch("INTERACTION_CREATE", data)
-        return token
+        return await self._interact(user, 2, CHANNEL_ID, data={
+            "id": command["id"], "name": name, "type": 1, "options": options or [],
+            "resolved": resolved, "guild_id": GUILD_ID})
 
     async def user_menu(self, user: str, name: str, target: str) -> str:
         """``user`` picks the app command ``name`` from ``target``'s context menu (a USER command:
         an INTERACTION_CREATE of command type 2 with a target id); returns its token."""
         command = next(c for c in self.commands if c["name"] == name and c.get("type") == 2)
-        token = f"interaction-token-{self._id()}"
-        data = {
-            "id": self._id(), "application_id": APP_ID, "type": 2, "token": token, "version": 1,
-            "guild_id": GUILD_ID, "channel_id": CHANNEL_ID, "channel": self._channel(),
-            "member": {**self._member(user, with_user=True), "permissions": "2147483647"},
-            "app_permissions": "2147483647", "locale": "en-US", "guild_locale": "en-US",
-            "attachment_size_limit": 10 * 1024 * 1024, "entitlements": [],
-            "authorizing_integration_owners": {"0": GUILD_ID}, "context": 0,
-            "data": {"id": command["id"], "name": name, "type": 2, "target_id": target,
-                     "resolved": {"users": {target: self.users[target]},
-                                  "members": {target: self._member(target, with_user=False)}},
-                     "guild_id": GUILD_ID},
-        }
-        await self._dispatch("INTERACTION_CREATE", data)
-        return token
+        return await self._interact(user, 2, CHANNEL_ID, data={
+            "id": command["id"], "name": name, "type": 2, "target_id": target, "guild_id": GUILD_ID,
+            "resolved": {"users": {target: self.users[target]},
+                         "members": {target: self._member(target, with_user=False)}}})
 
     async def press(self, user: str, message: Sent, label: str | None = None, *,
                     custom_id: str | None = None) -> str:
@@ -255,19 +247,8 @@ class FakeDiscord:
             if not found:
                 raise AssertionError(f"no button {label!r} under message {message.id}")
             custom_id = found[0]
-        token = f"interaction-token-{self._id()}"
-        data = {
-            "id": self._id(), "application_id": APP_ID, "type": 3, "token": token, "version": 1,
-            "guild_id": GUILD_ID, "channel_id": message.channel_id, "channel": self._channel(),
-            "member": {**self._member(user, with_user=True), "permissions": "2147483647"},
-            "app_permissions": "2147483647", "locale": "en-US", "guild_locale": "en-US",
-            "attachment_size_limit": 10 * 1024 * 1024, "entitlements": [],
-            "authorizing_integration_owners": {"0": GUILD_ID}, "context": 0,
-            "message": self._message_json(message),
-            "data": {"custom_id": custom_id, "component_type": 2},
-        }
-        await self._dispatch("INTERACTION_CREATE", data)
-        return token
+        return await self._interact(user, 3, message.channel_id, message=self._message_json(message),
+                                    data={"custom_id": custom_id, "component_type": 2})
 
     def for_token(self, token: str) -> list[Sent]:
         return [m for m in self.messages if m.token == token]

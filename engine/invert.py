@@ -89,6 +89,7 @@ def invert(
     pad: bool | None = None,
     compile: bool | None = None,
     start: torch.Tensor | None = None,
+    first_look: Callable[[torch.Tensor], None] | None = None,
     progress: ProgressFn = no_progress,
 ) -> InversionResult:
     """Invert ``targets`` [B, 3, R, R] in [-1, 1] (R = G.resolution) into W+ latents.
@@ -103,6 +104,7 @@ def invert(
     batch size, once per process); default on for CUDA devices. ``start``: the latents [B, num_ws,
     w_dim] to start from (an encoder's guess; give a smaller ``lr``, e.g. ``ENCODER_LR``), default
     ``w_avg`` for every layer; a photo whose start was closer (PSNR) than the result keeps the start.
+    ``first_look(images)``: the start rendered ([B, 3, R, R] in [-1, 1]), before the optimisation.
     ``progress(step, steps, {"loss": ..., "psnr": ...})`` is called every step on the CPU, every 10
     on a GPU (reading the figures waits for the GPU).
     """
@@ -124,7 +126,7 @@ def invert(
         raise ValueError(f"start must be [{b}, {G.num_ws}, {G.w_dim}], got {list(start.shape)}")
     else:
         ws = pad_rows(start.detach().to(device, torch.float32), n)
-    first = ws.clone() if start is not None and not optimize_noise else None
+    first = ws.clone() if start is not None else None
     ws = ws.clone()
     ws.requires_grad_(True)
     params = [ws]
@@ -144,6 +146,12 @@ def invert(
     use_bf16 = device.type == "cuda" if bf16 is None else bf16
     perceptual_to = perceptual.against(target_small)
     identity_to = identity.against(targets) if identity is not None else None
+    if first is not None:  # rendered once: shown first, and compared with the result at the end
+        with torch.no_grad():
+            images0 = G.synthesis(first, noise_mode=mode)
+            p0, d0 = psnr(images0, targets), perceptual_to(_loss_size(images0, loss_resolution))
+        if first_look is not None:
+            first_look(images0[:b].clamp(-1, 1))
 
     def loss_fn() -> torch.Tensor:  # [B]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -173,9 +181,7 @@ def invert(
         p = psnr(images, targets)
         d = perceptual_to(_loss_size(images, loss_resolution))
         start_psnr: list[float] = []
-        if first is not None:  # never end further from the photo than the start (shown first)
-            images0 = G.synthesis(first, noise_mode=mode)
-            p0, d0 = psnr(images0, targets), perceptual_to(_loss_size(images0, loss_resolution))
+        if first is not None and not noise:  # never end further from the photo than the start
             keep = p0 > p
             latents = torch.where(keep[:, None, None], first, latents)
             images = torch.where(keep[:, None, None, None], images0, images)

@@ -73,14 +73,9 @@ def invert_faces(
         return invert(G, targets, perceptual=perceptual, identity=identity,
                       steps=steps or DEFAULT_STEPS, optimize_noise=optimize_noise, compile=compile,
                       progress=progress)
-    start = encode(encoder, targets)
-    with torch.no_grad():
-        guess = G.synthesis(start).clamp(-1, 1)
-    if first_look is not None:
-        first_look(guess)
-    return invert(G, targets, perceptual=perceptual, identity=identity, start=start,
+    return invert(G, targets, perceptual=perceptual, identity=identity, start=encode(encoder, targets),
                   lr=ENCODER_LR, steps=steps or ENCODER_STEPS, optimize_noise=optimize_noise,
-                  compile=compile, progress=progress)
+                  compile=compile, first_look=first_look, progress=progress)
 
 
 def encode(encoder: Encoder, images: torch.Tensor) -> torch.Tensor:

@@ -397,11 +397,16 @@ class Service:
             keys = await repo.erase_item(s, job_id=job_id, user_id=me.id) if me is not None else None
         if keys is None:  # not theirs, or gone already: nothing said about whose it is
             raise Refusal(replies.BUTTON_STALE)
-        async with self.sessions() as s:
-            still_used = await repo.referenced_media_keys(s)
-        for key in set(keys) - still_used:
-            self.media.delete(key)
+        await self._delete_orphans(keys)
         await self.say(cmd.origin, replies.DELETED, private=True)
+
+    async def _delete_orphans(self, keys: list[str]) -> None:
+        """Erased rows' files, keeping those another row still names (the same photo may be
+        someone else's too)."""
+        async with self.sessions() as s:
+            orphans = await repo.orphaned_media_keys(s, keys=keys)
+        for key in orphans:
+            self.media.delete(key)
 
     async def _privacy(self, cmd: SetPrivacy) -> None:
         async with self.sessions.begin() as s:
@@ -419,10 +424,7 @@ class Service:
             user = await repo.find_user(s, platform=cmd.origin.platform,
                                         platform_user_id=cmd.origin.user_id)
             keys = await repo.forget_user(s, user_id=user.id) if user is not None else []
-        async with self.sessions() as s:
-            still_used = await repo.referenced_media_keys(s)
-        for key in set(keys) - still_used:  # the same photo may be someone else's too
-            self.media.delete(key)
+        await self._delete_orphans(keys)
         await self.say(cmd.origin, replies.FORGOTTEN, private=True)
 
     # --- completions -----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The encoder on a GPU: parity, forward cost, training, and inversion from its start (issue 25).
 
 Usage (on a CUDA machine, repository root): python -m bench.encoder_gpu [--out DIR] [--train-s S]
+  [--state FILE] [--train-only]
 
 1. The e4e parity fixture (tests/unit/data) on the GPU: max |ours - theirs| in strict float32 and
    with the engine's GPU settings (TF32).
@@ -81,27 +82,41 @@ def _forward(dev: torch.device) -> dict[str, Any]:
     return row
 
 
-def _train(G: Generator, perceptual: LPIPS, *, seconds: float, batch_size: int) -> tuple[Encoder, dict]:
-    """Train for about ``seconds``: runs of 50 steps, each resumed from the last one's state."""
+def _train(G: Generator, perceptual: LPIPS, *, seconds: float, batch_size: int,
+           state: Path | None) -> tuple[Encoder, dict]:
+    """Train for about ``seconds``: runs of 50 steps, each resumed from the last one's state.
+
+    ``state``: resume from this file if it exists, and write the state there every minute and at
+    the end (so that chained calls on one machine train one encoder)."""
     encoder = new_encoder(G, EncoderConfig(num_ws=G.num_ws, w_dim=G.w_dim))
     saved: list[TrainState] = []
+    if state is not None and state.exists():
+        saved.append(TrainState(**torch.load(state, weights_only=True)))
+    resumed_from = saved[0].step if saved else 0
     losses: list[float] = []
     torch.cuda.reset_peak_memory_stats()
-    began = time.perf_counter()
-    trained_s = 0.0
+    began = last_write = time.perf_counter()
+    trained_s, timed_steps = 0.0, 0
     while time.perf_counter() - began < seconds:
         run = train_encoder(G, encoder, perceptual=perceptual, steps=(saved[-1].step if saved else 0) + 50,
                             batch_size=batch_size, resume=saved[-1] if saved else None,
                             on_save=saved.append)
         losses += run.losses
-        trained_s += run.seconds if len(saved) > 1 else 0.0  # the first run tunes cuDNN
+        if len(losses) > 50:  # the first run of a process tunes cuDNN
+            trained_s += run.seconds
+            timed_steps += run.steps - run.start_step
+        if state is not None and (time.perf_counter() - last_write > 60
+                                  or time.perf_counter() - began >= seconds):
+            torch.save(vars(saved[-1]), state)
+            last_write = time.perf_counter()
     wall = time.perf_counter() - began
     steps = saved[-1].step
     quality = evaluate_encoder(G, encoder, perceptual=perceptual)
-    rate = (steps - 50) / trained_s if trained_s else float("nan")
+    rate = timed_steps / trained_s if trained_s else float("nan")
     return encoder, {
         "row": f"train_encoder, config-f 1024, B={batch_size}, lr 1e-4 (the CLI's default)",
-        "steps": steps, "wall_s": round(wall, 1), "steps_per_s": round(rate, 3),
+        "steps": steps, "resumed_from": resumed_from, "wall_s": round(wall, 1),
+        "steps_per_s": round(rate, 3),
         "images_per_s": round(batch_size * rate, 1),
         "first_losses": [round(v, 3) for v in losses[:3]],
         "last_losses": [round(v, 3) for v in losses[-3:]],
@@ -204,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lrs", default="0.005,0.01,0.02,0.05")
     parser.add_argument("--baseline-seeds", type=int, default=0)
     parser.add_argument("--skip", default="", help="comma-separated: parity, forward")
+    parser.add_argument("--state", type=Path, help="training state: resumed from, written to")
+    parser.add_argument("--train-only", action="store_true", help="stop after training")
     args = parser.parse_args(argv)
     dev = torch.device("cuda")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -224,8 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     G = random_generator(1024, dev)  # bench.perf's: its inversion rows are comparable
     with torch.random.fork_rng(devices=[]):
         perceptual = LPIPS().to(dev)
-    encoder, row = _train(G, perceptual, seconds=args.train_s, batch_size=args.batch_size)
+    encoder, row = _train(G, perceptual, seconds=args.train_s, batch_size=args.batch_size,
+                          state=args.state)
     emit(row)
+    if args.train_only:
+        return
     for row in _inversions(G, encoder, seeds=args.seeds, lrs=[float(x) for x in args.lrs.split(",")],
                            baseline_seeds=args.baseline_seeds):
         emit(row)

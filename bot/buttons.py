@@ -68,8 +68,8 @@ def buttons_for(job: Job) -> tuple[tuple[Button, ...], ...]:
         return (_row(job, list(SELFIE_EDITS)), _row(job, [MORPH_WITH]))
     if job.kind == "edit":
         if result.get("method") == "global":
-            return (_row(job, list(_EDIT_ACTIONS)),)
-        return ()
+            return (_row(job, list(_EDIT_ACTIONS)), _row(job, [MORPH_WITH]))
+        return (_row(job, [MORPH_WITH]),)
     if job.kind == "morph":
         other = "gif" if result.get("format", "mp4") == "mp4" else "mp4"
         return (_row(job, [other, "reverse", "slower", "faster"]),)

@@ -16,12 +16,13 @@ first step is recorded before the second is tried, so the result is never sent t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -59,6 +60,8 @@ class ReplyPump:
         self._shown_progress: dict[str, float] = {}
         self._edited_at: dict[int | str, float] = {}  # a lane's (or job's) last progress edit
         self._quiet_until: dict[int, float] = {}  # lanes a platform asked to slow down: no progress edits
+        self._noting: set[str] = set()  # jobs whose "queued" note is being sent: their reply waits
+        self._noted = asyncio.Event()  # a note went out: its job's reply may be due now
 
     # --- a command's direct answer -----------------------------------------------------------------
 
@@ -76,6 +79,18 @@ class ReplyPump:
                 if failures >= _INLINE_TRIES or wait > _INLINE_WAIT_S:
                     raise
                 await asyncio.sleep(wait)
+
+    @contextlib.asynccontextmanager
+    async def noting(self, job_id: str) -> AsyncIterator[None]:
+        """While the job's "queued" note is sent (and its message remembered), its reply waits: a
+        job faster than the note would otherwise come out beside it rather than in its place,
+        leaving the note saying "in the queue" and a result without its buttons."""
+        self._noting.add(job_id)
+        try:
+            yield
+        finally:
+            self._noting.discard(job_id)
+            self._noted.set()
 
     async def not_deliverable(self, job_id: str, reason: str) -> None:
         """The job's chat cannot be reached: end its reply now (no progress, no result later)."""
@@ -98,9 +113,12 @@ class ReplyPump:
                 except Exception:
                     log.exception("reply pump failed; retrying")
                 event = asyncio.create_task(self.queue.changed(self.queue.poll_s))
-                await asyncio.wait([stopping, event, *self._lanes.values()],
+                noted = asyncio.create_task(self._noted.wait())
+                await asyncio.wait([stopping, event, noted, *self._lanes.values()],
                                    return_when=asyncio.FIRST_COMPLETED)
                 event.cancel()
+                noted.cancel()
+                self._noted.clear()
         finally:
             stopping.cancel()
             await asyncio.gather(*self._lanes.values(), return_exceptions=True)
@@ -115,7 +133,7 @@ class ReplyPump:
         busy = set(self._lanes)  # what these lanes read may be outdated by what they send now
         async with self.sessions() as s:
             running = await repo.jobs_in_progress(s)
-            due = await repo.replies_due(s, busy=busy)
+            due = [j for j in await repo.replies_due(s, busy=busy) if j.id not in self._noting]
         now = self.clock()
         progress: defaultdict[int, list[Job]] = defaultdict(list)
         for job in running:
@@ -147,7 +165,7 @@ class ReplyPump:
         while stop is None or not stop.is_set():
             async with self.sessions() as s:
                 due = await repo.replies_due(s, lane=lane)
-            if not due:
+            if not due or due[0].id in self._noting:
                 break
             delivered += await self._finish(due[0])
         for job in progress:

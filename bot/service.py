@@ -156,27 +156,28 @@ class Service:
 
         A chat that cannot be reached gets no result later either; one that cannot take the note
         now gets the result as a new message."""
-        await self.queue.notify([job.id])
-        async with self.sessions() as s:
-            position = await repo.queue_position(s, job_id=job.id)
-            typical = await repo.typical_run_s(s, kind=job.kind)
-            running = await repo.count_running(s)
-        # Batches of up to batch_size run one after another (after the one running now), each
-        # about as long as recent ones of this kind took.
-        batches = math.ceil((position + 1) / self.config.engine.batch_size) + (running > 0)
-        ready_in = None if typical is None else typical * batches
-        try:
-            ref = await self.replies.send_now(Reply(reply_to=origin.reply_to,
-                                                    text=replies.queued(what, position, ready_in)))
-        except Undeliverable as exc:
-            await self.replies.not_deliverable(job.id, exc.reason)
-            return
-        except DeliveryFailed as exc:
-            log.info("job %s: the queued note was not sent: %s", job.id, exc.reason)
-            return
-        if ref is not None:
-            async with self.sessions.begin() as s:
-                await repo.set_reply_ref(s, job_id=job.id, ref=ref)
+        async with self.replies.noting(job.id):
+            await self.queue.notify([job.id])
+            async with self.sessions() as s:
+                position = await repo.queue_position(s, job_id=job.id)
+                typical = await repo.typical_run_s(s, kind=job.kind)
+                running = await repo.count_running(s)
+            # Batches of up to batch_size run one after another (after the one running now), each
+            # about as long as recent ones of this kind took.
+            batches = math.ceil((position + 1) / self.config.engine.batch_size) + (running > 0)
+            ready_in = None if typical is None else typical * batches
+            try:
+                ref = await self.replies.send_now(Reply(reply_to=origin.reply_to,
+                                                        text=replies.queued(what, position, ready_in)))
+            except Undeliverable as exc:
+                await self.replies.not_deliverable(job.id, exc.reason)
+                return
+            except DeliveryFailed as exc:
+                log.info("job %s: the queued note was not sent: %s", job.id, exc.reason)
+                return
+            if ref is not None:
+                async with self.sessions.begin() as s:
+                    await repo.set_reply_ref(s, job_id=job.id, ref=ref)
 
     async def _selfie(self, cmd: Selfie) -> None:
         self._rate_limit(cmd.origin)
@@ -337,11 +338,11 @@ class Service:
         await self.say(cmd.origin, text, private=True, buttons=buttons.delete_buttons(items))
 
     async def _morph_with(self, cmd: Press, job_id: str, person_id: int | None) -> None:
-        """Under a new face: "Morph with..." lists the people here who shared a face (a button
-        each); a press on one is /morph @me @them."""
+        """Under a new face or an edit: "Morph with..." lists the people here who shared a face (a
+        button each); a press on one is /morph @me @them."""
         async with self.sessions.begin() as s:
             job = await repo.get_job(s, job_id)
-            if job is None or job.kind != "invert" or job.status != "done":
+            if job is None or job.kind not in ("invert", "edit") or job.status != "done":
                 raise Refusal(replies.BUTTON_STALE)
             me, chat_id = await self._user_and_chat(s, cmd.origin)
             if job.user_id != me.id:

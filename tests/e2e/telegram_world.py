@@ -50,6 +50,7 @@ batch_wait_ms = 50
 invert_steps = 20
 edit_steps = 5
 clip = "demo"
+direction_samples = 1
 
 [limits]
 per_user_per_minute = 30
@@ -65,6 +66,7 @@ class World:
     db: AsyncEngine
     engine: subprocess.Popen[bytes]  # the engine process
     engine_log: Path  # its stdout and stderr
+    home: Path  # STYLEBOT_HOME: weights, direction tables
 
 
 def dm(user: FakeUser) -> FakeChat:
@@ -119,7 +121,8 @@ async def running_world(tmp: Path, *, config_text: str = CONFIG) -> AsyncIterato
              asyncio.create_task(adapter.run(service, stop))]
     try:
         await tg.wait_for("setMyCommands", timeout=20)
-        yield World(tg=tg, config=config, service=service, db=db, engine=engine, engine_log=log_path)
+        yield World(tg=tg, config=config, service=service, db=db, engine=engine, engine_log=log_path,
+                    home=home)
     finally:
         stop.set()
         try:

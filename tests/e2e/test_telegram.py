@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -32,7 +34,7 @@ from settings import load_config
 from storage.media import MediaStore
 from storage.models import Face, Job, User
 
-from .fake_telegram import FakeChat, FakeUser
+from .fake_telegram import FakeChat, FakeTelegram, FakeUser
 from .telegram_world import CONFIG, TOKEN, World, astronaut, dm, jpeg, replying_to, running_world
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -115,6 +117,45 @@ async def test_group_selfies_then_morph_sends_an_mp4(world: World) -> None:
     await tg.wait_for("sendPhoto", replying_to(reply), timeout=120)
 
 
+def _labels(message: dict[str, Any]) -> list[str]:
+    return [b["text"] for row in (message.get("reply_markup") or {}).get("inline_keyboard", []) for b in row]
+
+
+async def _done_above(tg: FakeTelegram, request: dict[str, Any], after: int) -> dict[str, Any]:
+    """The progress message replying to ``request``, once edited into "Done." (with the buttons)."""
+    progress = await tg.wait_for("sendMessage", replying_to(request), timeout=20, after=after)
+    mid = progress.result["message_id"]
+    await tg.wait_for("editMessageText", lambda c: c.params["message_id"] == mid
+                      and c.params["text"] == "Done.", timeout=120, after=after)
+    return tg.messages[(request["chat"]["id"], mid)]
+
+
+async def _answer_to(tg: FakeTelegram, query: str) -> dict[str, Any]:
+    said = await tg.wait_for("answerCallbackQuery", lambda c: c.params["callback_query_id"] == query,
+                             timeout=10)
+    return said.params
+
+
+async def test_buttons_under_a_morph_remake_it_for_anyone_it_may_be_shown_to(world: World) -> None:
+    tg = world.tg
+    n = len(tg.calls)
+    morph = await tg.send_text(ALICE, GROUP, "/morph @alice @bob 6")
+    done = await _done_above(tg, morph, n)
+    assert _labels(done) == ["As GIF", "Reverse", "Slower", "Faster"]
+    # Carol is neither face, but both allow everyone here: she may ask for the GIF. (A morph of n
+    # frames loops there and back: 2n - 2 frames.)
+    for who, label, method, start in ((CAROL, "As GIF", "sendAnimation", "Morph: Alice to Bob, 10 frames"),
+                                      (ALICE, "Reverse", "sendVideo", "Morph: Bob to Alice, 10 frames"),
+                                      (ALICE, "Slower", "sendVideo", "Morph: Alice to Bob, 22 frames"),
+                                      (BOB, "Faster", "sendVideo", "Morph: Alice to Bob, 4 frames")):
+        m = len(tg.calls)
+        query = await tg.press(who, done, button=label)
+        assert not (await _answer_to(tg, query)).get("text")
+        sent = await tg.wait_for(method, replying_to(done), timeout=120, after=m)
+        assert sent.params["caption"].startswith(start), (label, sent.params["caption"])
+        assert sent.files
+
+
 async def test_a_tour_of_three_naming_someone_without_a_username(world: World) -> None:
     """Telegram links the name of a person who has no username (a text mention): that person."""
     tg = world.tg
@@ -162,6 +203,27 @@ async def test_privacy_ask_asks_bob_in_the_chat_and_waits_for_his_answer(world: 
         else:
             video = await tg.wait_for("sendVideo", replying_to(morph), timeout=120, after=n)
             assert video.params["caption"].startswith("Morph: Alice to Bob, ")
+    # No answer at all: after [limits] consent_wait_s (5 s here) Alice is told, and a late press
+    # changes nothing.
+    service = world.service
+    waited = service.config
+    service.config = waited.model_copy(update={"limits": waited.limits.model_copy(
+        update={"consent_wait_s": 5})})
+    try:
+        n = len(tg.calls)
+        morphs = await _morph_jobs(world)
+        morph = await tg.send_text(ALICE, GROUP, "/morph @me @bob 4")
+        ask = await tg.wait_for("sendMessage", replying_to(morph), timeout=10, after=n)
+        late = await tg.wait_for("sendMessage", lambda c: replying_to(morph)(c)
+                                 and c.params["text"].startswith("Sorry"), timeout=30, after=n)
+        assert late.params["text"] == "Sorry: nobody answered my question within 1 minute."
+        query = await tg.press(BOB, tg.messages[(GROUP.id, ask.result["message_id"])], button="Allow once")
+        assert "doesn't work any more" in (await _answer_to(tg, query))["text"]
+        await asyncio.sleep(1.0)
+        assert not [c for c in tg.calls[n:] if c.method == "sendVideo"]
+        assert await _morph_jobs(world) == morphs + 1  # the one that waited, failed
+    finally:
+        service.config = waited
 
 
 async def test_privacy_nobody_refuses_the_morph_politely(world: World) -> None:
@@ -178,6 +240,11 @@ async def test_privacy_nobody_refuses_the_morph_politely(world: World) -> None:
     by_name = await tg.send_text(ALICE, GROUP, "/morph @me @bob")
     refusal = await tg.wait_for("sendMessage", replying_to(by_name), timeout=10)
     assert refusal.params["text"] == "Sorry, @bob hasn't allowed their face to be used here."
+    # A button under an earlier morph of Bob's face is refused the same way, privately.
+    earlier = next(m for (chat, _), m in tg.messages.items() if chat == GROUP.id and "Reverse" in _labels(m))
+    query = await tg.press(ALICE, earlier, button="Reverse")
+    said = await _answer_to(tg, query)
+    assert str(said.get("show_alert")).lower() == "true" and "hasn't allowed" in said["text"]
     await asyncio.sleep(1.0)
     assert len(tg.called("sendVideo")) == videos
     assert await _morph_jobs(world) == morphs_before  # refused: no job at all
@@ -218,14 +285,48 @@ async def test_buttons_under_a_selfie_edit_it_for_its_owner_only(world: World) -
                                  lambda c, q=query: c.params["callback_query_id"] == q, timeout=10)
         assert str(said.params.get("show_alert")).lower() == "true"
         assert ("Only the person" if who == CAROL else "doesn't work any more") in said.params["text"]
+    # The engine builds the demo model's direction table while idle (seconds, one sample a
+    # channel): with it, a one-tap edit is a global-direction edit, whose strength can slide.
+    for _ in range(240):
+        if list((world.home / "directions").glob("*.safetensors")):
+            break
+        await asyncio.sleep(0.5)
     m = len(tg.calls)
     query = await tg.press(DAN, message, button="Smile")
     answered = await tg.wait_for("answerCallbackQuery", lambda c: c.params["callback_query_id"] == query,
                                  timeout=10)
     assert not answered.params.get("text")  # a press that was taken: the spinner just stops
+    done = await _done_above(tg, message, m)
     result = await tg.wait_for("sendMediaGroup", replying_to(message), timeout=120, after=m)
-    assert result.params["media"][0]["caption"].startswith("Before / after: a smiling face")
+    caption = result.params["media"][0]["caption"]
+    assert caption.startswith("Before / after: a smiling face")
     assert await _edit_jobs(world) == edits + 1  # Dan's press only
+
+    # Under the edit: the same edit weaker or stronger, the thorough method, a morph.
+    assert _labels(done) == ["Weaker", "Stronger", "Thorough (slower)", "Morph with..."]
+    used = float(re.search(r"\(strength (-?[0-9.]+), from -10 to 10\)", caption)[1])
+    query = await tg.press(CAROL, done, button="Stronger")
+    assert "Only the person" in (await _answer_to(tg, query))["text"]
+    for label, expected in (("Stronger", f"(strength {used + 2:g}, from -10 to 10)"),
+                            ("Weaker", f"(strength {used - 2:g}, from -10 to 10)"),
+                            ("Thorough (slower)", "a smiling face")):
+        m = len(tg.calls)
+        await tg.press(DAN, done, button=label)
+        again = await tg.wait_for("sendMediaGroup", replying_to(done), timeout=120, after=m)
+        said = again.params["media"][0]["caption"]
+        assert said.startswith("Before / after: a smiling face") and expected in said, (label, said)
+        assert len(again.files) == 2
+    assert "strength" not in said  # the thorough method has no strength to slide
+    assert await _edit_jobs(world) == edits + 4
+    m = len(tg.calls)
+    await tg.press(DAN, done, button="Morph with...")
+    whom = await tg.wait_for("sendMessage", lambda c: c.params["text"].startswith("Morph with whom?"),
+                             timeout=10, after=m)
+    people = tg.messages[(GROUP.id, whom.result["message_id"])]
+    assert _labels(people) == [ZOE.first_name, "Carol", "Alice"]  # not Dan, not Bob (nobody)
+    await tg.press(DAN, people, button="Alice")
+    video = await tg.wait_for("sendVideo", replying_to(people), timeout=120, after=m)
+    assert video.params["caption"].startswith("Morph: Dan to Alice, ")
 
 
 async def _edit_jobs(world: World) -> int:

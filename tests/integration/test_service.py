@@ -21,6 +21,7 @@ from sqlalchemy import func, select, update
 import storage.repo as repo
 from bot import buttons
 from bot.commands import (
+    Edit,
     Forget,
     Help,
     Lineup,
@@ -34,7 +35,13 @@ from bot.commands import (
     ShowFaces,
     Target,
 )
-from bot.replies import ANSWERED, DELETED, LINEUP_NOBODY, MORPH_WITH_WHOM, NOT_YOURS_TO_ANSWER
+from bot.replies import (
+    ANSWERED,
+    DELETED,
+    LINEUP_NOBODY,
+    MORPH_WITH_WHOM,
+    NOT_YOURS_TO_ANSWER,
+)
 from bot.service import Service
 from storage.models import Face, Job, User, utcnow
 from storage.specs import EditSpec, JobSpec, LineupSpec, MorphSpec
@@ -282,7 +289,12 @@ async def test_buttons_under_an_edit_ask_for_the_same_edit_weaker_or_stronger(
     edit = await _finished(service, "ann", EditSpec(face_id=face, text="smiling face"),
                            {"method": "global", "strength": 4.0, "face_key": "k"})
     labels = [b.label for row in buttons.buttons_for(edit) for b in row]
-    assert labels == ["Weaker", "Stronger", "Thorough (slower)"]
+    assert labels == ["Weaker", "Stronger", "Thorough (slower)", "Morph with..."]
+    await service.handle(Press(origin=_origin("bob"), data=buttons.encode(edit.id, "morphwith")))
+    assert "Only the person whose face it is" in inbox.last
+    await service.handle(Press(origin=_origin("ann"), data=buttons.encode(edit.id, "morphwith")))
+    assert inbox.last == MORPH_WITH_WHOM, inbox.last
+    assert [b.label for row in inbox.replies[-1].buttons for b in row] == ["@bob"]
     await service.handle(Press(origin=_origin("ann"), data=buttons.encode(edit.id, "stronger")))
     assert "queue" in inbox.last
     await service.handle(Press(origin=_origin("ann"), data=buttons.encode(edit.id, "weaker")))
@@ -306,6 +318,33 @@ async def test_buttons_under_an_edit_ask_for_the_same_edit_weaker_or_stronger(
         await service.handle(Press(origin=_origin(who), data=data))
         assert answer in inbox.last and inbox.replies[-1].private
     assert await _count(service, Job) == before
+
+
+async def test_a_job_done_before_its_queued_note_went_out_still_answers_in_the_note(
+    svc: tuple[Service, Inbox],
+) -> None:
+    """On a GPU a job can end while "Got it" is still on its way: the reply waits for the note
+    and replaces it (else the note says "in the queue" for ever, and an album loses its buttons)."""
+    service, inbox = svc
+    await _give_face(service, "ann")
+    pumped: list[int] = []
+
+    async def deliver(reply: Reply) -> dict[str, int]:
+        ref = await inbox.deliver(reply)
+        if reply.text.startswith("Got it"):
+            async with service.sessions.begin() as s:  # the engine is quicker than the platform
+                job = (await s.execute(select(Job).where(Job.kind == "edit"))).scalar_one()
+                job.status, job.error = "failed", "the engine stopped"
+            pumped.append(await service.pump_once())
+        return ref
+
+    service.replies.deliver = deliver
+    await service.handle(Edit(origin=_origin("ann"), text="smiling face"))
+    note = next(i for i, r in enumerate(inbox.replies) if r.text.startswith("Got it"))
+    assert pumped == [0] and len(inbox.replies) == note + 1  # nothing beside the note meanwhile
+    assert await service.pump_once() == 1
+    assert inbox.last == "Sorry: the engine stopped"
+    assert inbox.replies[-1].edit_of == {"message_id": note + 1}  # in place of the note
 
 
 async def test_buttons_under_a_morph_check_consent_again(svc: tuple[Service, Inbox]) -> None:

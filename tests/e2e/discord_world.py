@@ -68,6 +68,7 @@ class World:
     service: Service
     logs: LogCapture  # everything this process logged, every logger at DEBUG
     engine_log: Path  # the engine process's stdout and stderr (it logs at DEBUG: [bot] log_level)
+    home: Path  # STYLEBOT_HOME: weights, direction tables
 
 
 @contextlib.asynccontextmanager
@@ -106,7 +107,7 @@ async def running_world(tmp: Path, logs: LogCapture, *, config_text: str = CONFI
         if tasks[0].done():
             tasks[0].result()  # the adapter stopped: show why
         assert adapter.ready.is_set(), "the bot did not connect to the fake gateway"
-        yield World(fake, adapter, service, logs, engine_log)
+        yield World(fake, adapter, service, logs, engine_log, home)
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -24,7 +25,7 @@ from bot.replies import NO_OWN_FACE, RATE_LIMITED, personal_in_a_channel
 from storage.models import Face, Job, User
 
 from .discord_world import ANN, BOB, CYD, DEE, EVE, TOKEN, World, running_world
-from .fake_discord import APP_ID, BOT_ID, CHANNEL_ID, DM_BASE, FakeDiscord
+from .fake_discord import APP_ID, BOT_ID, CHANNEL_ID, DM_BASE, FakeDiscord, Sent
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -69,6 +70,10 @@ async def _slash_selfie(fake: FakeDiscord, user: str, data: bytes, name: str) ->
                             attachments=[att])
 
 
+def _labels(message: Sent) -> list[str]:
+    return [c["label"] for row in message.components for c in row["components"]]
+
+
 def _final(fake: FakeDiscord, token: str) -> bool:
     return any(m.filenames or m.text.startswith("Sorry") for m in fake.for_token(token))
 
@@ -97,6 +102,15 @@ async def test_slash_selfies_then_morph_with_user_options(world: World) -> None:
     assert b"ftyp" in msg.files[0][1][:16]
 
     assert msg.flags == 0  # a result is the group's to see
+    # Its buttons: Cyd is in neither face, but both allow everyone here; Bob turns it round.
+    morph = msg
+    assert _labels(morph) == ["As GIF", "Reverse", "Slower", "Faster"]
+    for who, label, suffix, start in ((CYD, "As GIF", ".gif", "Morph: Ann to Bob, 6 frames"),
+                                      (BOB, "Reverse", ".mp4", "Morph: Bob to Ann, 6 frames")):
+        token = await fake.press(who, morph, label)
+        await fake.wait_for(lambda t=token: _final(fake, t), timeout=120)
+        [made] = [m for m in fake.for_token(token) if m.filenames]
+        assert made.filenames[0].endswith(suffix) and made.text.startswith(start), made.text
 
     # Bob right-clicks Ann: "Morph with me" makes the morph of the two of them.
     token = await fake.user_menu(BOB, "Morph with me", ANN)
@@ -115,6 +129,11 @@ async def test_slash_selfies_then_morph_with_user_options(world: World) -> None:
     [msg] = fake.for_token(token)
     assert msg.text == "Sorry, @bob hasn't allowed their face to be used here." and not msg.filenames
     assert msg.flags == 64 and token in fake.deleted_originals
+    # A button under the earlier morph of Bob's face is refused the same way, to the presser alone.
+    token = await fake.press(CYD, morph, "Slower")
+    await fake.wait_for(lambda: bool(fake.for_token(token)), timeout=10)
+    [said] = fake.for_token(token)
+    assert "hasn't allowed" in said.text and said.flags == 64 and not said.filenames
 
 
 async def test_dm_photo_and_a_photo_with_a_mention_are_selfies(world: World) -> None:
@@ -217,12 +236,28 @@ async def test_buttons_under_a_selfie_edit_it_for_its_owner_only(world: World) -
         [said] = fake.for_token(token)
         assert answer in said.text and said.flags == 64
         assert [c["type"] for c in fake.callbacks if c["token"] == token] == [6]  # message unchanged
+    # The engine builds the demo model's direction table while idle (one sample a channel): with
+    # it, a one-tap edit is a global-direction edit, whose strength can slide.
+    await fake.wait_for(lambda: bool(list((world.home / "directions").glob("*.safetensors"))), timeout=120)
     token = await fake.press(DEE, result, "Smile")
     await fake.wait_for(lambda: _final(fake, token), timeout=300)
     [edited] = fake.for_token(token)  # the queued note, edited into the result
     assert edited.text.startswith("Before / after: a smiling face") and edited.flags == 0
     async with world.service.sessions() as s:
         assert len((await s.scalars(select(Job).where(Job.kind == "edit"))).all()) == edits + 1
+    # Under the edit: the same edit stronger, for Dee only.
+    assert _labels(edited) == ["Weaker", "Stronger", "Thorough (slower)", "Morph with..."]
+    used = float(re.search(r"\(strength (-?[0-9.]+), from -10 to 10\)", edited.text)[1])
+    fay = "800000000000000006"  # new here: Cyd has pressed her minute's worth
+    fake.add_user(fay, "fay")
+    token = await fake.press(fay, edited, "Stronger")
+    await fake.wait_for(lambda: bool(fake.for_token(token)), timeout=10)
+    [said] = fake.for_token(token)
+    assert "Only the person whose face it is" in said.text and said.flags == 64
+    token = await fake.press(DEE, edited, "Stronger")
+    await fake.wait_for(lambda: _final(fake, token), timeout=120)
+    [stronger] = fake.for_token(token)
+    assert f"(strength {used + 2:g}, from -10 to 10)" in stronger.text and len(stronger.filenames) == 2
     # "Morph with..." lists the people here who shared a face and allow it (Bob said nobody).
     token = await fake.press(DEE, result, "Morph with...")
     await fake.wait_for(lambda: any(m.components for m in fake.for_token(token)), timeout=10)

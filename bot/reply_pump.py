@@ -47,6 +47,7 @@ Deliver = Callable[[Reply], Awaitable[dict[str, Any] | None]]
 # A chat's progress messages are edited at most this often (each job's in a private chat, one
 # job's at a time in a group): Telegram lets a bot send one group about 20 messages a minute.
 PROGRESS_EVERY_S = 3.0
+_PROGRESS_EVERY_S = {"web": 1.0}  # our own web chat has no edit limits: its progress moves faster
 _INLINE_TRIES = 3  # a command's direct answer is tried this often while the user waits
 _INLINE_WAIT_S = 30.0  # ... and not when the platform asks for a longer pause
 
@@ -140,7 +141,8 @@ class ReplyPump:
             lane = repo.lane_of(job)
             if lane in busy or self._quiet_until.get(lane, 0.0) > now:
                 continue
-            waited = now - self._edited_at.get(lane, -PROGRESS_EVERY_S) >= PROGRESS_EVERY_S
+            every = _PROGRESS_EVERY_S.get((job.reply_to or {}).get("platform"), PROGRESS_EVERY_S)
+            waited = now - self._edited_at.get(lane, -every) >= every
             if _first_look_due(job) or (waited and self._moved(job)):
                 progress[lane].append(job)
         for jobs in progress.values():

@@ -52,11 +52,14 @@ port = {port}
 [engine]
 model = "demo"
 device = "cpu"
-invert_steps = 20
+invert_steps = 100
 edit_steps = 5
 clip = "demo"
 batch_wait_ms = 500
 direction_samples = 1
+
+[limits]
+per_user_per_minute = 30
 """
 
 
@@ -166,12 +169,12 @@ def _user_message(page: Page, name: str, contains: str) -> str:
 
 def _reply(page: Page, message_id: str, check: str, timeout: float = JOB_TIMEOUT_MS) -> str:
     """Wait until a bot reply to ``message_id`` satisfies ``check`` (JS, on article ``a``)."""
-    handle = page.wait_for_function(
+    handle = page.wait_for_function(  # polled: a tab in the background gets no animation frames
         f"""(id) => {{
             const a = [...document.querySelectorAll(`article.bot[data-reply-to="${{id}}"]`)]
                 .find(a => {check});
             return a ? a.dataset.id : null;
-        }}""", arg=message_id, timeout=timeout)
+        }}""", arg=message_id, timeout=timeout, polling=50)
     return str(handle.json_value())
 
 
@@ -270,6 +273,13 @@ def test_morph_plays_inline_as_mp4_and_as_gif(world: World) -> None:
     response = alice.request.get(world.url + src)
     assert response.ok and response.headers["content-type"] == "image/gif"
 
+    # Under the GIF: the same morph as MP4, turned round, slower, faster; Reverse makes bob's first.
+    buttons = alice.locator(f'article[data-id="{reply}"] .buttons button')
+    expect(buttons).to_have_text(["As MP4", "Reverse", "Slower", "Faster"])
+    buttons.filter(has_text="Reverse").click()
+    turned = _reply(alice, reply, _images_loaded(1))
+    expect(alice.locator(f'article[data-id="{turned}"]')).to_contain_text("Morph: bob to alice, 14 frames")
+
 
 def test_buttons_under_a_selfie_edit_it_for_its_owner_only(world: World) -> None:
     alice = world.alice
@@ -287,9 +297,52 @@ def test_buttons_under_a_selfie_edit_it_for_its_owner_only(world: World) -> None
     assert bob.locator(f'article[data-id="{refusal}"] img').count() == 0
     bob.close()
 
+    # The engine builds the demo model's direction table while idle (one sample a channel): with
+    # it, a one-tap edit is a global-direction edit, whose strength can slide.
+    table = world.tmp / "home" / "directions"
+    deadline = time.monotonic() + 120
+    while not list(table.glob("*.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.5)
     alice.locator(f'article[data-id="{selfie_id}"] .buttons button', has_text="Smile").click()
     edited = _reply(alice, selfie_id, "a.textContent.includes('a smiling face') && " + _images_loaded(2))
-    expect(alice.locator(f'article[data-id="{edited}"]')).to_contain_text("Before / after: a smiling face")
+    result = alice.locator(f'article[data-id="{edited}"]')
+    expect(result).to_contain_text("Before / after: a smiling face")
+    expect(result.locator(".buttons button")).to_have_text(
+        ["Weaker", "Stronger", "Thorough (slower)", "Morph with..."])
+    m = re.search(r"\(strength (-?[0-9.]+), from -10 to 10\)", result.text_content() or "")
+    assert m is not None
+    _screenshot(alice, "web-buttons.png")
+    result.locator(".buttons button", has_text="Stronger").click()
+    stronger = _reply(alice, edited, _images_loaded(2))
+    expect(alice.locator(f'article[data-id="{stronger}"]')).to_contain_text(
+        f"(strength {float(m[1]) + 2:g}, from -10 to 10)")
+
+
+def test_progress_moves_while_a_selfie_is_worked_on(world: World) -> None:
+    """What the chat shows while the engine works: the note in the queue, then the step count moving
+    (captured as it is shown), then the result in the same message."""
+    alice = world.alice
+    seen = len(world.events)
+    alice.set_input_files("#file", str(_astronaut(world.tmp / "alice2.jpg", rotate=8)))
+    message_id = _user_message(alice, "alice", "alice2.jpg")
+    # Past its first step: the count has moved (the page shows each edit as it comes).
+    shown = "(a.querySelector('.text')?.textContent ?? '')"
+    working = _reply(alice, message_id,
+                     f"{shown}.startsWith('Working') && !{shown}.startsWith('Working... 0%')")
+    _screenshot(alice, "web-progress.png")
+    done = _reply(alice, message_id, _images_loaded(1))
+    assert done == working  # one message, edited: the note, its progress, the result
+    texts = [e["message"]["text"] for e in world.events[seen:]
+             if e["type"] in ("message", "edit") and e["message"]["id"] == done]
+    assert "queue" in texts[0] and "Saved as your face" in texts[-1], texts
+    percents = [int(t) for t in re.findall(r"Working\.\.\. (\d+)%", " ".join(texts))]
+    assert len(set(percents)) >= 2 and percents == sorted(percents) and percents[-1] < 100, texts
+
+
+def _screenshot(page: Page, name: str) -> None:
+    artifacts = Path(os.environ.get("STYLEBOT_ARTIFACTS") or REPO / "tests" / "artifacts")
+    artifacts.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(artifacts / name))
 
 
 def test_edit_shows_before_and_after(world: World) -> None:

@@ -141,7 +141,7 @@ class ReplyPump:
             lane = repo.lane_of(job)
             if lane in busy or self._quiet_until.get(lane, 0.0) > now:
                 continue
-            every = _PROGRESS_EVERY_S.get((job.reply_to or {}).get("platform"), PROGRESS_EVERY_S)
+            every = _PROGRESS_EVERY_S.get(str((job.reply_to or {}).get("platform")), PROGRESS_EVERY_S)
             waited = now - self._edited_at.get(lane, -every) >= every
             if _first_look_due(job) or (waited and self._moved(job)):
                 progress[lane].append(job)

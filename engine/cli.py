@@ -4,7 +4,11 @@ and :mod:`engine.edit_commands`, imported once a command runs."""
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import re
+import sys
+import threading
 from typing import Any
 
 from settings import REDIS_URL_PATTERN, Config, EngineConfig
@@ -178,6 +182,13 @@ def serve(args: argparse.Namespace, config: Config) -> int:
     from engine.worker import serve as serve_jobs  # imports torch
 
     asyncio.run(serve_jobs(config, device=args.device, worker_id=args.worker_id, queue_url=args.queue))
+    if any(t.daemon and t.is_alive() for t in threading.enumerate()):
+        # The GPU warm-up thread, still compiling, would abort the interpreter's teardown (exit -6,
+        # "terminate called without an active exception"); every job and lease is settled by now.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
